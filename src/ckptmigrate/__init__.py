@@ -1,0 +1,48 @@
+"""ckptmigrate: Alembic-style schema migrations for PyTorch checkpoints.
+
+Importing the package is cheap: torch is imported only by what needs it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+from .errors import CkptMigrateError
+
+if TYPE_CHECKING:
+    from . import op
+    from .api import current, downgrade, stamp, upgrade
+    from .config import Config
+
+__all__ = [
+    "CkptMigrateError",
+    "Config",
+    "__version__",
+    "current",
+    "downgrade",
+    "op",
+    "stamp",
+    "upgrade",
+]
+
+_LAZY = {
+    "op": (".op", None),
+    "Config": (".config", "Config"),
+    "upgrade": (".api", "upgrade"),
+    "downgrade": (".api", "downgrade"),
+    "stamp": (".api", "stamp"),
+    "current": (".api", "current"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'ckptmigrate' has no attribute {name!r}")
+    import importlib
+
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name, __name__)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value

@@ -1,0 +1,87 @@
+"""The Python API for files: upgrade, downgrade, stamp and inspect checkpoints.
+
+``location`` is the migrations folder, or the ini/pyproject file naming it;
+when omitted the configuration is found as on the command line.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from . import command
+from .config import Config
+
+if TYPE_CHECKING:
+    from .command import MigrationResult
+
+PathLike = str | os.PathLike[str]
+
+
+def _config(location: PathLike | None, quiet: bool) -> Config:
+    if location is None:
+        return Config.discover(quiet=quiet)
+    return Config.from_location(location, quiet=quiet)
+
+
+def upgrade(
+    checkpoint: PathLike,
+    target: str = "head",
+    *,
+    location: PathLike | None = None,
+    output: PathLike | None = None,
+    from_revision: str | None = None,
+    dry_run: bool = False,
+    quiet: bool = True,
+) -> MigrationResult:
+    """Upgrade a checkpoint file to ``target``, in place unless ``output``."""
+    return command.upgrade(
+        _config(location, quiet),
+        checkpoint,
+        target,
+        output=output,
+        from_revision=from_revision,
+        dry_run=dry_run,
+    )
+
+
+def downgrade(
+    checkpoint: PathLike,
+    target: str,
+    *,
+    location: PathLike | None = None,
+    output: PathLike | None = None,
+    from_revision: str | None = None,
+    dry_run: bool = False,
+    quiet: bool = True,
+) -> MigrationResult:
+    """Downgrade a checkpoint file to ``target``, in place unless ``output``."""
+    return command.downgrade(
+        _config(location, quiet),
+        checkpoint,
+        target,
+        output=output,
+        from_revision=from_revision,
+        dry_run=dry_run,
+    )
+
+
+def stamp(
+    checkpoint: PathLike,
+    revision: str,
+    *,
+    location: PathLike | None = None,
+    output: PathLike | None = None,
+    quiet: bool = True,
+) -> tuple[str, ...]:
+    """Record ``revision`` in the checkpoint without migrating it."""
+    return command.stamp(_config(location, quiet), checkpoint, [revision], output=output)
+
+
+def current(checkpoint: PathLike, *, location: PathLike | None = None) -> tuple[str, ...]:
+    """The revision id(s) recorded in (or identified for) a checkpoint."""
+    import io
+
+    cfg = _config(location, True)
+    cfg._stdout = io.StringIO()
+    return command.current(cfg, checkpoint)

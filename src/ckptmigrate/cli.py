@@ -1,0 +1,342 @@
+"""The command line: parse arguments, call ``command.*``, print.
+
+Every :class:`CkptMigrateError` becomes one ``Error: ...`` line on stderr and
+exit status 1 (usage errors exit 2); ``--traceback`` adds the Python trace.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from . import command
+from ._version import __version__
+from .config import DEFAULT_SECTION, Config
+from .errors import CkptMigrateError
+
+
+class _Group(click.Group):
+    """Turns our errors into ``Error:`` lines instead of tracebacks."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CkptMigrateError as exc:
+            _fail(ctx, exc.one_line(), exc)
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted; the checkpoint was not changed", err=True)
+            ctx.exit(130)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:  # a bug: still one line, trace on request
+            _fail(
+                ctx,
+                f"internal error: {type(exc).__name__}: {exc} (run with --traceback and report it)",
+                exc,
+            )
+
+
+def _fail(ctx: click.Context, message: str, exc: BaseException) -> None:
+    if ctx.obj and ctx.obj.get("traceback"):
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    click.echo(f"Error: {' '.join(message.split())}", err=True)
+    ctx.exit(1)
+
+
+def _config(ctx: click.Context, must_exist: bool = True) -> Config:
+    obj = ctx.find_root().obj
+    return Config.discover(obj["config"], obj["name"], must_exist=must_exist, quiet=obj["quiet"])
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    metavar="PATH",
+    help="Configuration file (default: $CKPTMIGRATE_CONFIG, ./alembic_style.ini, "
+    "or [tool.ckptmigrate] in ./pyproject.toml).",
+)
+@click.option(
+    "-n",
+    "--name",
+    default=DEFAULT_SECTION,
+    show_default=True,
+    help="Section of the configuration file: one per lineage.",
+)
+@click.option("--traceback", is_flag=True, help="Show the Python traceback on error.")
+@click.option("-q", "--quiet", is_flag=True, help="Only print results; no progress or notes.")
+@click.version_option(__version__, "--version", prog_name="ckptmigrate")
+@click.pass_context
+def cli(
+    ctx: click.Context, config_path: str | None, name: str, traceback: bool, quiet: bool
+) -> None:
+    """Alembic-style schema migrations for PyTorch checkpoints.
+
+    Every change to a model's state dict gets a revision script; any old
+    checkpoint is upgraded step by step and then loads with strict=True.
+    """
+    ctx.obj = {"config": config_path, "name": name, "traceback": traceback, "quiet": quiet}
+
+
+# ----------------------------------------------------------------------------- graph
+
+
+@cli.command()
+@click.argument("directory")
+@click.pass_context
+def init(ctx: click.Context, directory: str) -> None:
+    """Create a migrations DIRECTORY and an alembic_style.ini pointing at it."""
+    command.init(_config(ctx, must_exist=False), directory)
+
+
+@cli.command()
+@click.option("-m", "--message", help='What changed, e.g. "add fc3".')
+@click.option(
+    "--autogenerate",
+    is_flag=True,
+    help="Write the ops by comparing the model with the head schema.",
+)
+@click.option("--head", default="head", show_default=True, help="Revision to build on.")
+@click.option(
+    "--splice", is_flag=True, help="Allow --head to be a non-head revision (starts a branch)."
+)
+@click.option("--branch-label", multiple=True, help="Label for a new branch.")
+@click.option("--rev-id", help="Use this revision id instead of a random one.")
+@click.option("--depends-on", multiple=True, help="Revision(s) this one depends on.")
+@click.pass_context
+def revision(
+    ctx: click.Context,
+    message: str | None,
+    autogenerate: bool,
+    head: str,
+    splice: bool,
+    branch_label: Sequence[str],
+    rev_id: str | None,
+    depends_on: Sequence[str],
+) -> None:
+    """Write a new revision file."""
+    command.revision(
+        _config(ctx),
+        message,
+        autogenerate=autogenerate,
+        head=head,
+        splice=splice,
+        branch_label=tuple(branch_label) or None,
+        rev_id=rev_id,
+        depends_on=tuple(depends_on) or None,
+    )
+
+
+@cli.command()
+@click.argument("revisions", nargs=-1, required=True)
+@click.option("-m", "--message", help="Message of the merge revision.")
+@click.option("--branch-label", multiple=True, help="Label for the merged branch.")
+@click.option("--rev-id", help="Use this revision id instead of a random one.")
+@click.pass_context
+def merge(
+    ctx: click.Context,
+    revisions: Sequence[str],
+    message: str | None,
+    branch_label: Sequence[str],
+    rev_id: str | None,
+) -> None:
+    """Join several REVISIONS (e.g. heads) with a merge revision."""
+    command.merge(
+        _config(ctx), revisions, message, branch_label=tuple(branch_label) or None, rev_id=rev_id
+    )
+
+
+@cli.command()
+@click.option("-v", "--verbose", is_flag=True)
+@click.option("--resolve-dependencies", is_flag=True, help="Treat depends_on like down_revision.")
+@click.pass_context
+def heads(ctx: click.Context, verbose: bool, resolve_dependencies: bool) -> None:
+    """Show the current head revisions."""
+    command.heads(_config(ctx), verbose=verbose, resolve_dependencies=resolve_dependencies)
+
+
+@cli.command()
+@click.option("-v", "--verbose", is_flag=True)
+@click.pass_context
+def branches(ctx: click.Context, verbose: bool) -> None:
+    """Show branch points."""
+    command.branches(_config(ctx), verbose=verbose)
+
+
+@cli.command()
+@click.option("-r", "--rev-range", metavar="[START]:[END]", help="Only this range.")
+@click.option("-v", "--verbose", is_flag=True)
+@click.option("--graph", is_flag=True, help="Draw the revision graph, like git log --graph.")
+@click.pass_context
+def history(ctx: click.Context, rev_range: str | None, verbose: bool, graph: bool) -> None:
+    """List revisions, newest first."""
+    command.history(_config(ctx), rev_range, verbose=verbose, graph=graph)
+
+
+@cli.command()
+@click.argument("rev")
+@click.pass_context
+def show(ctx: click.Context, rev: str) -> None:
+    """Show the revision(s) REV stands for."""
+    command.show(_config(ctx), rev)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+_RELATIVE_OK = {"ignore_unknown_options": True}  # so "-1" reaches TARGET as Alembic allows
+
+
+def _checkpoint_options(fn: Any) -> Any:
+    fn = click.option(
+        "--trust-pickle",
+        is_flag=True,
+        help="Load arbitrary pickles (can run code from the file!). Off by default.",
+    )(fn)
+    fn = click.option(
+        "--state-dict-key",
+        metavar="KEY",
+        help="Where the state dict sits in a training checkpoint (default: detected).",
+    )(fn)
+    return fn
+
+
+def _migration_options(fn: Any) -> Any:
+    fn = click.option(
+        "-o", "--output", metavar="OUT", help="Write here and leave the input untouched."
+    )(fn)
+    fn = click.option(
+        "--from", "from_revision", metavar="REV", help="Treat the checkpoint as being at REV."
+    )(fn)
+    fn = click.option(
+        "--dry-run", is_flag=True, help="Print the plan (steps, ops, shapes); write nothing."
+    )(fn)
+    fn = click.option(
+        "--no-verify", is_flag=True, help="Skip checking the written file against the plan."
+    )(fn)
+    return _checkpoint_options(fn)
+
+
+def _check_target(target: str) -> None:
+    if target.startswith("--"):
+        raise click.UsageError(f"no such option: {target}")
+
+
+@cli.command(context_settings=_RELATIVE_OK)
+@click.argument("checkpoint")
+@click.argument("target", default="head")
+@_migration_options
+@click.pass_context
+def upgrade(
+    ctx: click.Context,
+    checkpoint: str,
+    target: str,
+    output: str | None,
+    from_revision: str | None,
+    dry_run: bool,
+    no_verify: bool,
+    state_dict_key: str | None,
+    trust_pickle: bool,
+) -> None:
+    """Upgrade CHECKPOINT to TARGET (default: head), in place unless -o."""
+    _check_target(target)
+    command.upgrade(
+        _config(ctx),
+        checkpoint,
+        target,
+        output=output,
+        from_revision=from_revision,
+        dry_run=dry_run,
+        trust_pickle=trust_pickle,
+        state_dict_key=state_dict_key,
+        verify=not no_verify,
+    )
+
+
+@cli.command(context_settings=_RELATIVE_OK)
+@click.argument("checkpoint")
+@click.argument("target")
+@_migration_options
+@click.pass_context
+def downgrade(
+    ctx: click.Context,
+    checkpoint: str,
+    target: str,
+    output: str | None,
+    from_revision: str | None,
+    dry_run: bool,
+    no_verify: bool,
+    state_dict_key: str | None,
+    trust_pickle: bool,
+) -> None:
+    """Downgrade CHECKPOINT to TARGET (e.g. -1, base, a revision), in place unless -o."""
+    _check_target(target)
+    command.downgrade(
+        _config(ctx),
+        checkpoint,
+        target,
+        output=output,
+        from_revision=from_revision,
+        dry_run=dry_run,
+        trust_pickle=trust_pickle,
+        state_dict_key=state_dict_key,
+        verify=not no_verify,
+    )
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("-v", "--verbose", is_flag=True)
+@_checkpoint_options
+@click.pass_context
+def current(
+    ctx: click.Context,
+    checkpoint: str,
+    verbose: bool,
+    state_dict_key: str | None,
+    trust_pickle: bool,
+) -> None:
+    """Print the revision(s) CHECKPOINT is at."""
+    command.current(
+        _config(ctx),
+        checkpoint,
+        verbose=verbose,
+        trust_pickle=trust_pickle,
+        state_dict_key=state_dict_key,
+    )
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.argument("revisions", nargs=-1, required=True)
+@click.option("--purge", is_flag=True, help="Ignore (replace) whatever stamp the file has.")
+@click.option("-o", "--output", metavar="OUT", help="Write here and leave the input untouched.")
+@_checkpoint_options
+@click.pass_context
+def stamp(
+    ctx: click.Context,
+    checkpoint: str,
+    revisions: Sequence[str],
+    purge: bool,
+    output: str | None,
+    state_dict_key: str | None,
+    trust_pickle: bool,
+) -> None:
+    """Record REVISIONS in CHECKPOINT without running migrations ('base' removes it)."""
+    command.stamp(
+        _config(ctx),
+        checkpoint,
+        revisions,
+        purge=purge,
+        output=output,
+        trust_pickle=trust_pickle,
+        state_dict_key=state_dict_key,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cli.main(args=list(argv) if argv is not None else None, prog_name="ckptmigrate")

@@ -1,0 +1,545 @@
+"""One function per command, each taking a :class:`Config` first.
+
+These are the public, scriptable form of the command line (``cli.py`` only
+parses arguments and calls them). Graph commands never import torch; the
+checkpoint commands import it when they run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .config import DEFAULT_INI, Config
+from .errors import CommandError, RangeNotAncestorError, RevisionError, StampError
+from .paths import display_path
+from .script import display
+from .script.directory import TEMPLATE_NAME, Script, ScriptDirectory
+from .script.revision import RevisionMap, format_ids
+
+if TYPE_CHECKING:
+    from .formats.checkpoint import Checkpoint
+    from .runtime.migration import MigrationStep
+
+
+# --------------------------------------------------------------------------- init
+
+
+def init(config: Config, directory: str | os.PathLike[str]) -> Path:
+    """Create a migrations folder and an ``alembic_style.ini`` pointing at it."""
+    from . import templates
+
+    target = Path(directory)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise CommandError(
+            f"directory {directory} already exists and is not empty",
+            hint="choose another directory, or remove it first",
+        )
+    (target / "versions").mkdir(parents=True, exist_ok=True)
+    config.print_stdout(f"Creating directory {display_path(target.resolve())} ... done")
+    (target / TEMPLATE_NAME).write_text(templates.read(TEMPLATE_NAME), encoding="utf-8")
+    (target / "README").write_text(
+        "Checkpoint migrations managed by ckptmigrate.\n\n"
+        "versions/ holds one revision script per change of the model's state dict;\n"
+        f"{TEMPLATE_NAME} is the template new revisions are written from.\n",
+        encoding="utf-8",
+    )
+    config.print_stdout(f"Generating {display_path(target / TEMPLATE_NAME)} ... done")
+    ini = config.file or (Path.cwd() / DEFAULT_INI)
+    if ini.exists():
+        config.print_stdout(
+            f"{display_path(ini)} already exists; not overwritten "
+            f"(set script_location in it to {display_path(target.resolve())})"
+        )
+    else:
+        rel = os.path.relpath(target.resolve(), ini.parent.resolve())
+        location = (
+            "%(here)s/" + Path(rel).as_posix()
+            if not rel.startswith("..")
+            else str(target.resolve())
+        )
+        text = templates.read("alembic_style.ini.tmpl").replace("${script_location}", location)
+        ini.write_text(text, encoding="utf-8")
+        config.print_stdout(f"Generating {display_path(ini)} ... done")
+    config.print_stdout(
+        "Next: set 'model = ...' in the ini file if you want 'check' and autogenerate, "
+        'then run: ckptmigrate revision -m "initial"'
+    )
+    return target
+
+
+# --------------------------------------------------------------------------- revisions
+
+
+def revision(
+    config: Config,
+    message: str | None = None,
+    *,
+    autogenerate: bool = False,
+    head: str = "head",
+    splice: bool = False,
+    branch_label: str | Sequence[str] | None = None,
+    rev_id: str | None = None,
+    depends_on: str | Sequence[str] | None = None,
+) -> Script | None:
+    """Write a new revision file on top of ``head``."""
+    script_dir = ScriptDirectory.from_config(config)
+    upgrades: list[str] | None = None
+    downgrades: list[str] | None = None
+    imports: list[str] = []
+    if autogenerate:
+        from .autogenerate import autogenerate_ops
+
+        generated = autogenerate_ops(config, script_dir, head)
+        if generated is None:
+            return None
+        upgrades, downgrades, imports = generated.upgrades, generated.downgrades, generated.imports
+    script = script_dir.generate_revision(
+        rev_id,
+        message,
+        head=head,
+        splice=splice,
+        branch_labels=branch_label,
+        depends_on=depends_on,
+        upgrades=upgrades,
+        downgrades=downgrades,
+        imports=imports,
+    )
+    config.print_stdout(f"Generating {display_path(script.path)} ... done")
+    return script
+
+
+def merge(
+    config: Config,
+    revisions: Sequence[str],
+    message: str | None = None,
+    *,
+    branch_label: str | Sequence[str] | None = None,
+    rev_id: str | None = None,
+) -> Script:
+    """Write a revision whose parents are ``revisions`` (e.g. ``heads``)."""
+    script_dir = ScriptDirectory.from_config(config)
+    parents = [r for r in script_dir.get_revisions(tuple(revisions)) if r is not None]
+    if len({p.revision for p in parents}) < 2:
+        raise CommandError(
+            f"merge needs at least two revisions; {', '.join(revisions)} "
+            f"gave {format_ids(p.revision for p in parents) or 'none'}",
+            hint="name two or more heads, or 'heads' (see 'ckptmigrate heads')",
+        )
+    script = script_dir.generate_revision(
+        rev_id,
+        message,
+        head=tuple(p.revision for p in parents),
+        branch_labels=branch_label,
+    )
+    config.print_stdout(f"Generating {display_path(script.path)} ... done")
+    return script
+
+
+def heads(
+    config: Config, *, verbose: bool = False, resolve_dependencies: bool = False
+) -> list[Script]:
+    script_dir = ScriptDirectory.from_config(config)
+    rmap = script_dir.revision_map
+    ids = rmap.real_heads if resolve_dependencies else rmap.heads
+    scripts = [script_dir.script(i) for i in ids]
+    for s in scripts:
+        config.print_stdout(
+            display.cmd_format(s, verbose, include_branches=True, tree_indicators=False)
+        )
+    return scripts
+
+
+def branches(config: Config, *, verbose: bool = False) -> list[Script]:
+    script_dir = ScriptDirectory.from_config(config)
+    points = [s for s in script_dir.walk_revisions() if s.is_branch_point]
+    for s in points:
+        config.print_stdout(display.cmd_format(s, verbose, include_branches=True))
+        pad = " " * len(s.revision)
+        for child in sorted(s.nextrev):
+            line = display.head_only(
+                script_dir.script(child), include_branches=True, include_doc=verbose
+            )
+            config.print_stdout(f"{pad} -> {line}")
+        config.print_stdout()
+    return points
+
+
+def history(
+    config: Config,
+    rev_range: str | None = None,
+    *,
+    verbose: bool = False,
+    graph: bool = False,
+) -> list[Script]:
+    """All revisions, newest first; ``rev_range`` is ``[start]:[end]``."""
+    script_dir = ScriptDirectory.from_config(config)
+    base, head = "base", "heads"
+    if rev_range is not None:
+        if ":" not in rev_range:
+            raise CommandError(
+                f"history range {rev_range!r} needs a colon",
+                hint="write [start]:[end], [start]: or :[end], e.g. -r 1a0c:head",
+            )
+        lo, hi = (part.strip() for part in rev_range.split(":", 1))
+        base, head = lo or "base", hi or "heads"
+    try:
+        scripts = script_dir.walk_revisions(base, head)
+    except RangeNotAncestorError as exc:
+        raise CommandError(
+            f"requested range {base}:{head} does not refer to ancestor/descendant "
+            "revisions along the same branch",
+            hint="check the range with 'ckptmigrate history'",
+        ) from exc
+    if graph:
+        for line in display.graph_lines(scripts):
+            config.print_stdout(line)
+        return scripts
+    for s in scripts:
+        config.print_stdout(
+            display.cmd_format(
+                s, verbose, include_branches=True, include_doc=True, include_parents=True
+            )
+        )
+    return scripts
+
+
+def show(config: Config, rev: str) -> list[Script]:
+    script_dir = ScriptDirectory.from_config(config)
+    if rev == "current":
+        raise CommandError(
+            "'show current' needs a checkpoint", hint="use 'ckptmigrate current CKPT -v'"
+        )
+    scripts = [s for s in script_dir.get_revisions(rev) if s is not None]
+    if not scripts:
+        raise CommandError(f"{rev!r} names no revision", hint="'base' has nothing to show")
+    for s in scripts:
+        config.print_stdout(display.log_entry(s))
+    return scripts
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class MigrationResult:
+    """What an upgrade/downgrade did (or would do, for a dry run)."""
+
+    checkpoint: Path
+    output: Path | None
+    from_revisions: tuple[str, ...]
+    to_revisions: tuple[str, ...]
+    steps: list[MigrationStep] = field(default_factory=list)
+    dry_run: bool = False
+    identified: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.steps)
+
+
+def _open(
+    config: Config,
+    checkpoint: str | os.PathLike[str],
+    trust_pickle: bool,
+    state_dict_key: str | None,
+) -> Checkpoint:
+    from .formats import read_checkpoint
+
+    if trust_pickle:
+        config.log(
+            "Warning: --trust-pickle: loading the checkpoint can run arbitrary code from the file"
+        )
+    ckpt = read_checkpoint(
+        checkpoint,
+        trust_pickle=trust_pickle,
+        state_dict_key=state_dict_key or config.get("state_dict_key"),
+    )
+    for note in ckpt.notes():
+        config.log(f"Note: {note}")
+    return ckpt
+
+
+def _resolve_ids(script_dir: ScriptDirectory, symbols: str) -> tuple[str, ...]:
+    if symbols.strip() == "base":
+        return ()
+    parts = tuple(p.strip() for p in symbols.split(",") if p.strip())
+    return tuple(r.revision for r in script_dir.get_revisions(parts) if r is not None)
+
+
+def _stamped_heads(script_dir: ScriptDirectory, ckpt: Checkpoint) -> tuple[str, ...] | None:
+    """The checkpoint's recorded revisions, checked against the lineage."""
+    if ckpt.stamp is None:
+        return None
+    rmap = script_dir.revision_map
+    unknown = [r for r in ckpt.stamp.revisions if r not in rmap]
+    if unknown:
+        raise StampError(
+            f"{display_path(ckpt.path)} is stamped at revision {', '.join(unknown)}, "
+            f"which is not in {display_path(script_dir.versions)}",
+            hint="is it from another lineage (-n NAME)? Otherwise pass --from REV, or "
+            "re-stamp it with 'ckptmigrate stamp --purge CKPT REV'",
+        )
+    return ckpt.stamp.revisions
+
+
+def starting_heads(
+    config: Config,
+    script_dir: ScriptDirectory,
+    ckpt: Checkpoint,
+    from_revision: str | None,
+) -> tuple[tuple[str, ...], bool]:
+    """(the revisions the checkpoint is at, whether found by schema)."""
+    if from_revision is not None:
+        heads = _resolve_ids(script_dir, from_revision)
+        if ckpt.stamp is not None and set(ckpt.stamp.revisions) != set(heads):
+            config.log(
+                f"Note: ignoring the stamp {','.join(ckpt.stamp.revisions) or 'base'} "
+                f"(--from {from_revision})"
+            )
+        return heads, False
+    stamped = _stamped_heads(script_dir, ckpt)
+    if stamped is not None:
+        return stamped, False
+    from .identify import identify_or_fail
+
+    return identify_or_fail(config, script_dir, ckpt), True
+
+
+def _migrate(
+    config: Config,
+    checkpoint: str | os.PathLike[str],
+    target: str,
+    *,
+    upgrade: bool,
+    output: str | os.PathLike[str] | None,
+    from_revision: str | None,
+    dry_run: bool,
+    trust_pickle: bool,
+    state_dict_key: str | None,
+    verify: bool = True,
+) -> MigrationResult:
+    from .formats import write_checkpoint
+    from .plan.state import PlanState
+    from .runtime.migration import downgrade_steps, run_steps, upgrade_steps
+
+    script_dir = ScriptDirectory.from_config(config)
+    rmap = script_dir.revision_map
+    ckpt = _open(config, checkpoint, trust_pickle, state_dict_key)
+    try:
+        current, identified = starting_heads(config, script_dir, ckpt, from_revision)
+        direction = "upgrade" if upgrade else "downgrade"
+        try:
+            steps = (
+                upgrade_steps(script_dir, current, target)
+                if upgrade
+                else downgrade_steps(script_dir, current, target)
+            )
+        except RangeNotAncestorError as exc:
+            raise CommandError(
+                f"{target} is not a valid {direction} target from {format_ids(current) or 'base'}",
+                hint="see 'ckptmigrate history' for what lies "
+                + ("above" if upgrade else "below")
+                + " the checkpoint's revision",
+            ) from exc
+        result = MigrationResult(
+            Path(checkpoint),
+            Path(output) if output else None,
+            current,
+            current,
+            steps,
+            dry_run,
+            identified,
+        )
+        where = display_path(checkpoint)
+        if not steps:
+            at = format_ids(current) or "base"
+            why = _beyond(rmap, current, target, upgrade)
+            config.log(f"Nothing to {direction}: {where} is at {at}{why}")
+            return result
+        state = PlanState.from_schema(ckpt.schema, ckpt.metadata)
+        new_heads = run_steps(
+            steps, state, current, rmap, symbolic=dry_run, log=None if dry_run else config.log
+        )
+        result.to_revisions = new_heads
+        if dry_run:
+            _print_plan(config, where, result, len(ckpt.schema), state)
+            return result
+        out = Path(output) if output else Path(checkpoint)
+        write_checkpoint(out, ckpt, state, new_heads, verify=verify)
+        config.log(
+            f"{'Upgraded' if upgrade else 'Downgraded'} {where}: "
+            f"{format_ids(current) or 'base'} -> {format_ids(new_heads) or 'base'} "
+            f"({len(steps)} step{'s' if len(steps) != 1 else ''})"
+            + (f", written to {display_path(out)}" if output else "")
+        )
+        return result
+    finally:
+        ckpt.close()
+
+
+def _beyond(rmap: RevisionMap, current: Sequence[str], target: str, upgrade: bool) -> str:
+    """Why there is nothing to do, when it is not simply 'already there'."""
+    try:
+        wanted = {r.revision for r in rmap.get_revisions(target) if r is not None}
+    except RevisionError:
+        return ""
+    if wanted == set(current) or target in ("head", "heads", "base"):
+        return ""
+    other = "downgrade" if upgrade else "upgrade"
+    return (
+        f", which is already {'past' if upgrade else 'below'} {target}; use '{other}' to go there"
+    )
+
+
+def _print_plan(
+    config: Config, where: str, result: MigrationResult, n_in: int, state: object
+) -> None:
+    from .plan.state import PlanState
+
+    assert isinstance(state, PlanState)
+    p = config.print_stdout
+    n = len(result.steps)
+    p(
+        f"Plan for {where}: {format_ids(result.from_revisions) or 'base'} -> "
+        f"{format_ids(result.to_revisions) or 'base'}, {n} step{'s' if n != 1 else ''} "
+        "(dry run: nothing is written)"
+    )
+    for step in result.steps:
+        p(f"{step}")
+        for rec in step.records:
+            p(f"    {rec.call}")
+            for key, spec in rec.results:
+                p(f"        {key}: {spec if spec is not None else 'object'}")
+            for key in rec.removed:
+                p(f"        {key}: removed")
+        if not step.records:
+            p("    (no operations)")
+    p(f"Result: {len(state)} entries (was {n_in}), at {format_ids(result.to_revisions) or 'base'}")
+
+
+def upgrade(
+    config: Config,
+    checkpoint: str | os.PathLike[str],
+    target: str = "head",
+    *,
+    output: str | os.PathLike[str] | None = None,
+    from_revision: str | None = None,
+    dry_run: bool = False,
+    trust_pickle: bool = False,
+    state_dict_key: str | None = None,
+    verify: bool = True,
+) -> MigrationResult:
+    """Upgrade a checkpoint file to ``target`` (in place unless ``output``)."""
+    return _migrate(
+        config,
+        checkpoint,
+        target,
+        upgrade=True,
+        output=output,
+        from_revision=from_revision,
+        dry_run=dry_run,
+        trust_pickle=trust_pickle,
+        state_dict_key=state_dict_key,
+        verify=verify,
+    )
+
+
+def downgrade(
+    config: Config,
+    checkpoint: str | os.PathLike[str],
+    target: str,
+    *,
+    output: str | os.PathLike[str] | None = None,
+    from_revision: str | None = None,
+    dry_run: bool = False,
+    trust_pickle: bool = False,
+    state_dict_key: str | None = None,
+    verify: bool = True,
+) -> MigrationResult:
+    """Downgrade a checkpoint file to ``target`` (in place unless ``output``)."""
+    return _migrate(
+        config,
+        checkpoint,
+        target,
+        upgrade=False,
+        output=output,
+        from_revision=from_revision,
+        dry_run=dry_run,
+        trust_pickle=trust_pickle,
+        state_dict_key=state_dict_key,
+        verify=verify,
+    )
+
+
+def current(
+    config: Config,
+    checkpoint: str | os.PathLike[str],
+    *,
+    verbose: bool = False,
+    trust_pickle: bool = False,
+    state_dict_key: str | None = None,
+) -> tuple[str, ...]:
+    """Print the revision(s) a checkpoint is at; returns them."""
+    script_dir = ScriptDirectory.from_config(config)
+    ckpt = _open(config, checkpoint, trust_pickle, state_dict_key)
+    try:
+        stamped = _stamped_heads(script_dir, ckpt)
+        if stamped is None:
+            from .identify import identify_current
+
+            return identify_current(config, script_dir, ckpt, verbose=verbose)
+        for rev in script_dir.revision_map.all_current(stamped):
+            config.print_stdout(display.cmd_format(rev, verbose))  # type: ignore[arg-type]
+        if not stamped:
+            config.log(f"Note: {display_path(checkpoint)} is at base (stamped with no revision)")
+        return stamped
+    finally:
+        ckpt.close()
+
+
+def stamp(
+    config: Config,
+    checkpoint: str | os.PathLike[str],
+    revisions: Sequence[str],
+    *,
+    purge: bool = False,
+    output: str | os.PathLike[str] | None = None,
+    trust_pickle: bool = False,
+    state_dict_key: str | None = None,
+) -> tuple[str, ...]:
+    """Record ``revisions`` in the checkpoint without running migrations."""
+    from .formats import write_checkpoint
+    from .plan.state import PlanState
+
+    script_dir = ScriptDirectory.from_config(config)
+    rmap = script_dir.revision_map
+    ckpt = _open(config, checkpoint, trust_pickle, state_dict_key)
+    try:
+        if purge or ckpt.stamp is None:
+            before: tuple[str, ...] = ()
+        else:
+            stamped = _stamped_heads(script_dir, ckpt)
+            before = stamped or ()
+        try:
+            after = rmap.heads_after_stamp(before, list(revisions) or ["base"])
+        except RevisionError as exc:
+            if exc.__class__.__name__ == "MultipleHeads":
+                raise CommandError(
+                    f"{exc.message}", hint="name the revision(s) to stamp, or use 'heads'"
+                ) from exc
+            raise
+        state = PlanState.from_schema(ckpt.schema, ckpt.metadata)
+        out = Path(output) if output else Path(checkpoint)
+        write_checkpoint(out, ckpt, state, after)
+        where = display_path(out)
+        if after:
+            config.log(f"Stamped {where} at {format_ids(after)}")
+        else:
+            config.log(f"Removed the ckptmigrate stamp from {where}")
+        return after
+    finally:
+        ckpt.close()

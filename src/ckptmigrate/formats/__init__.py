@@ -1,0 +1,121 @@
+"""Checkpoint files: read lazily into a :class:`Checkpoint`, write atomically."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import CheckpointError, CkptMigrateError
+from ..plan.state import Evaluator, PlanState
+from .atomic import atomic_output, write_error
+from .checkpoint import Checkpoint
+
+__all__ = ["Checkpoint", "format_for", "read_checkpoint", "write_checkpoint"]
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+
+
+def _sniff(path: Path) -> str:
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    from .safetensors_file import looks_like_safetensors
+
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "torch"
+    if looks_like_safetensors(head):
+        return "safetensors"
+    return "torch"
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    trust_pickle: bool = False,
+    state_dict_key: str | None = None,
+) -> Checkpoint:
+    """Open a checkpoint of any supported format without reading tensor data."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file", hint="check the checkpoint path")
+    if p.is_dir():
+        raise CheckpointError(
+            f"{p} is a directory, not a checkpoint file", hint="pass the file itself"
+        )
+    try:
+        size = p.stat().st_size
+        if size == 0:
+            raise CheckpointError(
+                f"{p} is empty (0 bytes)", hint="the save was probably interrupted"
+            )
+        kind = _sniff(p)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {p}: {exc.strerror}", hint="check permissions") from exc
+    if kind == "safetensors":
+        from .safetensors_file import read_safetensors
+
+        return read_safetensors(p)
+    from .torch_file import read_torch
+
+    return read_torch(p, trust_pickle=trust_pickle, state_dict_key=state_dict_key)
+
+
+def format_for(target: Path, default: str) -> str:
+    suffix = target.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        return "safetensors"
+    if suffix in TORCH_SUFFIXES:
+        return "torch"
+    return default
+
+
+def write_checkpoint(
+    target: str | os.PathLike[str],
+    source: Checkpoint,
+    state: PlanState,
+    revisions: tuple[str, ...],
+    *,
+    format: str | None = None,
+    verify: bool = True,
+) -> None:
+    """Write ``state`` (evaluated against ``source``) to ``target`` atomically."""
+    out = Path(target)
+    fmt = format or format_for(out, source.format)
+    if fmt == "safetensors" and source.format == "torch" and source.state_path:
+        raise CheckpointError(
+            f"{out}: a safetensors file holds only tensors, but {source.path} is a training "
+            f"checkpoint with other entries ({', '.join(map(repr, _others(source)))})",
+            hint="write a .pt output, or save the state dict alone first",
+        )
+    evaluator = Evaluator(state.entries, source.read)
+    keys = list(state.entries)
+    with atomic_output(out) as tmp:
+        try:
+            if fmt == "safetensors":
+                from .safetensors_file import write_safetensors
+
+                write_safetensors(
+                    tmp, keys, state.schema(), evaluator, source.header_metadata, revisions
+                )
+            else:
+                from .torch_file import write_torch
+
+                write_torch(tmp, source, keys, evaluator, state.metadata, revisions)
+        except CkptMigrateError:
+            raise
+        except Exception as exc:
+            raise write_error(out, exc) from exc
+        if verify:
+            from .verify import verify_written
+
+            key = (
+                "/".join(source.state_path) if fmt == "torch" and source.format == "torch" else None
+            )
+            verify_written(tmp, out, state, revisions, key or None)
+
+
+def _others(source: Checkpoint) -> list[str]:
+    container = source.container
+    if isinstance(container, dict):
+        return [str(k) for k in container if (k,) != source.state_path[:1]][:5]
+    return []

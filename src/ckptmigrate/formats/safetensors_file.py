@@ -1,0 +1,235 @@
+"""``.safetensors`` files, read and written natively.
+
+The format is an 8-byte little-endian header length, a JSON header
+(``{name: {dtype, shape, data_offsets}}`` plus ``__metadata__``, strings
+only), then the raw tensor bytes. Doing it here rather than through the
+``safetensors`` package lets us validate hostile headers with our own errors,
+memory-map tensors lazily, and stream the output tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import mmap
+import os
+import struct
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from ..errors import CheckpointError
+from ..plan.nodes import TensorSpec
+from .checkpoint import Checkpoint
+from .stamp import read_stamp, strip_stamp, write_stamp
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "C64": torch.complex64,
+}
+for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
+NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors package's own limit
+
+
+def looks_like_safetensors(head: bytes) -> bool:
+    if len(head) < 10:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 2 <= n <= MAX_HEADER and head[8:9] == b"{"
+
+
+def _bad(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a valid safetensors file: {what}",
+        hint="the file may be truncated or damaged; re-create or re-download it",
+    )
+
+
+def read_header(path: Path) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(data start, tensor entries, __metadata__), every field validated."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise _bad(path, f"only {size} bytes, too short for a header")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER:
+            raise _bad(path, f"header length {n} is larger than the {MAX_HEADER}-byte limit")
+        if 8 + n > size:
+            raise _bad(path, f"header length {n} runs past the end of the {size}-byte file")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _bad(path, f"header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise _bad(path, "header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise _bad(path, "__metadata__ must map strings to strings")
+    data_len = size - 8 - n
+    spans: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise _bad(path, f"entry {name!r} is not an object")
+        dtype = info.get("dtype")
+        shape = info.get("shape")
+        offsets = info.get("data_offsets")
+        if dtype not in DTYPES:
+            raise _bad(path, f"entry {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in shape
+        ):
+            raise _bad(path, f"entry {name!r} has a bad shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
+            raise _bad(path, f"entry {name!r} has bad data_offsets {offsets!r}")
+        begin, end = offsets
+        numel = 1
+        for d in shape:
+            numel *= d
+            if numel > data_len:
+                break
+        nbytes = numel * torch.empty((), dtype=DTYPES[dtype], device="meta").element_size()
+        if not 0 <= begin <= end <= data_len:
+            raise _bad(path, f"entry {name!r} points past the end of the data ({offsets})")
+        if end - begin != nbytes:
+            raise _bad(
+                path,
+                f"entry {name!r} has {end - begin} bytes but shape {shape} {dtype} needs {nbytes}",
+            )
+        spans.append((begin, end, name))
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin != pos:
+            kind = "overlaps the previous entry" if begin < pos else "leaves a gap before it"
+            raise _bad(path, f"entry {name!r} {kind} (offset {begin}, expected {pos})")
+        pos = end
+    if pos != data_len:
+        raise _bad(
+            path, f"{data_len - pos} bytes after the last tensor are not described by the header"
+        )
+    return 8 + n, header, meta
+
+
+def read_safetensors(path: Path) -> Checkpoint:
+    start, header, meta = read_header(path)
+    schema: dict[str, TensorSpec | None] = {
+        name: TensorSpec(tuple(info["shape"]), DTYPES[info["dtype"]])
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    }
+    state: dict[str, Any] = {"mm": None}
+
+    def mapping() -> mmap.mmap:
+        if state["mm"] is None:
+            with open(path, "rb") as fh:
+                state["mm"] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        return state["mm"]  # type: ignore[no-any-return]
+
+    def reader(key: str) -> torch.Tensor:
+        info = header[key]
+        spec = schema[key]
+        assert spec is not None
+        begin, end = info["data_offsets"]
+        if end == begin:
+            return torch.empty(spec.shape, dtype=spec.dtype)
+        raw = torch.frombuffer(
+            mapping(), dtype=torch.uint8, count=end - begin, offset=start + begin
+        )
+        itemsize = raw.new_empty((), dtype=spec.dtype).element_size()
+        if raw.data_ptr() % itemsize:
+            raw = raw.clone()  # unaligned: copy once so the dtype view is legal
+        return raw.view(spec.dtype).reshape(spec.shape)
+
+    def close() -> None:
+        if state["mm"] is not None:
+            # tensors may still point into the mapping; then the GC unmaps it
+            with contextlib.suppress(BufferError):
+                state["mm"].close()
+            state["mm"] = None
+
+    return Checkpoint(
+        path=path,
+        format="safetensors",
+        schema=schema,
+        metadata={},
+        stamp=read_stamp(meta, str(path)),
+        reader=reader,
+        header_metadata=strip_stamp(meta),
+        close=close,
+    )
+
+
+def _write_tensor(fh: BinaryIO, tensor: torch.Tensor) -> None:
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        return
+    buf = (ctypes.c_char * nbytes).from_address(t.data_ptr())
+    fh.write(memoryview(buf))
+
+
+def write_safetensors(
+    target: Path,
+    keys: list[str],
+    specs: Mapping[str, TensorSpec | None],
+    produce: Callable[[str], Any],
+    header_metadata: Mapping[str, str],
+    revisions: tuple[str, ...],
+) -> None:
+    """Stream tensors into ``target``: the header first (specs are known), then data."""
+    header: dict[str, Any] = {}
+    meta = dict(header_metadata)
+    write_stamp(meta, revisions)
+    if meta:
+        header["__metadata__"] = meta
+    offset = 0
+    for key in keys:
+        spec = specs[key]
+        if spec is None:
+            raise CheckpointError(
+                f"{key!r} is not a tensor and cannot be stored in a safetensors file",
+                hint="write a .pt file instead",
+            )
+        if spec.dtype not in NAMES:
+            raise CheckpointError(f"safetensors cannot store dtype {spec.dtype} ({key!r})")
+        nbytes = spec.nbytes
+        header[key] = {
+            "dtype": NAMES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(target, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for key in keys:
+            _write_tensor(fh, produce(key))

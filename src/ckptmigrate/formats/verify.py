@@ -1,0 +1,44 @@
+"""Check a written checkpoint against the plan before trusting it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import WriteError
+from ..plan.state import PlanState
+
+
+def verify_written(
+    path: Path,
+    target: Path,
+    state: PlanState,
+    revisions: tuple[str, ...],
+    state_dict_key: str | None,
+) -> None:
+    """The file at ``path`` has exactly the planned keys, shapes, dtypes and stamp.
+
+    Runs on the temporary file, before it replaces ``target``.
+    """
+    from . import read_checkpoint
+
+    ckpt = read_checkpoint(path, state_dict_key=state_dict_key)
+    try:
+        want = state.schema()
+        got = ckpt.schema
+        if list(got) != list(want) or any(got[k] != want[k] for k in want):
+            missing = [k for k in want if k not in got]
+            extra = [k for k in got if k not in want]
+            changed = [k for k in want if k in got and got[k] != want[k]]
+            raise WriteError(
+                f"{target} does not match the migration plan after writing "
+                f"(missing {missing[:3]}, unexpected {extra[:3]}, changed {changed[:3]})",
+                hint="this is a bug in ckptmigrate; please report it",
+            )
+        stamped = ckpt.stamp.revisions if ckpt.stamp else ()
+        if tuple(stamped) != tuple(revisions):
+            raise WriteError(
+                f"{target} records {stamped} after writing, expected {revisions}",
+                hint="this is a bug in ckptmigrate; please report it",
+            )
+    finally:
+        ckpt.close()

@@ -1,0 +1,1 @@
+"""The operations revision scripts call; they record steps into a plan."""

@@ -1,0 +1,1 @@
+"""Running revision scripts against a plan."""

@@ -1,0 +1,124 @@
+"""Run revision scripts, one step at a time, against a plan.
+
+Each step's ``upgrade()``/``downgrade()`` runs with the ``op`` namespace bound
+to the plan, under a private RNG seeded from the revision id (so modules a
+script builds come out the same every time and the caller's RNG is left
+alone), and, for symbolic runs, with ``torch.device("meta")`` as the default
+device so building even a huge module allocates nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import torch
+
+from ..errors import CkptMigrateError, ScriptError
+from ..operations.base import Operations, OpRecord
+from ..operations.context import activate
+from ..paths import display_path
+from ..plan.nodes import seed_for
+from ..plan.state import PlanState
+from ..script.directory import Script, ScriptDirectory
+from ..script.revision import RevisionMap
+
+
+@dataclass
+class MigrationStep:
+    """One revision applied in one direction."""
+
+    script: Script
+    is_upgrade: bool
+    records: list[OpRecord] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return "upgrade" if self.is_upgrade else "downgrade"
+
+    @property
+    def from_ids(self) -> tuple[str, ...]:
+        return self.script.down_revisions if self.is_upgrade else (self.script.revision,)
+
+    @property
+    def to_ids(self) -> tuple[str, ...]:
+        return (self.script.revision,) if self.is_upgrade else self.script.down_revisions
+
+    def __str__(self) -> str:
+        text = f"{self.name} {', '.join(self.from_ids)} -> {', '.join(self.to_ids)}"
+        return f"{text}, {self.script.doc}" if self.script.doc else text
+
+
+def upgrade_steps(
+    script_dir: ScriptDirectory, current: Sequence[str], target: str
+) -> list[MigrationStep]:
+    revs = script_dir.revision_map.upgrade_path(current, target)
+    return [MigrationStep(r, True) for r in revs]  # type: ignore[arg-type]
+
+
+def downgrade_steps(
+    script_dir: ScriptDirectory, current: Sequence[str], target: str
+) -> list[MigrationStep]:
+    revs = script_dir.revision_map.downgrade_path(current, target)
+    return [MigrationStep(r, False) for r in revs]  # type: ignore[arg-type]
+
+
+def _script_line(tb: TracebackType | None, path: str) -> int | None:
+    line = None
+    for frame, lineno in traceback.walk_tb(tb):
+        if frame.f_code.co_filename == path:
+            line = lineno
+    return line
+
+
+def run_step(step: MigrationStep, state: PlanState, *, symbolic: bool) -> None:
+    """Run one script function against ``state`` (which it rewrites)."""
+    script = step.script
+    fn = script.migration_fn(step.name)
+    ops = Operations(
+        state,
+        revision=script.revision,
+        direction=step.name,
+        path=script.path,
+        records=step.records,
+    )
+    device = torch.device("meta") if symbolic else contextlib.nullcontext()
+    try:
+        with activate(ops), torch.random.fork_rng(devices=[]), device:
+            torch.manual_seed(seed_for(script.revision, step.name))
+            fn()
+    except CkptMigrateError:
+        raise
+    except Exception as exc:
+        line = _script_line(exc.__traceback__, str(script.path))
+        where = display_path(script.path) + (f", line {line}" if line else "")
+        raise ScriptError(
+            f"revision {script.revision} ({where}): {step.name}() raised "
+            f"{type(exc).__name__}: {exc}",
+            hint="fix the revision script; nothing was written (--traceback shows the full trace)",
+        ) from exc
+
+
+def run_steps(
+    steps: Sequence[MigrationStep],
+    state: PlanState,
+    heads: Sequence[str],
+    rmap: RevisionMap,
+    *,
+    symbolic: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> tuple[str, ...]:
+    """Run ``steps`` in order; returns the heads to record afterwards."""
+    current = tuple(heads)
+    for step in steps:
+        if log is not None:
+            log(f"Running {step}")
+        run_step(step, state, symbolic=symbolic)
+        if step.is_upgrade:
+            current = rmap.heads_after_upgrade(current, step.script)
+        else:
+            current = rmap.heads_after_downgrade(current, step.script)
+    return current

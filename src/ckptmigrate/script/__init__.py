@@ -1,0 +1,1 @@
+"""Revision scripts: the pure graph (``revision``) and the files (``directory``)."""

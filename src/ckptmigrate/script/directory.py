@@ -1,0 +1,444 @@
+"""The migrations folder: revision files in, new revision files out.
+
+Graph commands must stay fast on lineages of thousands of revisions and must
+not run user code, so a revision file's identity (``revision``,
+``down_revision``, ``branch_labels``, ``depends_on`` and its docstring) is
+read from its syntax tree. The module itself is imported only when one of its
+``upgrade()``/``downgrade()`` functions is about to run (or when its header is
+not made of literals).
+"""
+
+from __future__ import annotations
+
+import ast
+import datetime as _dt
+import importlib.util
+import os
+import re
+import string
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ..config import Config
+from ..errors import CommandError, ConfigError, RevisionError, ScriptError
+from .revision import Revision, RevisionMap, to_tuple, tuple_or_scalar, verify_rev_id
+
+TEMPLATE_NAME = "script.py.tmpl"
+_SLUG = re.compile(r"\w+")
+_HEADER_NAMES = ("revision", "down_revision", "branch_labels", "depends_on")
+_IGNORED_FILE = re.compile(r"^(\.#|__init__)")
+
+
+def new_rev_id() -> str:
+    return uuid.uuid4().hex[-12:]
+
+
+class Script(Revision):
+    """A revision backed by a file in ``versions/``."""
+
+    def __init__(
+        self,
+        revision: str,
+        down_revision: Any,
+        dependencies: Any,
+        branch_labels: Any,
+        *,
+        path: Path,
+        longdoc: str,
+        module: ModuleType | None = None,
+    ) -> None:
+        super().__init__(revision, down_revision, dependencies, branch_labels)
+        self.path = path
+        self.longdoc = longdoc.strip()
+        self._module = module
+
+    @property
+    def doc(self) -> str:
+        """The message: the docstring's first paragraph."""
+        return re.split(r"\n\s*\n", self.longdoc)[0] if self.longdoc else ""
+
+    @property
+    def module(self) -> ModuleType:
+        if self._module is None:
+            self._module = _import_script(self.path)
+        return self._module
+
+    def migration_fn(self, name: str) -> Any:
+        fn = getattr(self.module, name, None)
+        if not callable(fn):
+            raise ScriptError(
+                f"revision {self.revision} ({self.path}) has no {name}() function",
+                hint=f"define 'def {name}() -> None:' in the revision file",
+            )
+        return fn
+
+
+def _import_script(path: Path) -> ModuleType:
+    name = "ckptmigrate_rev_" + re.sub(r"\W", "_", path.stem)
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:  # pragma: no cover - .py files always load
+        raise ScriptError(f"cannot load revision file {path}")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        raise ScriptError(
+            f"revision file {path}, line {exc.lineno}: syntax error: {exc.msg}",
+            hint="fix the file; nothing was changed",
+        ) from exc
+    except Exception as exc:
+        raise ScriptError(
+            f"importing revision file {path} failed: {type(exc).__name__}: {exc}",
+            hint="fix the file (run with --traceback for details); nothing was changed",
+        ) from exc
+    return module
+
+
+def _literal_header(path: Path, source: str) -> tuple[dict[str, Any], str, bool]:
+    """(header variables, docstring, whether every header value was a literal)."""
+    try:
+        tree = ast.parse(source, filename=str(path))
+    except SyntaxError as exc:
+        raise ScriptError(
+            f"revision file {path}, line {exc.lineno}: syntax error: {exc.msg}",
+            hint="fix the file; nothing was changed",
+        ) from exc
+    values: dict[str, Any] = {}
+    literal = True
+    for node in tree.body:
+        target: ast.expr | None = None
+        value: ast.expr | None = None
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            target, value = node.target, node.value
+        if isinstance(target, ast.Name) and target.id in _HEADER_NAMES and value is not None:
+            try:
+                values[target.id] = ast.literal_eval(value)
+            except ValueError:
+                literal = False
+    return values, ast.get_docstring(tree) or "", literal
+
+
+def load_script(path: Path) -> Script:
+    try:
+        source = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScriptError(f"cannot read revision file {path}: {exc}") from exc
+    values, doc, literal = _literal_header(path, source)
+    module: ModuleType | None = None
+    if not literal or "revision" not in values:
+        module = _import_script(path)
+        values = {n: getattr(module, n) for n in _HEADER_NAMES if hasattr(module, n)}
+        doc = module.__doc__ or ""
+    if "revision" not in values:
+        raise ScriptError(
+            f"revision file {path} does not define 'revision'",
+            hint='add e.g. revision = "1a2b3c4d5e6f" (see the template in the migrations folder)',
+        )
+    if "down_revision" not in values:
+        raise ScriptError(
+            f"revision file {path} does not define 'down_revision'",
+            hint="add down_revision = None for a first revision, or the parent's id",
+        )
+    for name in _HEADER_NAMES[1:]:
+        value = values.get(name)
+        ok = (
+            value is None
+            or isinstance(value, str)
+            or (isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value))
+        )
+        if not ok:
+            raise ScriptError(
+                f"revision file {path}: {name} must be None, a string or a tuple of strings, "
+                f"not {value!r}"
+            )
+    rev_id = values["revision"]
+    if not isinstance(rev_id, str) or not rev_id:
+        raise ScriptError(
+            f"revision file {path}: 'revision' must be a non-empty string, not {rev_id!r}"
+        )
+    try:
+        return Script(
+            rev_id,
+            values.get("down_revision"),
+            values.get("depends_on"),
+            values.get("branch_labels"),
+            path=path,
+            longdoc=doc,
+            module=module,
+        )
+    except RevisionError as exc:
+        raise ScriptError(f"revision file {path}: {exc.message}", hint=exc.hint) from exc
+
+
+def slugify(message: str, limit: int) -> str:
+    slug = "_".join(_SLUG.findall(message or "")).lower()
+    if len(slug) > limit:
+        slug = slug[:limit].rsplit("_", 1)[0] + "_"
+    return slug
+
+
+def py_literal(value: Any) -> str:
+    """Render ids the way a person writes them (double quotes, tuples)."""
+    if value is None:
+        return "None"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    items = [py_literal(v) for v in value]
+    if len(items) == 1:
+        return f"({items[0]},)"
+    return "(" + ", ".join(items) + ")"
+
+
+def indent_body(lines: Sequence[str] | str | None) -> str:
+    if lines is None or (not isinstance(lines, str) and not lines):
+        return "pass"
+    text = lines if isinstance(lines, str) else "\n".join(lines)
+    return "\n".join(("    " + ln) if ln.strip() else "" for ln in text.splitlines()).lstrip()
+
+
+class ScriptDirectory:
+    """A migrations folder: ``versions/`` plus the revision template."""
+
+    def __init__(
+        self,
+        dir: str | os.PathLike[str],
+        *,
+        file_template: str = "%(rev)s_%(slug)s",
+        truncate_slug_length: int = 40,
+    ) -> None:
+        self.dir = Path(dir)
+        self.file_template = file_template
+        self.truncate_slug_length = truncate_slug_length
+        self._map: RevisionMap | None = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> ScriptDirectory:
+        location = config.script_location
+        if not (location / "versions").is_dir():
+            raise ConfigError(
+                f"script_location {location} is not a migrations folder (no versions/ inside)",
+                hint="run 'ckptmigrate init <dir>' or fix script_location in "
+                + str(config.file or "the configuration"),
+            )
+        return cls(
+            location,
+            file_template=config.file_template,
+            truncate_slug_length=config.truncate_slug_length,
+        )
+
+    @property
+    def versions(self) -> Path:
+        return self.dir / "versions"
+
+    @property
+    def template_path(self) -> Path:
+        return self.dir / TEMPLATE_NAME
+
+    def script_paths(self) -> list[Path]:
+        return sorted(
+            p
+            for p in self.versions.iterdir()
+            if p.suffix == ".py" and p.is_file() and not _IGNORED_FILE.match(p.name)
+        )
+
+    def _load(self) -> RevisionMap:
+        scripts: list[Script] = []
+        seen: dict[str, Path] = {}
+        for path in self.script_paths():
+            script = load_script(path)
+            if script.revision in seen:
+                raise ScriptError(
+                    f"revision id {script.revision} is used by two files: "
+                    f"{seen[script.revision]} and {path}",
+                    hint="give one of them a new id (revision = ...) and fix its children",
+                )
+            seen[script.revision] = path
+            scripts.append(script)
+        try:
+            return RevisionMap(scripts)
+        except RevisionError as exc:
+            raise _with_files(exc, seen) from exc
+
+    @property
+    def revision_map(self) -> RevisionMap:
+        if self._map is None:
+            self._map = self._load()
+        return self._map
+
+    def get_revision(self, symbol: str | None) -> Script | None:
+        return self.revision_map.get_revision(symbol)  # type: ignore[return-value]
+
+    def get_revisions(self, symbol: Any) -> tuple[Script | None, ...]:
+        return self.revision_map.get_revisions(symbol)  # type: ignore[return-value]
+
+    def script(self, rev_id: str) -> Script:
+        return self.revision_map.revision(rev_id)  # type: ignore[return-value]
+
+    def walk_revisions(self, base: str = "base", head: str = "heads") -> list[Script]:
+        return self.revision_map.walk(base, head)  # type: ignore[return-value]
+
+    # ----------------------------------------------------------------- writing
+
+    def generate_revision(
+        self,
+        rev_id: str | None,
+        message: str | None,
+        *,
+        head: str | Sequence[str] = "head",
+        splice: bool = False,
+        branch_labels: str | Sequence[str] | None = None,
+        depends_on: str | Sequence[str] | None = None,
+        upgrades: Sequence[str] | str | None = None,
+        downgrades: Sequence[str] | str | None = None,
+        imports: Iterable[str] = (),
+        create_date: _dt.datetime | None = None,
+    ) -> Script:
+        rev_id = rev_id or new_rev_id()
+        verify_rev_id(rev_id)
+        rmap = self.revision_map
+        if rev_id in rmap:
+            raise CommandError(
+                f"revision id {rev_id} already exists ({self.script(rev_id).path})",
+                hint="pick another --rev-id",
+            )
+        try:
+            heads = rmap.get_revisions(head)
+        except RevisionError as exc:
+            if exc.__class__.__name__ == "MultipleHeads":
+                raise CommandError(
+                    "multiple heads are present: " + ", ".join(rmap.heads),
+                    hint="pass --head REV to choose the parent, or join them with "
+                    "'ckptmigrate merge heads -m ...'",
+                ) from exc
+            raise
+        parents = [h for h in heads if h is not None]
+        if len({p.revision for p in parents}) != len(parents):
+            raise CommandError("duplicate head revisions specified", hint="name each head once")
+        if not splice:
+            for parent in parents:
+                if not parent.is_head:
+                    raise CommandError(
+                        f"revision {parent.revision} is not a head revision",
+                        hint="pass --splice to start a new branch from it",
+                    )
+        resolved_deps: list[str] = []
+        for dep in to_tuple(depends_on):
+            target = rmap.get_revision(dep)
+            if target is None:
+                raise CommandError(f"--depends-on {dep} names no revision")
+            resolved_deps.append(dep if dep in target.branch_labels else target.revision)
+        labels = to_tuple(branch_labels)
+        for label in labels:
+            if label in rmap.branch_labels or label in rmap:
+                raise CommandError(
+                    f"branch label '{label}' is already in use",
+                    hint="choose another --branch-label",
+                )
+        create_date = create_date or _dt.datetime.now().replace(microsecond=0)
+        path = self._rev_path(rev_id, message or "", create_date)
+        if path.exists():
+            raise CommandError(f"{path} already exists", hint="pick another message or --rev-id")
+        down_ids = [p.revision for p in parents]
+        text = self.render(
+            message=message or "empty message",
+            up_revision=rev_id,
+            down_revision=tuple_or_scalar(down_ids),
+            branch_labels=tuple_or_scalar(labels) if labels else None,
+            depends_on=tuple_or_scalar(resolved_deps) if resolved_deps else None,
+            create_date=create_date,
+            upgrades=upgrades,
+            downgrades=downgrades,
+            imports=imports,
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        try:
+            script = load_script(path)
+        except Exception:
+            path.unlink()
+            raise
+        if labels and not script.branch_labels:
+            path.unlink()
+            raise CommandError(
+                f"the template {self.template_path} does not write branch_labels",
+                hint="add 'branch_labels = ${branch_labels}' to the template",
+            )
+        self._map = None
+        return script
+
+    def _rev_path(self, rev_id: str, message: str, create_date: _dt.datetime) -> Path:
+        fields = {
+            "rev": rev_id,
+            "slug": slugify(message, self.truncate_slug_length),
+            "epoch": int(create_date.timestamp()),
+            "year": create_date.year,
+            "month": create_date.month,
+            "day": create_date.day,
+            "hour": create_date.hour,
+            "minute": create_date.minute,
+            "second": create_date.second,
+        }
+        try:
+            name = self.file_template % fields
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ConfigError(
+                f"bad file_template {self.file_template!r}: {exc}",
+                hint="use %(rev)s, %(slug)s, %(epoch)s, %(year)d ... (%%(rev)s in an ini file)",
+            ) from None
+        return self.versions / f"{name}.py"
+
+    def render(
+        self,
+        *,
+        message: str,
+        up_revision: str,
+        down_revision: str | tuple[str, ...] | None,
+        branch_labels: str | tuple[str, ...] | None,
+        depends_on: str | tuple[str, ...] | None,
+        create_date: _dt.datetime,
+        upgrades: Sequence[str] | str | None,
+        downgrades: Sequence[str] | str | None,
+        imports: Iterable[str] = (),
+    ) -> str:
+        try:
+            template = string.Template(self.template_path.read_text(encoding="utf-8"))
+        except OSError:
+            from .. import templates
+
+            template = string.Template(templates.read(TEMPLATE_NAME))
+        escaped = message.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+        values = {
+            "message": escaped,
+            "up_revision": up_revision,
+            "down_revision": py_literal(down_revision),
+            "revises": ", ".join(to_tuple(down_revision)) or "<base>",
+            "branch_labels": py_literal(branch_labels),
+            "depends_on": py_literal(depends_on),
+            "create_date": str(create_date),
+            "upgrades": indent_body(upgrades),
+            "downgrades": indent_body(downgrades),
+            "imports": "".join("\n" + line for line in imports),
+        }
+        try:
+            text = template.substitute(values)
+        except (KeyError, ValueError) as exc:
+            raise ScriptError(
+                f"the revision template {self.template_path} uses an unknown placeholder: {exc}",
+                hint="known: " + ", ".join(f"${{{k}}}" for k in values) + "; write $$ for a dollar",
+            ) from None
+        return re.sub(r"\n{4,}", "\n\n\n", text)
+
+
+def _with_files(exc: RevisionError, files: dict[str, Path]) -> RevisionError:
+    """Name the files behind the revision ids a graph error mentions."""
+    named = [f"{rid} ({files[rid].name})" for rid in files if rid in exc.message]
+    if not named or len(named) > 6:
+        return exc
+    exc.message = exc.message + " [files: " + ", ".join(named) + "]"
+    exc.args = (exc.one_line(),)
+    return exc

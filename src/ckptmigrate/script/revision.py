@@ -1,0 +1,892 @@
+"""The revision graph: pure data and algorithms, no I/O and no torch.
+
+Semantics follow Alembic's ``RevisionMap`` so that an Alembic user's intuition
+(heads, branch points, merges, ``depends_on``, relative targets, branch labels)
+carries over unchanged; the differential tests in ``tests/test_graph_vs_alembic.py``
+hold this module to Alembic's own answers on the same graphs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from typing import Union
+
+from ..errors import (
+    CycleDetected,
+    DependencyCycleDetected,
+    MultipleHeads,
+    RangeNotAncestorError,
+    ResolutionError,
+    RevisionError,
+)
+
+# "[label@][symbol](+|-)N", e.g. "-1", "+2", "ae10+1", "branch@head-2"
+_RELATIVE = re.compile(r"(?:(.+?)@)?(\w+)?((?:\+|-)\d+)")
+_ILLEGAL_ID_CHARS = frozenset("@-+:")
+
+RevisionIds = Union[str, Sequence[str], None]
+
+
+def to_tuple(value: RevisionIds | Iterable[str]) -> tuple[str, ...]:
+    """Normalise the many spellings of 'some revision ids' to a tuple."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+def _dedupe(items: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(items))
+
+
+def format_ids(ids: Iterable[str]) -> str:
+    return ", ".join(ids)
+
+
+def tuple_or_scalar(ids: Sequence[str]) -> str | tuple[str, ...] | None:
+    """The form a revision file writes ``down_revision`` in."""
+    if not ids:
+        return None
+    if len(ids) == 1:
+        return ids[0]
+    return tuple(ids)
+
+
+class Revision:
+    """One node of the graph: its id, its parents and its labels."""
+
+    def __init__(
+        self,
+        revision: str,
+        down_revision: RevisionIds = None,
+        dependencies: RevisionIds = None,
+        branch_labels: RevisionIds = None,
+    ) -> None:
+        if not isinstance(revision, str) or not revision:
+            raise RevisionError(f"revision id must be a non-empty string, not {revision!r}")
+        verify_rev_id(revision)
+        downs = to_tuple(down_revision)
+        deps = to_tuple(dependencies)
+        if revision in downs:
+            raise CycleDetected([revision])
+        if revision in deps:
+            raise DependencyCycleDetected([revision])
+        self.revision = revision
+        self.down_revisions: tuple[str, ...] = downs
+        self.dependencies: tuple[str, ...] = deps
+        self.declared_branch_labels: tuple[str, ...] = to_tuple(branch_labels)
+        self.branch_labels: set[str] = set(self.declared_branch_labels)
+        # Filled in by RevisionMap.
+        self.nextrev: frozenset[str] = frozenset()
+        self.all_nextrev: frozenset[str] = frozenset()
+        self.resolved_dependencies: tuple[str, ...] = ()
+        self.normalized_dependencies: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.revision!r}, {self.down_revisions!r})"
+
+    @property
+    def down_revision(self) -> str | tuple[str, ...] | None:
+        return tuple_or_scalar(self.down_revisions)
+
+    @property
+    def all_down_revisions(self) -> tuple[str, ...]:
+        """Parents including every declared dependency."""
+        return _dedupe(self.down_revisions + self.resolved_dependencies)
+
+    @property
+    def normalized_down_revisions(self) -> tuple[str, ...]:
+        """Parents plus the dependencies no ancestor already brings in."""
+        return _dedupe(self.down_revisions + self.normalized_dependencies)
+
+    @property
+    def is_head(self) -> bool:
+        return not self.nextrev
+
+    @property
+    def is_real_head(self) -> bool:
+        return not self.all_nextrev
+
+    @property
+    def is_base(self) -> bool:
+        return not self.down_revisions
+
+    @property
+    def is_real_base(self) -> bool:
+        return not self.down_revisions and not self.dependencies
+
+    @property
+    def is_branch_point(self) -> bool:
+        return len(self.nextrev) > 1
+
+    @property
+    def is_real_branch_point(self) -> bool:
+        return len(self.all_nextrev) > 1
+
+    @property
+    def is_merge_point(self) -> bool:
+        return len(self.down_revisions) > 1
+
+
+def verify_rev_id(revision: str) -> None:
+    bad = sorted(_ILLEGAL_ID_CHARS.intersection(revision))
+    if bad:
+        raise RevisionError(
+            f"character(s) '{', '.join(bad)}' not allowed in revision identifier '{revision}'",
+            hint="use letters, digits and underscores",
+        )
+
+
+Target = Union[Revision, None]  # None stands for "base"
+
+
+class RevisionMap:
+    """All revisions of one lineage, with Alembic's traversal semantics."""
+
+    def __init__(self, revisions: Iterable[Revision]) -> None:
+        self._by_id: dict[str, Revision] = {}
+        for rev in revisions:
+            if rev.revision in self._by_id:
+                raise RevisionError(
+                    f"revision {rev.revision} is present more than once",
+                    hint="give each revision file a unique 'revision' id",
+                )
+            self._by_id[rev.revision] = rev
+        self._order = {rid: i for i, rid in enumerate(self._by_id)}
+        self._labels: dict[str, Revision] = {}
+        for rev in self._by_id.values():
+            for label in rev.declared_branch_labels:
+                owner = self._labels.get(label) or self._by_id.get(label)
+                if owner is not None:
+                    raise RevisionError(
+                        f"branch name '{label}' in revision {rev.revision} "
+                        f"is already used by revision {owner.revision}",
+                        hint="choose another branch label",
+                    )
+                self._labels[label] = rev
+        self._link()
+        self._detect_cycles()
+        self._propagate_labels()
+        revs = self._by_id.values()
+        self.heads: tuple[str, ...] = tuple(r.revision for r in revs if r.is_head)
+        self.real_heads: tuple[str, ...] = tuple(r.revision for r in revs if r.is_real_head)
+        self.bases: tuple[str, ...] = tuple(r.revision for r in revs if r.is_base)
+        self.real_bases: tuple[str, ...] = tuple(r.revision for r in revs if r.is_real_base)
+
+    # ------------------------------------------------------------------ building
+
+    def _lookup_symbol(self, name: str) -> Revision | None:
+        return self._by_id.get(name) or self._labels.get(name)
+
+    def _link(self) -> None:
+        for rev in self._by_id.values():
+            resolved = []
+            for dep in rev.dependencies:
+                target = self._lookup_symbol(dep)
+                if target is None:
+                    raise RevisionError(
+                        f"revision {rev.revision} depends on '{dep}', which is not present",
+                        hint="fix its depends_on or restore the missing revision file",
+                    )
+                resolved.append(target.revision)
+            rev.resolved_dependencies = tuple(resolved)
+        for rev in self._by_id.values():
+            for down in rev.all_down_revisions:
+                parent = self._by_id.get(down)
+                if parent is None:
+                    raise RevisionError(
+                        f"revision {down} referenced from {rev.revision} is not present",
+                        hint="fix its down_revision or restore the missing revision file",
+                    )
+                parent.all_nextrev = parent.all_nextrev | {rev.revision}
+                if down in rev.down_revisions:
+                    parent.nextrev = parent.nextrev | {rev.revision}
+        # A dependency already implied by an ancestor's dependency adds nothing.
+        for rev in self._by_id.values():
+            if not rev.resolved_dependencies:
+                continue
+            needed = set(rev.resolved_dependencies)
+            for anc in self._closure([rev], lambda r: r.down_revisions):
+                if anc is not rev:
+                    needed.difference_update(anc.resolved_dependencies)
+            rev.normalized_dependencies = tuple(d for d in rev.resolved_dependencies if d in needed)
+
+    def _detect_cycles(self) -> None:
+        """Every revision must lie on a path from a base to a head."""
+        if not self._by_id:
+            return
+        revs = list(self._by_id.values())
+        self._check_reachable(
+            CycleDetected,
+            [r for r in revs if r.is_head],
+            [r for r in revs if r.is_base],
+            lambda r: r.down_revisions,
+            lambda r: r.nextrev,
+        )
+        self._check_reachable(
+            DependencyCycleDetected,
+            [r for r in revs if r.is_real_head],
+            [r for r in revs if r.is_real_base],
+            lambda r: r.all_down_revisions,
+            lambda r: r.all_nextrev,
+        )
+
+    def _check_reachable(
+        self,
+        kind: type[CycleDetected],
+        heads: list[Revision],
+        bases: list[Revision],
+        down: Callable[[Revision], Iterable[str]],
+        up: Callable[[Revision], Iterable[str]],
+    ) -> None:
+        if not heads or not bases:
+            raise kind(sorted(self._by_id))
+        from_heads = {r.revision for r in self._closure(heads, down)}
+        from_bases = {r.revision for r in self._closure(bases, up)}
+        stuck = set(self._by_id) - (from_heads & from_bases)
+        if stuck:
+            raise kind(sorted(stuck))
+
+    def _propagate_labels(self) -> None:
+        # A label names a whole line of history: every descendant of the
+        # labelled revision, and its ancestors down to the nearest fork.
+        for rev in self._by_id.values():
+            labels = rev.declared_branch_labels
+            if not labels:
+                continue
+            for node in self.descendants([rev], include_dependencies=False):
+                node.branch_labels.update(labels)
+            parent: Revision | None = rev
+            while (
+                parent is not None and not parent.is_real_branch_point and not parent.is_merge_point
+            ):
+                parent.branch_labels.update(labels)
+                parent = self._by_id[parent.down_revisions[0]] if parent.down_revisions else None
+
+    # ------------------------------------------------------------------ access
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self) -> Iterator[Revision]:
+        return iter(self._by_id.values())
+
+    def __contains__(self, rev_id: object) -> bool:
+        return rev_id in self._by_id
+
+    def revision(self, rev_id: str) -> Revision:
+        """Exact lookup by full id (no symbols, no prefixes)."""
+        return self._by_id[rev_id]
+
+    @property
+    def branch_labels(self) -> dict[str, Revision]:
+        return dict(self._labels)
+
+    # ------------------------------------------------------------------ traversal
+
+    def ancestors(
+        self, targets: Iterable[Revision], include_dependencies: bool = True
+    ) -> Iterator[Revision]:
+        """``targets`` and everything below them."""
+        if include_dependencies:
+            return self._closure(targets, lambda r: r.normalized_down_revisions)
+        return self._closure(targets, lambda r: r.down_revisions)
+
+    def descendants(
+        self, targets: Iterable[Revision], include_dependencies: bool = True
+    ) -> Iterator[Revision]:
+        """``targets`` and everything above them."""
+        if include_dependencies:
+            return self._closure(targets, lambda r: r.all_nextrev)
+        return self._closure(targets, lambda r: r.nextrev)
+
+    def _closure(
+        self, targets: Iterable[Revision], step: Callable[[Revision], Iterable[str]]
+    ) -> Iterator[Revision]:
+        seen: set[str] = set()
+        stack = list(targets)
+        while stack:
+            rev = stack.pop()
+            if rev.revision in seen:
+                continue
+            seen.add(rev.revision)
+            yield rev
+            stack.extend(self._by_id[r] for r in step(rev))
+
+    def _check_overlap(self, targets: Sequence[Revision]) -> None:
+        """Refuse target sets where one target is an ancestor of another."""
+        ids = {t.revision for t in targets}
+        for t in targets:
+            below = {r.revision for r in self.ancestors([t])} - {t.revision}
+            overlap = below & ids
+            if overlap:
+                raise RevisionError(
+                    f"requested revision {t.revision} overlaps with other "
+                    f"requested revisions {format_ids(sorted(overlap))}",
+                    hint="name only the newest revision of each branch",
+                )
+
+    def shares_lineage(
+        self,
+        target: Revision,
+        against: Sequence[Revision],
+        include_dependencies: bool = False,
+    ) -> bool:
+        if not against:
+            return True
+        related = {r.revision for r in self.descendants([target], include_dependencies)}
+        related |= {r.revision for r in self.ancestors([target], include_dependencies)}
+        return any(a.revision in related for a in against)
+
+    def filter_for_lineage(
+        self,
+        targets: Iterable[Revision],
+        check_against: str | None,
+        include_dependencies: bool = False,
+    ) -> tuple[Revision, ...]:
+        ids, label = self._split_symbol(check_against)
+        against: list[Revision] = []
+        if label:
+            branch = self._resolve_branch(label)
+            if branch is not None:
+                against.append(branch)
+        against.extend(self._ident(i) for i in ids)
+        return tuple(t for t in targets if self.shares_lineage(t, against, include_dependencies))
+
+    # ------------------------------------------------------------------ resolution
+
+    def _split_symbol(self, symbol: str | None) -> tuple[tuple[str, ...], str | None]:
+        """``[label@]name`` -> (ids it stands for, label)."""
+        label: str | None = None
+        if symbol is not None and "@" in symbol:
+            label, symbol = symbol.split("@", 1)
+        if symbol == "heads":
+            if label:
+                return (
+                    tuple(
+                        r.revision
+                        for r in self.filter_for_lineage(
+                            [self._by_id[h] for h in self.heads], label
+                        )
+                    ),
+                    label,
+                )
+            return self.real_heads, label
+        if symbol == "head":
+            head = self.get_current_head(label)
+            return ((head,) if head else ()), label
+        if symbol is None or symbol == "base":
+            return (), label
+        return (symbol,), label
+
+    def get_current_head(self, branch_label: str | None = None) -> str | None:
+        heads = [self._by_id[h] for h in self.heads]
+        if branch_label:
+            heads = list(self.filter_for_lineage(heads, branch_label))
+        if len(heads) > 1:
+            raise MultipleHeads(
+                [h.revision for h in heads], f"{branch_label}@head" if branch_label else "head"
+            )
+        return heads[0].revision if heads else None
+
+    def _resolve_branch(self, label: str) -> Revision | None:
+        found = self._labels.get(label)
+        if found is not None:
+            return found
+        try:
+            return self._ident(label)
+        except ResolutionError:
+            raise ResolutionError(
+                f"no such branch: '{label}'",
+                label,
+                hint="run 'ckptmigrate branches' or 'ckptmigrate heads' to see branch labels",
+            ) from None
+
+    def _ident(self, ident: str, branch_label: str | None = None) -> Revision:
+        """A full id, a branch label, or a unique prefix of 4+ characters."""
+        branch = self._resolve_branch(branch_label) if branch_label else None
+        rev = self._lookup_symbol(ident)
+        if rev is None:
+            keys = list(self._by_id) + list(self._labels)
+            matches = [k for k in keys if len(k) > 3 and k.startswith(ident)]
+            if branch is not None:
+                matches = [k for k in matches if self.shares_lineage(self._lookup(k), [branch])]
+            if not matches:
+                short = "; give at least four characters of a revision id" if len(ident) < 4 else ""
+                raise ResolutionError(
+                    f"no such revision or branch '{ident}'{short}",
+                    ident,
+                    hint="run 'ckptmigrate history' to list revisions",
+                )
+            if len(matches) > 1:
+                shown = ", ".join(f"'{m}'" for m in matches[:3])
+                raise ResolutionError(
+                    f"multiple revisions start with '{ident}': {shown}"
+                    + ("..." if len(matches) > 3 else ""),
+                    ident,
+                    hint="give more characters of the revision id",
+                )
+            rev = self._lookup(matches[0])
+        if branch is not None and not self.shares_lineage(rev, [branch]):
+            raise ResolutionError(
+                f"revision {rev.revision} is not a member of branch '{branch_label}'",
+                ident,
+            )
+        return rev
+
+    def _lookup(self, key: str) -> Revision:
+        rev = self._lookup_symbol(key)
+        assert rev is not None
+        return rev
+
+    def get_revisions(self, symbol: RevisionIds) -> tuple[Target, ...]:
+        """Revisions a symbol stands for; ``()`` for base.
+
+        Accepts ids, unique prefixes, branch labels, ``head``, ``heads``,
+        ``base``, ``label@...`` and ``[label@]-N`` (walk down from the heads).
+        """
+        if not isinstance(symbol, str) and symbol is not None:
+            out: tuple[Target, ...] = ()
+            for s in symbol:
+                out += self.get_revisions(s)
+            return out
+        ids, label = self._split_symbol(symbol)
+        if len(ids) == 1:
+            try:
+                steps = int(ids[0])
+            except ValueError:
+                steps = 0
+            if steps < 0:
+                heads = [self._by_id[h] for h in self.real_heads]
+                if label is not None:
+                    heads = [h for h in heads if label in h.branch_labels]
+                walked = (self._walk_from(h, steps) for h in heads)
+                return tuple(w if isinstance(w, Revision) else None for w in walked)
+        return tuple(self._ident(i, label) for i in ids)
+
+    def get_revision(self, symbol: str | None) -> Revision | None:
+        """Exactly one revision (or None for base); several is an error."""
+        ids, label = self._split_symbol(symbol)
+        if len(ids) > 1:
+            raise MultipleHeads(ids, symbol or "heads")
+        if not ids:
+            return None
+        return self._ident(ids[0], label)
+
+    # ------------------------------------------------------------------ walking
+
+    _BASE = "base"
+
+    def _walk_from(
+        self,
+        start: Revision | str | None,
+        steps: int,
+        branch_label: str | None = None,
+        no_overwalk: bool = True,
+    ) -> Revision | str | None:
+        """Move ``steps`` up (positive) or down (negative) one line of history.
+
+        ``None`` as start means "below the bases"; the string ``"base"`` is
+        the result of walking down past a base. Returns None when the walk
+        runs out of history and ``no_overwalk`` is set.
+        """
+        node: Revision | str | None = start
+        for _ in range(abs(steps)):
+            choices: Sequence[Revision | str]
+            if steps > 0:
+                assert not isinstance(node, str)
+                up_ids = (
+                    self.bases
+                    if node is None
+                    else sorted(node.nextrev, key=self._order.__getitem__)
+                )
+                ups = [self._by_id[i] for i in up_ids]
+                if branch_label:
+                    ups = list(self.filter_for_lineage(ups, branch_label))
+                choices = ups
+            else:
+                if node == self._BASE:
+                    choices = ()
+                else:
+                    down_ids = (
+                        self.heads if node is None else node.down_revisions  # type: ignore[union-attr]
+                    )
+                    choices = [self._by_id[i] for i in down_ids] or [self._BASE]
+            if not choices:
+                return None if no_overwalk else node
+            if len(choices) > 1:
+                raise RevisionError(
+                    "ambiguous walk: more than one revision is "
+                    + ("above" if steps > 0 else "below")
+                    + (f" {node.revision}" if isinstance(node, Revision) else " here"),
+                    hint="name the target revision explicitly, or use '<branch>@+N'",
+                )
+            node = choices[0]
+        return node
+
+    def parse_upgrade_target(
+        self, current: Sequence[str], target: str, assert_relative_length: bool = True
+    ) -> tuple[Target, ...]:
+        match = _RELATIVE.fullmatch(target)
+        if not match:
+            return self.get_revisions(target)
+        label, symbol, rel = match.groups()
+        n = int(rel)
+        if n <= 0:
+            if symbol is None:
+                raise RevisionError(
+                    f"relative revision {rel} didn't produce {abs(n)} migrations",
+                    hint="upgrade takes +N; use 'downgrade' to go back",
+                )
+            start = self.get_revision(f"{label}@{symbol}" if label else symbol)
+            walked = self._walk_from(start, n, no_overwalk=assert_relative_length)
+            return (self._as_target(walked),)
+        if symbol is not None:
+            walked = self._walk_from(
+                self.get_revision(symbol), n, label, no_overwalk=assert_relative_length
+            )
+            return (self._as_target(walked),)
+        starts: list[Revision | None] = [self._by_id[c] for c in current] or [None]
+        if label:
+            on_branch = self.filter_for_lineage([s for s in starts if s is not None], label)
+            if on_branch:
+                starts = list(on_branch)
+            else:
+                # The branch has no current head: start from its newest
+                # applied ancestor, or from base.
+                active = self.filter_for_lineage(
+                    self.ancestors([s for s in starts if s is not None]), label
+                )
+                below = {d for r in active for d in r.normalized_down_revisions}
+                tips = [r for r in active if r.revision not in below]
+                starts = list(tips) or [None]
+        if len(starts) > 1:
+            raise RevisionError(
+                "ambiguous upgrade from multiple current revisions",
+                hint="use '<branch>@+N' or name the target revision",
+            )
+        walked = self._walk_from(starts[0], n, label, no_overwalk=assert_relative_length)
+        if walked is None:
+            raise RevisionError(
+                f"relative revision {rel} didn't produce {n} migrations",
+                hint="there are fewer revisions above the current one; use 'heads'",
+            )
+        return (self._as_target(walked),)
+
+    def _as_target(self, walked: Revision | str | None) -> Target:
+        if walked is None:
+            raise RevisionError("walked too far", hint="use a smaller relative step")
+        if isinstance(walked, str):
+            return None
+        return walked
+
+    def parse_downgrade_target(
+        self, current: Sequence[str], target: str | None, assert_relative_length: bool = True
+    ) -> tuple[str | None, Target]:
+        """(branch label, revision to stop at); revision None means base."""
+        if target is None:
+            return None, None
+        match = _RELATIVE.fullmatch(target)
+        if match:
+            label, symbol, rel = match.groups()
+            n = int(rel)
+            if n >= 0:
+                if symbol is None:
+                    raise RevisionError(
+                        f"relative revision {rel} didn't produce {abs(n)} migrations",
+                        hint="downgrade takes -N; use 'upgrade' to go forward",
+                    )
+                walked = self._walk_from(
+                    self.get_revision(symbol), n, label, no_overwalk=assert_relative_length
+                )
+                return label, self._as_target(walked)
+            relative_to_current = symbol is None
+            if relative_to_current:
+                if label:
+                    on_branch = self.filter_for_lineage([self._by_id[c] for c in current], label)
+                    if not on_branch:
+                        on_branch = self.filter_for_lineage(self._all_current(current), label)
+                    if len(on_branch) != 1:
+                        raise RevisionError(
+                            f"branch '{label}' has no single current revision",
+                            hint="name the target revision explicitly",
+                        )
+                    symbol = on_branch[0].revision
+                else:
+                    if not current:
+                        raise RevisionError(
+                            f"relative revision {rel} didn't produce {abs(n)} migrations",
+                            hint="the checkpoint is at base already",
+                        )
+                    if len(set(current)) > 1:
+                        raise RevisionError(
+                            f"downgrade {rel} from multiple heads "
+                            f"({format_ids(current)}) is ambiguous",
+                            hint="use '<branch>@-N' or name the target revision",
+                        )
+                    symbol = current[0]
+                    label = symbol
+            start = self.get_revision(f"{label}@{symbol}" if label else symbol)
+            walked = self._walk_from(start, n, no_overwalk=assert_relative_length)
+            if walked is None:
+                if relative_to_current:
+                    raise RevisionError(
+                        f"relative revision {rel} didn't produce {abs(n)} migrations",
+                        hint="there are fewer revisions below the current one; use 'base'",
+                    )
+                raise RevisionError("walked too far", hint="use a smaller relative step")
+            return label, (None if isinstance(walked, str) else walked)
+        label_part, _, symbol_part = target.rpartition("@")
+        return (label_part or None), self.get_revision(symbol_part)
+
+    def _all_current(self, current: Sequence[str]) -> tuple[Revision, ...]:
+        tops = {r for r in self.get_revisions(tuple(current)) if r is not None}
+        tops.update(self.ancestors(list(tops)))
+        return tuple(self._branch_tips(tops))
+
+    def _branch_tips(self, revs: Collection[Revision]) -> list[Revision]:
+        """Those of ``revs`` with no descendant in ``revs``."""
+        chosen = set(revs)
+        for rev in list(chosen):
+            above = set(self.descendants([rev], include_dependencies=False)) - {rev}
+            if above & chosen:
+                chosen.discard(rev)
+        return sorted(chosen, key=lambda r: self._order[r.revision])
+
+    def all_current(self, current: Sequence[str]) -> tuple[Revision, ...]:
+        """What ``current`` shows: the stored heads, ancestors folded away."""
+        return self._all_current(current)
+
+    # ------------------------------------------------------------------ plans
+
+    def upgrade_revisions(
+        self,
+        target: str,
+        current: Sequence[str],
+        *,
+        inclusive: bool = False,
+        implicit_base: bool = False,
+        assert_relative_length: bool = True,
+    ) -> tuple[set[Revision], tuple[Revision, ...]]:
+        """Revisions needed to bring ``current`` up to ``target``, and the tips."""
+        targets: list[Revision] = [
+            t
+            for t in self.parse_upgrade_target(current, target, assert_relative_length)
+            if t is not None
+        ]
+        if len(current) == 1 and "@" in current[0]:
+            # "label@..." as the lower bound keeps the walk on that branch.
+            branch, _, _ = current[0].partition("@")
+            branch_rev = self.get_revision(branch)
+            if branch_rev is not None and branch_rev.revision == branch:
+                branch = next(iter(branch_rev.branch_labels))
+            targets = [t for t in targets if branch in t.branch_labels]
+        self._check_overlap(targets)
+        required = set(self.ancestors(targets)) | set(targets)
+        lower = self._resolve_lower(current, target, assert_relative_length)
+        if not implicit_base:
+            for rev in lower:
+                if rev not in required:
+                    raise RangeNotAncestorError(format_ids(current) or None, target)
+        self._check_overlap(list(lower))
+        have = set(self.ancestors(lower)) | set(lower)
+        needs = required - have
+        if inclusive:
+            needs.update(lower)
+        if lower and not implicit_base:
+            needs &= set(self.descendants(lower, include_dependencies=False))
+        return needs, tuple(targets)
+
+    def _resolve_lower(
+        self, current: Sequence[str], upper: str, assert_relative_length: bool
+    ) -> list[Revision]:
+        revs = self.get_revisions(tuple(current))
+        if revs and revs[0] is None and len(current) == 1 and _RELATIVE.fullmatch(current[0]):
+            # A relative lower bound that overwalks the heads is read
+            # relative to the upper bound instead.
+            _, rev = self.parse_downgrade_target((upper,), current[0], assert_relative_length)
+            return [] if rev is None else [rev]
+        return [r for r in revs if isinstance(r, Revision)]
+
+    def downgrade_revisions(
+        self,
+        current: Sequence[str],
+        target: str | None,
+        *,
+        inclusive: bool = False,
+        implicit_base: bool = False,
+        assert_relative_length: bool = True,
+    ) -> tuple[set[Revision], tuple[Revision, ...]]:
+        """Applied revisions that must be undone to get from ``current`` to ``target``."""
+        label, stop = self.parse_downgrade_target(current, target, assert_relative_length)
+        if stop is None:
+            roots = [r for r in self._by_id.values() if not r.down_revisions]
+        elif inclusive:
+            roots = [stop]
+        else:
+            roots = [self._by_id[i] for i in sorted(stop.nextrev, key=self._order.__getitem__)]
+        if label and len(roots) > 1:
+            branch = self._resolve_branch(label)
+            on_branch = {
+                r.revision
+                for r in self.ancestors([branch] if branch else [], include_dependencies=False)
+            }
+            roots = [r for r in roots if r.revision in on_branch]
+            if not roots:
+                raise RevisionError(
+                    "not a valid downgrade target from current heads",
+                    hint="check 'ckptmigrate current' and 'ckptmigrate history'",
+                )
+        heads = tuple(r for r in self.get_revisions(tuple(current)) if r is not None)
+        drop = set(self.descendants(roots))
+        active = set(self.ancestors(heads))
+        drop &= active
+        if implicit_base:
+            drop |= active - set(self.ancestors(roots))
+        if stop is not None and not drop and stop not in heads:
+            raise RangeNotAncestorError(target, format_ids(current) or None, "nothing to drop")
+        return drop, heads
+
+    def topological_order(
+        self, revisions: Collection[Revision], tips: Iterable[Revision]
+    ) -> list[Revision]:
+        """Newest first, parents after children, one branch kept together.
+
+        Walks down from each tip, switching to another tip whenever the
+        current candidate is still needed below it (Alembic's ordering).
+        """
+        todo = {r.revision for r in revisions}
+        active = sorted(
+            {t.revision for t in tips if t.revision in todo}, key=self._order.__getitem__
+        )
+
+        def below(rid: str) -> set[str]:
+            return {r.revision for r in self.ancestors([self._by_id[rid]])}
+
+        ancestry = [below(a) for a in active]
+        out: list[Revision] = []
+        i = 0
+        while active:
+            cand = active[i]
+            blocker = next((j for j, anc in enumerate(ancestry) if j != i and cand in anc), None)
+            if blocker is not None:
+                i = blocker
+                continue
+            if cand in todo:
+                out.append(self._by_id[cand])
+                todo.discard(cand)
+            rev = self._by_id[cand]
+            downs = [d for d in rev.normalized_down_revisions if d in todo and d not in active]
+            if not downs:
+                del active[i]
+                del ancestry[i]
+                i = max(i - 1, 0)
+            elif not rev.normalized_dependencies and len(rev.down_revisions) == 1:
+                active[i] = downs[0]
+                ancestry[i].discard(cand)
+            else:
+                active[i] = downs[0]
+                ancestry[i] = below(downs[0])
+                for d in downs[1:]:
+                    active.append(d)
+                    ancestry.append(below(d))
+        if todo:  # pragma: no cover - guarded by the callers' set construction
+            raise RevisionError(f"could not order revisions {format_ids(sorted(todo))}")
+        return out
+
+    def iterate_revisions(
+        self,
+        upper: str | Sequence[str],
+        lower: str | Sequence[str] | None,
+        *,
+        inclusive: bool = False,
+        implicit_base: bool = False,
+        assert_relative_length: bool = True,
+        select_for_downgrade: bool = False,
+    ) -> list[Revision]:
+        """Revisions between ``lower`` and ``upper``, newest first."""
+        if select_for_downgrade:
+            cur = to_tuple(upper)
+            revs, tips = self.downgrade_revisions(
+                cur,
+                lower if isinstance(lower, str) or lower is None else ",".join(lower),
+                inclusive=inclusive,
+                implicit_base=implicit_base,
+                assert_relative_length=assert_relative_length,
+            )
+        else:
+            assert isinstance(upper, str)
+            revs, tips = self.upgrade_revisions(
+                upper,
+                to_tuple(lower),
+                inclusive=inclusive,
+                implicit_base=implicit_base,
+                assert_relative_length=assert_relative_length,
+            )
+        return self.topological_order(revs, tips)
+
+    def upgrade_path(self, current: Sequence[str], target: str) -> list[Revision]:
+        """Steps of ``upgrade``, in the order they run (oldest first)."""
+        return list(reversed(self.iterate_revisions(target, current, implicit_base=True)))
+
+    def downgrade_path(self, current: Sequence[str], target: str) -> list[Revision]:
+        """Steps of ``downgrade``, in the order they run (newest first)."""
+        return self.iterate_revisions(current, target, select_for_downgrade=True)
+
+    def walk(self, base: str = "base", head: str = "heads") -> list[Revision]:
+        """All revisions between base and head, newest first (for history)."""
+        return self.iterate_revisions(
+            head, base if base != "base" else None, inclusive=True, assert_relative_length=False
+        )
+
+    # ------------------------------------------------------------------ heads bookkeeping
+
+    def heads_after_upgrade(self, heads: Collection[str], rev: Revision) -> tuple[str, ...]:
+        """What a checkpoint records after running ``rev``'s upgrade."""
+        downs = set(rev.normalized_down_revisions)
+        kept = [h for h in heads if h not in downs]
+        return self._ordered([*kept, rev.revision])
+
+    def heads_after_downgrade(self, heads: Collection[str], rev: Revision) -> tuple[str, ...]:
+        """What a checkpoint records after running ``rev``'s downgrade."""
+        others = [h for h in heads if h != rev.revision]
+        downs = rev.normalized_down_revisions
+        if others:
+            covered = {r.revision for r in self.ancestors([self._by_id[h] for h in others])}
+            back = [d for d in downs if d not in covered]
+        else:
+            covered = set()
+            for d in downs:
+                covered |= {r.revision for r in self.ancestors([self._by_id[d]])} - {d}
+            back = [d for d in downs if d not in covered]
+        return self._ordered(others + back)
+
+    def heads_after_stamp(
+        self, heads: Sequence[str], destinations: Sequence[str]
+    ) -> tuple[str, ...]:
+        """Alembic's ``stamp``: move the recorded heads without running anything."""
+        current = [self._by_id[h] for h in heads]
+        result = list(heads)
+        for symbol in destinations or ("base",):
+            related: list[Revision] = []
+            for rev in self.filter_for_lineage(current, symbol, include_dependencies=True):
+                if rev not in related:
+                    related.append(rev)
+            dests = self.get_revisions(symbol) or (None,)
+            for dest in dests:
+                if dest is None:
+                    result = [h for h in result if self._by_id[h] not in related]
+                    continue
+                if dest in related:
+                    continue
+                above = set(self.descendants([dest]))
+                below = set(self.ancestors([dest]))
+                if above & set(related) or below & set(related):
+                    result = [h for h in result if self._by_id[h] not in related]
+                result.append(dest.revision)
+        return self._ordered(result)
+
+    def _ordered(self, ids: Iterable[str]) -> tuple[str, ...]:
+        return tuple(sorted(dict.fromkeys(ids), key=self._order.__getitem__))
