@@ -30,6 +30,9 @@ from .checkpoint import (
 )
 from .stamp import read_stamp, write_stamp
 
+# What the weights-only unpickler says when a pickle asks for code (as
+# opposed to bytes that are not a pickle at all).
+_UNSAFE_MARKERS = ("Unsupported global", "GLOBAL ", "unrecognized function", "Unsupported class")
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)|global[^\w]+([\w.]+)", re.IGNORECASE)
 
 
@@ -56,7 +59,7 @@ def load_object(path: Path, *, trust_pickle: bool = False) -> tuple[Any, bool]:
             )
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "Weights only load failed" in text or "weights_only" in text:
+        if any(marker in text for marker in _UNSAFE_MARKERS):
             name = _unsafe_global(text)
             what = f"the global {name}" if name else "objects outside the weights-only allow-list"
             raise UnsafeCheckpointError(

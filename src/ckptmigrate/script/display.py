@@ -100,9 +100,9 @@ def graph_lines(scripts: Sequence[Script], current: Collection[str] = ()) -> lis
             lanes.append(rev)
             cols = [len(lanes) - 1]
         col = cols[0]
-        for j in reversed(cols[1:]):
+        for n, j in reversed(list(enumerate(cols))[1:]):
             cells = bars(j)
-            for i in range(col, j - 1):
+            for i in range(cols[n - 1], j - 1):  # pass over lanes going elsewhere
                 cells[2 * i + 1] = "_"
             cells[2 * j - 1] = "/"
             for i in range(j + 1, len(lanes)):
@@ -123,13 +123,14 @@ def graph_lines(scripts: Sequence[Script], current: Collection[str] = ()) -> lis
             del lanes[col]
             continue
         lanes[col] = parents[0]
-        for k, parent in enumerate(parents[1:], start=1):
-            at = col + k - 1
-            cells = [*bars(len(lanes)), " ", " "]
-            cells[2 * at + 1] = "\\"
-            for i in range(at + 1, len(lanes)):
-                cells[2 * i] = " "
-                cells[2 * i + 1] = "\\"
+        if len(parents) > 1:
+            extra = len(parents) - 1
+            cells = bars(len(lanes)) + [" "] * (2 * extra)
+            for i in range(1, extra + 1):
+                cells[2 * col + 2 * i - 1] = "\\"
+            for j in range(col + 1, len(lanes)):  # lanes to the right move over
+                cells[2 * j] = " "
+                cells[2 * (j + extra) - 1] = "\\"
             out.append("".join(cells).rstrip())
-            lanes.insert(at + 1, parent)
+            lanes[col + 1 : col + 1] = parents[1:]
     return out
