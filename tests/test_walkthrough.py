@@ -21,7 +21,10 @@ def test_walkthrough(v1_checkpoint: Path, run: Run) -> None:
     old = SimpleModelV1()
     old.load_state_dict(original)
 
-    # An unstamped legacy file: tell the user how to record its revision.
+    # An unstamped legacy file, and no base schema to identify it by:
+    # tell the user how to record its revision.
+    base_schema = v1_checkpoint.parent / "migrations/base_schema.txt"
+    base_schema.unlink()
     result = run("upgrade", str(v1_checkpoint), code=1)
     assert "no ckptmigrate stamp" in result.stderr
     assert "ckptmigrate stamp" in result.stderr and "--from" in result.stderr

@@ -108,6 +108,11 @@ def init(ctx: click.Context, directory: str) -> None:
 @click.option("--branch-label", multiple=True, help="Label for a new branch.")
 @click.option("--rev-id", help="Use this revision id instead of a random one.")
 @click.option("--depends-on", multiple=True, help="Revision(s) this one depends on.")
+@click.option(
+    "--allow-empty",
+    is_flag=True,
+    help="With --autogenerate, write a revision even if nothing changed.",
+)
 @click.pass_context
 def revision(
     ctx: click.Context,
@@ -118,6 +123,7 @@ def revision(
     branch_label: Sequence[str],
     rev_id: str | None,
     depends_on: Sequence[str],
+    allow_empty: bool,
 ) -> None:
     """Write a new revision file."""
     command.revision(
@@ -129,6 +135,7 @@ def revision(
         branch_label=tuple(branch_label) or None,
         rev_id=rev_id,
         depends_on=tuple(depends_on) or None,
+        allow_empty=allow_empty,
     )
 
 
@@ -333,6 +340,81 @@ def stamp(
         revisions,
         purge=purge,
         output=output,
+        trust_pickle=trust_pickle,
+        state_dict_key=state_dict_key,
+    )
+
+
+# ----------------------------------------------------------------------------- schemas
+
+
+@cli.command()
+@click.option(
+    "--no-roundtrip", is_flag=True, help="Skip checking that each downgrade undoes its upgrade."
+)
+@click.pass_context
+def check(ctx: click.Context, no_roundtrip: bool) -> None:
+    """Exit 1 if the model no longer matches the head schema (a CI gate)."""
+    command.check(_config(ctx), roundtrip=not no_roundtrip)
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option(
+    "--rev", "revision", metavar="REV", help="Compare with the schema at REV instead of the model."
+)
+@click.option("--exit-code", is_flag=True, help="Exit 1 when there are differences.")
+@_checkpoint_options
+@click.pass_context
+def diff(
+    ctx: click.Context,
+    checkpoint: str,
+    revision: str | None,
+    exit_code: bool,
+    state_dict_key: str | None,
+    trust_pickle: bool,
+) -> None:
+    """Show how CHECKPOINT differs from the model: missing, unexpected, mismatched keys."""
+    same = command.diff(
+        _config(ctx),
+        checkpoint,
+        revision=revision,
+        trust_pickle=trust_pickle,
+        state_dict_key=state_dict_key,
+    )
+    if exit_code and not same:
+        ctx.exit(1)
+
+
+@cli.command(name="schema")
+@click.argument("revision", required=False)
+@click.option(
+    "--record",
+    "record_from",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[CKPT]",
+    help="Record the base schema from the model, or from CKPT (a checkpoint at a known revision).",
+)
+@click.option("--from", "from_revision", metavar="REV", help="With --record CKPT: CKPT is at REV.")
+@_checkpoint_options
+@click.pass_context
+def schema_cmd(
+    ctx: click.Context,
+    revision: str | None,
+    record_from: str | None,
+    from_revision: str | None,
+    state_dict_key: str | None,
+    trust_pickle: bool,
+) -> None:
+    """Print the schema at REVISION (default: heads), or --record the base schema."""
+    command.schema(
+        _config(ctx),
+        revision,
+        record=record_from is not None,
+        checkpoint=record_from or None,
+        from_revision=from_revision,
         trust_pickle=trust_pickle,
         state_dict_key=state_dict_key,
     )

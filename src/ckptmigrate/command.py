@@ -84,19 +84,35 @@ def revision(
     branch_label: str | Sequence[str] | None = None,
     rev_id: str | None = None,
     depends_on: str | Sequence[str] | None = None,
+    allow_empty: bool = False,
 ) -> Script | None:
-    """Write a new revision file on top of ``head``."""
+    """Write a new revision file on top of ``head``.
+
+    With ``autogenerate`` the ops come from comparing the configured model with
+    the head schema; when they already match nothing is written (unless
+    ``allow_empty``).
+    """
     script_dir = ScriptDirectory.from_config(config)
-    upgrades: list[str] | None = None
-    downgrades: list[str] | None = None
-    imports: list[str] = []
+    generated = None
     if autogenerate:
         from .autogenerate import autogenerate_ops
 
         generated = autogenerate_ops(config, script_dir, head)
         if generated is None:
-            return None
-        upgrades, downgrades, imports = generated.upgrades, generated.downgrades, generated.imports
+            config.print_stdout(
+                "No changes detected: the model matches the head schema; nothing written"
+            )
+            if not allow_empty:
+                return None
+    elif not len(script_dir.revision_map):
+        from .schema import base_schema_path
+
+        if not base_schema_path(script_dir.dir).exists():
+            config.log(
+                "Note: no base schema is recorded yet; record it with 'ckptmigrate schema "
+                "--record' (from the model) or 'ckptmigrate schema --record CKPT' to enable "
+                "check, diff, autogenerate and identification of unstamped checkpoints"
+            )
     script = script_dir.generate_revision(
         rev_id,
         message,
@@ -104,11 +120,23 @@ def revision(
         splice=splice,
         branch_labels=branch_label,
         depends_on=depends_on,
-        upgrades=upgrades,
-        downgrades=downgrades,
-        imports=imports,
+        upgrades=generated.upgrades if generated else None,
+        downgrades=generated.downgrades if generated else None,
+        imports=generated.imports if generated else (),
     )
+    if generated is not None and generated.ops:
+        from .autogenerate.verify import verify_generated
+
+        try:
+            verify_generated(script, generated)
+        except Exception:
+            script.path.unlink()
+            raise
     config.print_stdout(f"Generating {display_path(script.path)} ... done")
+    if generated is not None and generated.ops:
+        reviews = sum(1 for line in generated.upgrades if "# review:" in line)
+        if reviews:
+            config.log(f"Review the {reviews} line(s) marked '# review:' before committing it")
     return script
 
 
@@ -534,7 +562,7 @@ def stamp(
             raise
         state = PlanState.from_schema(ckpt.schema, ckpt.metadata)
         out = Path(output) if output else Path(checkpoint)
-        write_checkpoint(out, ckpt, state, after)
+        write_checkpoint(out, ckpt, state, after or None)
         where = display_path(out)
         if after:
             config.log(f"Stamped {where} at {format_ids(after)}")
@@ -543,3 +571,195 @@ def stamp(
         return after
     finally:
         ckpt.close()
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+def _model_or_none(config: Config) -> tuple[object, object, str] | None:
+    if not config.get("model"):
+        return None
+    from .autogenerate import model_schema
+
+    return model_schema(config)
+
+
+def check(config: Config, *, roundtrip: bool = True) -> bool:
+    """CI gate: the model matches the head schema, and every downgrade inverts its upgrade.
+
+    Prints what is wrong and raises :class:`CheckFailed` (exit 1) on failure.
+    """
+    from .runtime.symbolic import check_round_trips, load_base_schema, schema_at
+    from .schema import compare, format_table
+
+    script_dir = ScriptDirectory.from_config(config)
+    rmap = script_dir.revision_map
+    base = load_base_schema(script_dir)
+    problems: list[str] = []
+    found = _model_or_none(config)
+    heads = rmap.heads
+    if found is None:
+        config.log("Note: no `model = ...` configured; only checking round trips")
+    else:
+        target, _model, spec = found
+        head_schema = schema_at(script_dir, base, heads)
+        diff = compare(head_schema, target)  # type: ignore[arg-type]
+        if diff.empty:
+            config.print_stdout(f"OK: {spec} matches the schema at {format_ids(heads) or 'base'}")
+        else:
+            config.print_stdout(
+                f"The model ({spec}) differs from the schema at {format_ids(heads)}:"
+            )
+            for line in format_table(diff, head_schema, target, "head schema", "model"):  # type: ignore[arg-type]
+                config.print_stdout("  " + line)
+            problems.append(
+                f"the model no longer matches the head schema ({diff.summary()}); write the "
+                'migration with: ckptmigrate revision --autogenerate -m "..."'
+            )
+        problems.extend(_versioned_class_problems(config, script_dir))
+    if roundtrip:
+        bad = check_round_trips(script_dir, base)
+        for item in bad:
+            config.print_stdout(
+                f"Round trip broken in {item.script.revision} "
+                f"({display_path(item.script.path)}): {item.message}"
+            )
+        if bad:
+            problems.append(
+                f"{len(bad)} revision(s) whose downgrade() does not undo upgrade(): "
+                + ", ".join(i.script.revision for i in bad)
+            )
+        else:
+            config.print_stdout(f"OK: downgrade() undoes upgrade() in all {len(rmap)} revisions")
+    if problems:
+        raise CheckFailed("; ".join(problems))
+    return True
+
+
+def _versioned_class_problems(config: Config, script_dir: ScriptDirectory) -> list[str]:
+    """Versioned model classes whose revision is unknown or not the head."""
+    try:
+        from .integration.check import versioned_class_problems
+    except ImportError:  # pragma: no cover - integration is part of the package
+        return []
+    return versioned_class_problems(config, script_dir)
+
+
+class CheckFailed(CommandError):
+    """``check`` found differences (already printed)."""
+
+
+def diff(
+    config: Config,
+    checkpoint: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    trust_pickle: bool = False,
+    state_dict_key: str | None = None,
+) -> bool:
+    """Print how a checkpoint's schema differs from the model's (or a revision's).
+
+    Returns True when there is no difference.
+    """
+    from .schema import Schema, compare, format_table
+
+    ckpt = _open(config, checkpoint, trust_pickle, state_dict_key)
+    try:
+        have = Schema.from_specs(ckpt.schema)
+        if revision is not None:
+            from .runtime.symbolic import load_base_schema, schema_at
+
+            script_dir = ScriptDirectory.from_config(config)
+            ids = _resolve_ids(script_dir, revision)
+            want = schema_at(script_dir, load_base_schema(script_dir), ids)
+            want_name = f"at {format_ids(ids) or 'base'}"
+        else:
+            found = _model_or_none(config)
+            if found is None:
+                raise CommandError(
+                    "diff compares with the configured model, and none is configured",
+                    hint="add 'model = package.module:build_model' to the ini file, or pass "
+                    "--rev REV to compare with a revision's schema",
+                )
+            want, _model, _spec = found  # type: ignore[assignment]
+            want_name = "model"
+        result = compare(have, want)  # type: ignore[arg-type]
+        where = display_path(checkpoint)
+        if result.empty:
+            config.print_stdout(
+                f"{where} matches the {want_name if revision else 'model'} schema "
+                f"({result.matching} entries)"
+            )
+            return True
+        config.print_stdout(
+            f"{where} ({len(have)} entries) vs {want_name} ({len(want)} entries): "  # type: ignore[arg-type]
+            f"{result.summary()}, {result.matching} matching"
+        )
+        for line in format_table(result, have, want, "checkpoint", want_name):  # type: ignore[arg-type]
+            config.print_stdout("  " + line)
+        return False
+    finally:
+        ckpt.close()
+
+
+def schema(
+    config: Config,
+    revision: str | None = None,
+    *,
+    record: bool = False,
+    checkpoint: str | os.PathLike[str] | None = None,
+    from_revision: str | None = None,
+    trust_pickle: bool = False,
+    state_dict_key: str | None = None,
+) -> object:
+    """Print the schema at a revision, or record the lineage's base schema.
+
+    Recording from a checkpoint runs its downgrades symbolically back to base,
+    so any checkpoint at a known revision can seed the base schema.
+    """
+    from .plan.state import PlanState
+    from .runtime.migration import downgrade_steps, run_steps
+    from .runtime.symbolic import load_base_schema, schema_at
+    from .schema import Schema, write_base_schema
+
+    script_dir = ScriptDirectory.from_config(config)
+    if not record:
+        ids = (
+            _resolve_ids(script_dir, revision)
+            if revision is not None
+            else script_dir.revision_map.heads
+        )
+        result = schema_at(script_dir, load_base_schema(script_dir), ids)
+        config.print_stdout(
+            result.to_text(f"the state dict at {format_ids(ids) or 'base'}").rstrip()
+        )
+        return result
+    if checkpoint is None:
+        found = _model_or_none(config)
+        if found is None:
+            raise CommandError(
+                "no model configured to record the base schema from",
+                hint="add 'model = ...' to the ini file, or pass a checkpoint: "
+                "ckptmigrate schema --record CKPT",
+            )
+        base, _model, source = found
+        if len(script_dir.revision_map):
+            raise CommandError(
+                "the lineage already has revisions; the model describes the head, not base",
+                hint="record from a checkpoint instead: ckptmigrate schema --record CKPT",
+            )
+    else:
+        ckpt = _open(config, checkpoint, trust_pickle, state_dict_key)
+        try:
+            heads, _identified = starting_heads(config, script_dir, ckpt, from_revision)
+            state = PlanState.from_schema(ckpt.schema)
+            if heads:
+                steps = downgrade_steps(script_dir, heads, "base")
+                run_steps(steps, state, heads, script_dir.revision_map, symbolic=True)
+            base = Schema.from_specs(state.schema())
+            source = f"{display_path(checkpoint)} at {format_ids(heads) or 'base'}"
+        finally:
+            ckpt.close()
+    path = write_base_schema(script_dir.dir, base, source)  # type: ignore[arg-type]
+    config.print_stdout(f"Recorded the base schema ({len(base)} keys) in {display_path(path)}")  # type: ignore[arg-type]
+    return base

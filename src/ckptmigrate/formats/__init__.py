@@ -73,7 +73,7 @@ def write_checkpoint(
     target: str | os.PathLike[str],
     source: Checkpoint,
     state: PlanState,
-    revisions: tuple[str, ...],
+    revisions: tuple[str, ...] | None,
     *,
     format: str | None = None,
     verify: bool = True,

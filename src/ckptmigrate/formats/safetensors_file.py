@@ -201,7 +201,7 @@ def write_safetensors(
     specs: Mapping[str, TensorSpec | None],
     produce: Callable[[str], Any],
     header_metadata: Mapping[str, str],
-    revisions: tuple[str, ...],
+    revisions: tuple[str, ...] | None,
 ) -> None:
     """Stream tensors into ``target``: the header first (specs are known), then data."""
     header: dict[str, Any] = {}

@@ -64,11 +64,15 @@ def read_stamp(meta: Mapping[str, Any] | None, where: str) -> Stamp | None:
     )
 
 
-def write_stamp(meta: MutableMapping[str, Any], revisions: Sequence[str]) -> None:
-    """Record ``revisions`` in ``meta`` (no revisions: remove the stamp)."""
+def write_stamp(meta: MutableMapping[str, Any], revisions: Sequence[str] | None) -> None:
+    """Record ``revisions`` in ``meta``.
+
+    ``()`` records "at base" (known to be before the first revision); None
+    removes the stamp, leaving a file whose revision is unknown.
+    """
     for key in _KEYS:
         meta.pop(key, None)
-    if revisions:
+    if revisions is not None:
         meta[REVISION_KEY] = ",".join(revisions)
         meta[VERSION_KEY] = __version__
         meta[FORMAT_KEY] = STAMP_FORMAT

@@ -119,7 +119,7 @@ def build_state_dict(
     keys: list[str],
     produce: Callable[[str], Any],
     metadata: Mapping[str, Mapping[str, Any]],
-    revisions: tuple[str, ...],
+    revisions: tuple[str, ...] | None,
 ) -> OrderedDict[str, Any]:
     sd: OrderedDict[str, Any] = OrderedDict((k, produce(k)) for k in keys)
     meta: OrderedDict[str, dict[str, Any]] = OrderedDict(
@@ -140,7 +140,7 @@ def write_torch(
     keys: list[str],
     produce: Callable[[str], Any],
     metadata: Mapping[str, Mapping[str, Any]],
-    revisions: tuple[str, ...],
+    revisions: tuple[str, ...] | None,
 ) -> None:
     """Write the state dict (back into its container) to ``target``."""
     sd = build_state_dict(keys, produce, metadata, revisions)

@@ -12,7 +12,7 @@ def verify_written(
     path: Path,
     target: Path,
     state: PlanState,
-    revisions: tuple[str, ...],
+    revisions: tuple[str, ...] | None,
     state_dict_key: str | None,
 ) -> None:
     """The file at ``path`` has exactly the planned keys, shapes, dtypes and stamp.
@@ -34,8 +34,8 @@ def verify_written(
                 f"(missing {missing[:3]}, unexpected {extra[:3]}, changed {changed[:3]})",
                 hint="this is a bug in ckptmigrate; please report it",
             )
-        stamped = ckpt.stamp.revisions if ckpt.stamp else ()
-        if tuple(stamped) != tuple(revisions):
+        stamped = ckpt.stamp.revisions if ckpt.stamp else None
+        if stamped != revisions:
             raise WriteError(
                 f"{target} records {stamped} after writing, expected {revisions}",
                 hint="this is a bug in ckptmigrate; please report it",

@@ -1,0 +1,269 @@
+"""A state dict's schema: every key with its shape, dtype and kind.
+
+Schemas are what migrations are about: a model class defines one (read from
+the model built on the ``meta`` device, so even a huge model costs
+milliseconds), a checkpoint has one (read from its header), and the schema at
+any revision is computed by running the migration scripts symbolically from
+the lineage's recorded *base schema*. That base schema is stored as a text
+file, one key per line in state-dict order, so it reviews well in a pull
+request even for models with thousands of keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CkptMigrateError, ConfigError
+from .plan.nodes import TensorSpec, dtype_name
+
+BASE_SCHEMA_FILE = "base_schema.txt"
+_HEADER = "# ckptmigrate schema"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One state-dict entry; ``spec`` is None for a non-tensor (extra state)."""
+
+    spec: TensorSpec | None
+    kind: str = "tensor"  # "param", "buffer", "tensor" (unknown), "object"
+
+    def same_layout(self, other: Entry) -> bool:
+        return self.spec == other.spec
+
+    def __str__(self) -> str:
+        return str(self.spec) if self.spec is not None else "object"
+
+
+class Schema(dict[str, Entry]):
+    """Ordered key -> :class:`Entry`."""
+
+    # ----------------------------------------------------------------- sources
+
+    @classmethod
+    def from_specs(
+        cls, specs: Mapping[str, TensorSpec | None], kinds: Mapping[str, str] | None = None
+    ) -> Schema:
+        kinds = kinds or {}
+        return cls(
+            (k, Entry(s, kinds.get(k, "tensor" if s is not None else "object")))
+            for k, s in specs.items()
+        )
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module) -> Schema:
+        sd = module.state_dict(keep_vars=True)
+        out = cls()
+        for key, value in sd.items():
+            if isinstance(value, torch.Tensor):
+                kind = "param" if isinstance(value, torch.nn.Parameter) else "buffer"
+                out[key] = Entry(TensorSpec.of(value), kind)
+            else:
+                out[key] = Entry(None, "object")
+        return out
+
+    # ----------------------------------------------------------------- comparison
+
+    def specs(self) -> dict[str, TensorSpec | None]:
+        return {k: e.spec for k, e in self.items()}
+
+    def same_layout(self, other: Mapping[str, Entry]) -> bool:
+        return set(self) == set(other) and all(self[k].same_layout(other[k]) for k in self)
+
+    # ----------------------------------------------------------------- text form
+
+    def to_text(self, note: str) -> str:
+        width_key = max((len(k) for k in self), default=3)
+        rows = []
+        for key, e in self.items():
+            if e.spec is None:
+                dtype, shape = "object", "-"
+            else:
+                dtype = dtype_name(e.spec.dtype)
+                shape = "[" + ",".join(map(str, e.spec.shape)) + "]"
+            rows.append(f"{key.ljust(width_key)}  {dtype:<9} {shape:<16} {e.kind}".rstrip())
+        head = [
+            f"{_HEADER}: {note}",
+            "# One state-dict entry per line: key, dtype, shape, kind (param/buffer/tensor).",
+        ]
+        return "\n".join(head + rows) + "\n"
+
+    @classmethod
+    def from_text(cls, text: str, where: str) -> Schema:
+        out = cls()
+        for lineno, raw in enumerate(text.splitlines(), start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split()
+            if len(parts) not in (3, 4):
+                raise ConfigError(
+                    f"{where}, line {lineno}: expected 'key dtype shape [kind]', got {raw!r}",
+                    hint="fix the line or record the schema again",
+                )
+            key, dtype_text, shape_text = parts[:3]
+            kind = parts[3] if len(parts) == 4 else "tensor"
+            if dtype_text == "object":
+                out[key] = Entry(None, "object")
+                continue
+            dtype = getattr(torch, dtype_text, None)
+            try:
+                if not isinstance(dtype, torch.dtype):
+                    raise ValueError(f"unknown dtype {dtype_text!r}")
+                inner = shape_text.strip("[]")
+                shape = tuple(int(d) for d in inner.split(",")) if inner else ()
+            except ValueError as exc:
+                raise ConfigError(
+                    f"{where}, line {lineno}: {exc}", hint="fix the line or record the schema again"
+                ) from None
+            out[key] = Entry(TensorSpec(shape, dtype), kind)
+        return out
+
+
+def build_on_meta(factory: Callable[[], Any], name: str) -> torch.nn.Module:
+    """Build the model without allocating weights (fall back to CPU if it must)."""
+    try:
+        with torch.device("meta"):
+            model = factory()
+    except Exception:
+        try:
+            model = factory()
+        except Exception as exc:
+            raise CkptMigrateError(
+                f"building the model ({name}) failed: {type(exc).__name__}: {exc}",
+                hint="make `model =` point at a function that returns an nn.Module",
+            ) from exc
+    if not isinstance(model, torch.nn.Module):
+        raise CkptMigrateError(
+            f"{name} returned {type(model).__name__}, not an nn.Module",
+            hint="make `model =` point at a function or class that returns an nn.Module",
+        )
+    return model
+
+
+def base_schema_path(script_location: Path) -> Path:
+    return script_location / BASE_SCHEMA_FILE
+
+
+def read_base_schema(script_location: Path) -> Schema | None:
+    path = base_schema_path(script_location)
+    if not path.exists():
+        return None
+    return Schema.from_text(path.read_text(encoding="utf-8"), str(path))
+
+
+def write_base_schema(script_location: Path, schema: Schema, source: str) -> Path:
+    path = base_schema_path(script_location)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(
+        schema.to_text(f"the state dict at base (before the first revision), from {source}"),
+        encoding="utf-8",
+    )
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------- differences
+
+
+@dataclass
+class SchemaDiff:
+    """How a state dict differs from what a model (or revision) expects."""
+
+    missing: list[str] = field(default_factory=list)  # expected, not present
+    unexpected: list[str] = field(default_factory=list)  # present, not expected
+    mismatched: list[str] = field(default_factory=list)  # both, other shape/dtype
+    matching: int = 0
+    renames: list[tuple[str, str]] = field(default_factory=list)  # (present, expected)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self) -> str:
+        parts = []
+        for label, items in (
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("shape/dtype mismatch", self.mismatched),
+        ):
+            if items:
+                parts.append(f"{len(items)} {label}")
+        return ", ".join(parts) or "no differences"
+
+
+def compare(have: Mapping[str, Entry], want: Mapping[str, Entry]) -> SchemaDiff:
+    """Compare a state dict's schema (``have``) with the expected one (``want``)."""
+    diff = SchemaDiff()
+    for key, entry in want.items():
+        if key not in have:
+            diff.missing.append(key)
+        elif not have[key].same_layout(entry):
+            diff.mismatched.append(key)
+        else:
+            diff.matching += 1
+    diff.unexpected = [k for k in have if k not in want]
+    diff.renames = likely_renames(
+        {k: have[k] for k in diff.unexpected + diff.mismatched},
+        {k: want[k] for k in diff.missing},
+    )
+    return diff
+
+
+def likely_renames(old: Mapping[str, Entry], new: Mapping[str, Entry]) -> list[tuple[str, str]]:
+    """Pairs (old, new) with equal layout and similar names, best first, each key once."""
+    scored: list[tuple[float, str, str]] = []
+    for o, oe in old.items():
+        for n, ne in new.items():
+            if oe.spec is not None and oe.same_layout(ne):
+                scored.append((name_similarity(o, n), o, n))
+    scored.sort(key=lambda t: (-t[0], t[1], t[2]))
+    used_old: set[str] = set()
+    used_new: set[str] = set()
+    out: list[tuple[str, str]] = []
+    for score, o, n in scored:
+        if score < 0.5 or o in used_old or n in used_new:
+            continue
+        used_old.add(o)
+        used_new.add(n)
+        out.append((o, n))
+    return out
+
+
+def name_similarity(a: str, b: str) -> float:
+    """Similarity of two keys, weighting the last component (weight/bias) fully."""
+    if a.rsplit(".", 1)[-1] != b.rsplit(".", 1)[-1]:
+        return 0.0
+    return difflib.SequenceMatcher(None, a, b).ratio()
+
+
+def format_table(
+    diff: SchemaDiff,
+    have: Mapping[str, Entry],
+    want: Mapping[str, Entry],
+    have_name: str,
+    want_name: str,
+) -> list[str]:
+    """The differences as aligned rows a person reads at a glance."""
+    rows: list[tuple[str, str, str, str]] = []
+    for key in diff.missing:
+        rows.append(("missing", key, "-", str(want[key])))
+    for key in diff.unexpected:
+        rows.append(("unexpected", key, str(have[key]), "-"))
+    for key in diff.mismatched:
+        rows.append(("mismatch", key, str(have[key]), str(want[key])))
+    if not rows:
+        return []
+    header = ("", "key", have_name, want_name)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    for o, n in diff.renames:
+        lines.append(f"likely rename: {o} -> {n} (same shape and dtype)")
+    return lines
