@@ -9,6 +9,7 @@ the user believes, or a typo in a key.
 from __future__ import annotations
 
 import difflib
+import operator
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -143,13 +144,19 @@ class Operations:
                 hint="drop or rename it first, or choose another name",
             )
 
-    def _shape(self, call: str, shape: Any) -> tuple[int, ...]:
-        if isinstance(shape, int):
+    def _dims(self, call: str, shape: Any) -> list[int]:
+        """Sizes as ints; a float such as 2.5 is refused rather than silently truncated."""
+        if isinstance(shape, int) and not isinstance(shape, bool):
             shape = (shape,)
         try:
-            dims = tuple(int(d) for d in shape)
-        except (TypeError, ValueError):
+            if isinstance(shape, (str, bytes)) or any(isinstance(d, bool) for d in shape):
+                raise TypeError
+            return [operator.index(d) for d in shape]
+        except TypeError:
             raise self.fail(call, f"shape must be a tuple of ints, not {shape!r}") from None
+
+    def _shape(self, call: str, shape: Any) -> tuple[int, ...]:
+        dims = tuple(self._dims(call, shape))
         if any(d < 0 for d in dims):
             raise self.fail(call, f"shape {list(dims)} has a negative size")
         return dims
@@ -322,7 +329,7 @@ class Operations:
         call = self._call("reshape", key, shape)
         node = self._need(call, key)
         assert node.spec is not None
-        dims = list(shape) if not isinstance(shape, int) else [shape]
+        dims = self._dims(call, shape)
         if sum(1 for d in dims if d == -1) > 1:
             raise self.fail(call, "only one dimension can be -1")
         known = 1
@@ -354,10 +361,13 @@ class Operations:
         )
 
     def permute(self, key: str, dims: Sequence[int]) -> None:
-        call = self._call("permute", key, tuple(dims))
+        call = self._call("permute", key, dims)
         spec = self._need(call, key).spec
         assert spec is not None
         n = len(spec.shape)
+        if isinstance(dims, int) or not isinstance(dims, Iterable):
+            raise self.fail(call, f"dims must be a sequence of dims, not {dims!r}")
+        dims = list(dims)
         norm = tuple(self._dim(call, d, n) for d in dims)
         if sorted(norm) != list(range(n)):
             raise self.fail(call, f"{list(dims)} is not a permutation of the {n} dims of {key!r}")
@@ -392,10 +402,11 @@ class Operations:
                 f"number of dims (use reshape to change it)",
             )
         new_spec = TensorSpec(target, spec.dtype)
-        if any(n > o for n, o in zip(target, spec.shape)):
-            problem = check_init(init, init_args, new_spec)
-            if problem:
-                raise self.fail(call, problem)
+        # checked even when only shrinking: a typo in init= should not wait for
+        # the day the same script grows a tensor
+        problem = check_init(init, init_args, new_spec)
+        if problem:
+            raise self.fail(call, problem)
         self._transform(
             call,
             key,
@@ -415,7 +426,13 @@ class Operations:
         shape: Sequence[int] | None = None,
         dtype: Any = None,
     ) -> None:
-        call = self._call("map_tensor", key, fn)
+        call = self._call(
+            "map_tensor",
+            key,
+            fn,
+            **({"shape": shape} if shape is not None else {}),
+            **({"dtype": dtype} if dtype is not None else {}),
+        )
         spec = self._need(call, key).spec
         assert spec is not None
         if not callable(fn):
@@ -440,7 +457,8 @@ class Operations:
                     call, f"the function returned {type(result).__name__}, not a tensor"
                 )
             out = TensorSpec.of(result)
-        self._transform(call, key, "map", out, fn=fn)
+        # a function drawing random numbers gets its own seeded RNG, like an init
+        self._transform(call, key, "map", out, fn=fn, seed=self._seed(key, "map"))
 
     # ------------------------------------------------------------------ fuse / unfuse
 
@@ -463,6 +481,8 @@ class Operations:
         node = self._need(call, key)
         spec = node.spec
         assert spec is not None
+        if not spec.shape:
+            raise self.fail(call, f"{key!r} is a 0-D tensor and cannot be split")
         if len(into) < 1:
             raise self.fail(call, "into= needs at least one key")
         if len(set(into)) != len(into):
@@ -470,7 +490,7 @@ class Operations:
         for k in into:
             self._free(call, k, allowed=[key])
         d = self._dim(call, dim, len(spec.shape))
-        total = spec.shape[d] if spec.shape else 0
+        total = spec.shape[d]
         if sizes is None:
             if total % len(into):
                 raise self.fail(
@@ -480,7 +500,10 @@ class Operations:
                 )
             parts = [total // len(into)] * len(into)
         else:
-            parts = [int(s) for s in sizes]
+            try:
+                parts = [operator.index(s) for s in sizes]
+            except TypeError:
+                raise self.fail(call, f"sizes must be a list of ints, not {sizes!r}") from None
             if len(parts) != len(into) or sum(parts) != total or any(p < 0 for p in parts):
                 raise self.fail(
                     call,
@@ -518,6 +541,8 @@ class Operations:
         self._free(call, into, allowed=keys)
         first = nodes[0].spec
         assert first is not None
+        if not first.shape:
+            raise self.fail(call, f"{keys[0]!r} is a 0-D tensor; reshape it to 1-D first")
         d = self._dim(call, dim, len(first.shape))
         size = 0
         for k, n in zip(keys, nodes):

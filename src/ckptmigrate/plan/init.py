@@ -7,6 +7,7 @@ files and the caller's global RNG is never touched.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -49,18 +50,49 @@ def check_init(
         return f"init={init!r} needs at least 2 dimensions (fan-in/fan-out), not {list(spec.shape)}"
     if init in _RANDOM and not spec.dtype.is_floating_point:
         return f"init={init!r} needs a floating-point dtype, not {spec.dtype}"
+    return _check_values(init, {**allowed, **init_args})
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_values(init: str, args: dict[str, Any]) -> str | None:
+    """Bad argument values, caught while planning rather than while writing."""
+    value = args.get("value")
+    if init == "constant" and not (
+        isinstance(value, (numbers.Number, bool))
+        or (isinstance(value, torch.Tensor) and value.numel() == 1)
+    ):
+        return f"init='constant' needs a number for value=, not {value!r}"
+    numeric = {"normal": ("mean", "std"), "uniform": ("a", "b"), "kaiming_uniform": ("a",)}
+    for name in (*numeric.get(init, ()), *(("gain",) if init == "xavier_uniform" else ())):
+        if not _is_number(args[name]):
+            return f"init={init!r} needs a number for {name}=, not {args[name]!r}"
+    if init == "normal" and args["std"] < 0:
+        return f"init='normal' needs std >= 0, not {args['std']!r}"
+    if init == "uniform" and args["a"] > args["b"]:
+        return f"init='uniform' needs a <= b, not a={args['a']!r}, b={args['b']!r}"
+    if init == "kaiming_uniform":
+        if args["mode"] not in ("fan_in", "fan_out"):
+            return f"init='kaiming_uniform' takes mode='fan_in' or 'fan_out', not {args['mode']!r}"
+        try:
+            torch.nn.init.calculate_gain(args["nonlinearity"], args["a"])
+        except ValueError as exc:
+            return f"init='kaiming_uniform': {exc}"
     return None
 
 
 def make_tensor(
     spec: TensorSpec, init: str | Callable[..., Any], init_args: dict[str, Any], seed: int
 ) -> torch.Tensor:
-    out = torch.empty(spec.shape, dtype=spec.dtype)
+    out = torch.empty(spec.shape, dtype=spec.dtype, device="cpu")
     if callable(init):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            with torch.no_grad():
-                result = init(out)
+        # Seed only the CPU generator: torch.manual_seed would also (lazily)
+        # reseed CUDA, whose state fork_rng(devices=[]) does not restore.
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.default_generator.manual_seed(seed)
+            result = init(out)
         if isinstance(result, torch.Tensor) and result is not out:
             result = result.detach().to(spec.dtype)
             if tuple(result.shape) != spec.shape:
@@ -68,6 +100,12 @@ def make_tensor(
                 raise ValueError(f"init function returned shape {got}, expected {want}")
             return result.contiguous()
         return out
+    if out.numel() == 0 and init in _RANDOM:
+        return out  # nothing to fill; xavier would divide by a zero fan
+    if init in _RANDOM and spec.dtype.itemsize == 1:
+        # float8 has no random kernels: draw in float32, then round
+        wide = make_tensor(TensorSpec(spec.shape, torch.float32), init, init_args, seed)
+        return wide.to(spec.dtype)
     gen = torch.Generator().manual_seed(seed)
     args = {**INITS[init], **init_args}
     with torch.no_grad():

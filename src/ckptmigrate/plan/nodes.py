@@ -190,26 +190,41 @@ def _resize(
 
     src = args[0]
     if any(n > o for n, o in zip(shape, src.shape)):
-        out = make_tensor(TensorSpec(shape, src.dtype), init, init_args, seed)
+        out = make_tensor(TensorSpec(shape, src.dtype), init, init_args, seed).to(src.device)
     else:
-        out = torch.empty(shape, dtype=src.dtype)
+        out = torch.empty(shape, dtype=src.dtype, device=src.device)
     common = tuple(slice(0, min(n, o)) for n, o in zip(shape, src.shape))
     out[common] = src[common]
     return out
 
 
 def _narrow(args: Sequence[torch.Tensor], dim: int, start: int, length: int) -> torch.Tensor:
-    return args[0].narrow(dim, start, length).contiguous()
+    # A copy, not a view: torch.save writes a view's whole storage, so a part
+    # kept after its siblings were dropped would carry the full fused tensor.
+    return args[0].narrow(dim, start, length).clone(memory_format=torch.contiguous_format)
 
 
 def _concat(args: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
     return torch.cat(list(args), dim=dim)
 
 
-def _map(args: Sequence[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def _map(
+    args: Sequence[torch.Tensor],
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    seed: int | None = None,
+) -> torch.Tensor:
     # The function gets its own copy: an in-place function must not be able
-    # to change the caller's tensor (or a memory-mapped input).
-    return fn(args[0].clone())
+    # to change the caller's tensor (or a memory-mapped input). Random numbers
+    # it draws come from a private generator, so the result is reproducible
+    # and the caller's RNG is left alone.
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
+        out = fn(args[0].clone())
+    strided = isinstance(out, torch.Tensor) and out.layout == torch.strided
+    if strided and out.untyped_storage().nbytes() > out.nbytes:
+        out = out.clone(memory_format=torch.contiguous_format)  # a slice: drop the rest
+    return out
 
 
 KERNELS: dict[str, Callable[..., torch.Tensor]] = {

@@ -6,7 +6,7 @@ import copy
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from ..errors import OperationError
+from ..errors import CkptMigrateError, OperationError
 from .nodes import Node, Source, TensorSpec, walk
 
 
@@ -55,19 +55,24 @@ class PlanState:
         """Move per-module metadata along with a rename (None drops it).
 
         Metadata is keyed by module prefix without the trailing dot ("" is
-        the root); ``rename`` sees the prefix with its dot, like keys.
+        the root); ``rename`` sees the prefix with its dot, like keys. The
+        root (which holds the stamp) stays put; a module moved onto a prefix
+        whose metadata is left over from a dropped module replaces it.
         """
-        moved: dict[str, dict[str, Any]] = {}
+        target: dict[str, str | None] = {}
+        for prefix in self.metadata:
+            new = prefix if prefix == "" else rename(prefix + ".")
+            target[prefix] = new[:-1] if new is not None and new.endswith(".") else new
+        arrivals = {new for old, new in target.items() if new is not None and new != old}
+        out: dict[str, dict[str, Any]] = {}
+        if "" in self.metadata:
+            out[""] = self.metadata[""]
         for prefix, meta in self.metadata.items():
-            if prefix == "":
-                moved[prefix] = meta
+            new = target[prefix]
+            if new is None or new in out or (new == prefix and new in arrivals):
                 continue
-            new = rename(prefix + ".")
-            if new is None:
-                continue
-            new = new[:-1] if new.endswith(".") else new
-            moved.setdefault(new, meta)
-        self.metadata = moved
+            out[new] = meta
+        self.metadata = out
 
     def source_keys(self) -> set[str]:
         """Input keys some output still needs."""
@@ -75,6 +80,13 @@ class PlanState:
         for node in self.entries.values():
             out.update(n.key for n in walk(node) if isinstance(n, Source))
         return out
+
+
+class _ComputeFailed(Exception):
+    """A transform or init function raised; the evaluator adds the key."""
+
+    def __init__(self, node: Node, exc: Exception) -> None:
+        super().__init__(f"{node.describe()} raised {type(exc).__name__}: {exc}")
 
 
 class Evaluator:
@@ -101,8 +113,21 @@ class Evaluator:
 
     def __call__(self, key: str) -> Any:
         node = self._outputs[key]
-        value = self._value(node)
+        try:
+            value = self._value(node)
+        except _ComputeFailed as exc:
+            # a user's map_tensor/init function failing on real data is a
+            # mistake in the script, not a failure to write the file
+            raise OperationError(
+                f"{key}: computing it failed: {exc}",
+                hint="fix the function in the revision script; nothing was written",
+            ) from exc.__cause__
         if node.spec is not None:
+            if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+                raise OperationError(
+                    f"{key}: the migration produced {type(value).__name__}, not a tensor",
+                    hint="a map_tensor or init function must return a tensor",
+                )
             got = (tuple(value.shape), value.dtype)
             want = (node.spec.shape, node.spec.dtype)
             if got != want:
@@ -122,7 +147,13 @@ class Evaluator:
             if isinstance(node, Source):
                 value = self._read(node.key)
             else:
-                value = node.compute([self._value(i) for i in node.inputs])
+                args = [self._value(i) for i in node.inputs]
+                try:
+                    value = node.compute(args)
+                except (CkptMigrateError, _ComputeFailed):
+                    raise
+                except Exception as exc:
+                    raise _ComputeFailed(node, exc) from exc
             if self._uses.get(nid, 0) > 1:
                 self._cache[nid] = value
         self._uses[nid] = self._uses.get(nid, 1) - 1

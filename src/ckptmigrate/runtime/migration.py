@@ -88,7 +88,9 @@ def run_step(step: MigrationStep, state: PlanState, *, symbolic: bool) -> None:
     device = torch.device("meta") if symbolic else contextlib.nullcontext()
     try:
         with activate(ops), torch.random.fork_rng(devices=[]), device:
-            torch.manual_seed(seed_for(script.revision, step.name))
+            # only the CPU generator: torch.manual_seed would also reseed CUDA,
+            # which fork_rng(devices=[]) does not restore
+            torch.default_generator.manual_seed(seed_for(script.revision, step.name))
             fn()
     except CkptMigrateError:
         raise
