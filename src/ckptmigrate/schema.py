@@ -216,12 +216,51 @@ def compare(have: Mapping[str, Entry], want: Mapping[str, Entry]) -> SchemaDiff:
     return diff
 
 
+#: Beyond this many same-layout candidates a key gets no rename guess.
+MAX_CANDIDATES = 50
+
+
+class TailIndex:
+    """New keys by (layout, dotted tail), to find rename candidates without an n*m scan.
+
+    A removed ``layers.17.weight`` is matched first with new keys ending in
+    ``17.weight`` (and the same shape and dtype), then ``weight``: the longest
+    shared tail wins, which is also what makes a prefix rename recognisable.
+    """
+
+    def __init__(self, new: Mapping[str, Entry]) -> None:
+        self._index: dict[tuple[object, str], list[str]] = {}
+        for key, entry in new.items():
+            if entry.spec is None:
+                continue
+            parts = key.split(".")
+            for n in range(1, len(parts)):
+                self._index.setdefault((entry.spec, ".".join(parts[n:])), []).append(key)
+            self._index.setdefault((entry.spec, ""), []).append(key)
+
+    def candidates(self, key: str, entry: Entry) -> tuple[str, list[str]]:
+        """(shared tail, new keys with that tail and the same layout), longest tail first."""
+        if entry.spec is None:
+            return "", []
+        parts = key.split(".")
+        for n in range(1, len(parts)):
+            tail = ".".join(parts[n:])
+            found = self._index.get((entry.spec, tail))
+            if found:
+                return tail, found
+        return "", self._index.get((entry.spec, ""), [])
+
+
 def likely_renames(old: Mapping[str, Entry], new: Mapping[str, Entry]) -> list[tuple[str, str]]:
     """Pairs (old, new) with equal layout and similar names, best first, each key once."""
+    index = TailIndex(new)
     scored: list[tuple[float, str, str]] = []
     for o, oe in old.items():
-        for n, ne in new.items():
-            if oe.spec is not None and oe.same_layout(ne):
+        _tail, cands = index.candidates(o, oe)
+        if not cands or len(cands) > MAX_CANDIDATES:
+            continue
+        for n in cands:
+            if n != o:
                 scored.append((name_similarity(o, n), o, n))
     scored.sort(key=lambda t: (-t[0], t[1], t[2]))
     used_old: set[str] = set()
@@ -237,8 +276,8 @@ def likely_renames(old: Mapping[str, Entry], new: Mapping[str, Entry]) -> list[t
 
 
 def name_similarity(a: str, b: str) -> float:
-    """Similarity of two keys, weighting the last component (weight/bias) fully."""
-    if a.rsplit(".", 1)[-1] != b.rsplit(".", 1)[-1]:
+    """Similarity of two keys; nested keys must end alike (a weight is not a bias)."""
+    if "." in a and "." in b and a.rsplit(".", 1)[-1] != b.rsplit(".", 1)[-1]:
         return 0.0
     return difflib.SequenceMatcher(None, a, b).ratio()
 

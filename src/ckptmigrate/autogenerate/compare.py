@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..plan.nodes import TensorSpec
-from ..schema import Entry, Schema, likely_renames
+from ..schema import MAX_CANDIDATES, Entry, Schema, TailIndex, likely_renames
 
 
 @dataclass
@@ -26,18 +26,6 @@ class Op:
     kwargs: dict[str, object] = field(default_factory=dict)
     review: str | None = None
     inverse: list[Op] = field(default_factory=list)
-
-
-def _suffix_split(old: str, new: str) -> tuple[str, str] | None:
-    """Prefixes left once the common dotted tail is removed (None if a plain key rename)."""
-    a, b = old.split("."), new.split(".")
-    n = 0
-    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
-        n += 1
-    if n == 0 or n == len(a) or n == len(b):
-        return None
-    pa, pb = ".".join(a[:-n]) + ".", ".".join(b[:-n]) + "."
-    return pa, pb
 
 
 def _init_guess(key: str, entry: Entry) -> tuple[str, dict[str, object]]:
@@ -150,13 +138,15 @@ def diff_ops(head: Schema, target: Schema, model: torch.nn.Module | None = None)
 
     # 1. whole subtrees renamed
     while True:
+        index = TailIndex(added)
         support: dict[tuple[str, str], int] = {}
         for o, oe in old_side.items():
-            for a, ae in added.items():
-                if oe.spec is not None and oe.same_layout(ae):
-                    pair = _suffix_split(o, a)
-                    if pair is not None:
-                        support[pair] = support.get(pair, 0) + 1
+            tail, cands = index.candidates(o, oe)
+            if not tail or len(cands) > MAX_CANDIDATES:
+                continue
+            for a in cands:
+                pair = (o[: -len(tail)], a[: -len(tail)])
+                support[pair] = support.get(pair, 0) + 1
         best = None
         for (pa, pb), _count in sorted(support.items(), key=lambda kv: (-kv[1], len(kv[0][0]))):
             moved = [k for k in head if k.startswith(pa)]
