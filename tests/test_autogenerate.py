@@ -197,7 +197,9 @@ def test_new_submodule_is_one_add_module(lineage: Path, run: Run) -> None:
         class WithHead(Base):
             def __init__(self):
                 super().__init__()
-                self.head = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.LayerNorm(8), nn.Linear(8, 2))
+                self.head = nn.Sequential(
+                    nn.Linear(5, 8), nn.ReLU(), nn.LayerNorm(8), nn.Linear(8, 2)
+                )
                 self.bn = nn.BatchNorm1d(5)
         VARIANTS['head'] = WithHead
         """,
@@ -277,9 +279,9 @@ def test_check_and_diff_on_the_walkthrough(project: Path, v1_checkpoint: Path, r
     assert f"OK: examples.simple_model:build_model matches the schema at {ADD_FC3}" in out
     assert "downgrade() undoes upgrade() in all 2 revisions" in out
     table = run("diff", "model.pth").stdout.splitlines()
-    assert (
-        table[0]
-        == "model.pth (4 entries) vs model (6 entries): 2 missing, 2 shape/dtype mismatch, 2 matching"
+    assert table[0] == (
+        "model.pth (4 entries) vs model (6 entries): "
+        "2 missing, 2 shape/dtype mismatch, 2 matching"
     )
     assert table[2].split() == ["missing", "fc3.weight", "-", "[5,", "20]", "float32"]
     assert table[4].split() == [

@@ -140,6 +140,9 @@ def verify_rev_id(revision: str) -> None:
 
 
 Target = Union[Revision, None]  # None stands for "base"
+# The result of a relative walk: a revision, "base" (walked down to just
+# below a base) or None (walked off the end of the graph).
+Walked = Union[Revision, str, None]
 
 
 class RevisionMap:
@@ -251,13 +254,18 @@ class RevisionMap:
 
     def _propagate_labels(self) -> None:
         # A label names a whole line of history: every descendant of the
-        # labelled revision, and its ancestors down to the nearest fork.
+        # labelled revision, and, when the line above it runs straight (no
+        # fork, no merge, nothing depending on it from the side), also its
+        # ancestors down to the nearest fork or merge.
         for rev in self._by_id.values():
             labels = rev.declared_branch_labels
             if not labels:
                 continue
-            for node in self.descendants([rev], include_dependencies=False):
+            above = list(self.descendants([rev], include_dependencies=False))
+            for node in above:
                 node.branch_labels.update(labels)
+            if any(n.is_real_branch_point or n.is_merge_point for n in above):
+                continue
             parent: Revision | None = rev
             while (
                 parent is not None and not parent.is_real_branch_point and not parent.is_merge_point
@@ -446,11 +454,17 @@ class RevisionMap:
 
         Accepts ids, unique prefixes, branch labels, ``head``, ``heads``,
         ``base``, ``label@...`` and ``[label@]-N`` (walk down from the heads).
+        A ``-N`` that reaches or passes the bottom of the graph gives None.
         """
+        return tuple(r if isinstance(r, Revision) else None for r in self._resolve(symbol))
+
+    def _resolve(self, symbol: RevisionIds) -> tuple[Walked, ...]:
+        """``get_revisions`` keeping a walk that ends exactly below a base
+        (``"base"``) apart from one that runs off the graph (None)."""
         if not isinstance(symbol, str) and symbol is not None:
-            out: tuple[Target, ...] = ()
+            out: tuple[Walked, ...] = ()
             for s in symbol:
-                out += self.get_revisions(s)
+                out += self._resolve(s)
             return out
         ids, label = self._split_symbol(symbol)
         if len(ids) == 1:
@@ -462,8 +476,7 @@ class RevisionMap:
                 heads = [self._by_id[h] for h in self.real_heads]
                 if label is not None:
                     heads = [h for h in heads if label in h.branch_labels]
-                walked = (self._walk_from(h, steps) for h in heads)
-                return tuple(w if isinstance(w, Revision) else None for w in walked)
+                return tuple(self._walk_from(h, steps) for h in heads)
         return tuple(self._ident(i, label) for i in ids)
 
     def get_revision(self, symbol: str | None) -> Revision | None:
@@ -472,6 +485,8 @@ class RevisionMap:
         if len(ids) > 1:
             raise MultipleHeads(ids, symbol or "heads")
         if not ids:
+            if label:
+                self._resolve_branch(label)  # "nosuchbranch@base" is still an error
             return None
         return self._ident(ids[0], label)
 
@@ -548,17 +563,18 @@ class RevisionMap:
                 self.get_revision(symbol), n, label, no_overwalk=assert_relative_length
             )
             return (self._as_target(walked),)
-        starts: list[Revision | None] = [self._by_id[c] for c in current] or [None]
+        # Walk up from "where we are now": the current revisions (as given,
+        # so a symbol there is resolved like any other), or below the bases.
+        starts: list[Revision | str | None] = list(current) or [None]
         if label:
-            on_branch = self.filter_for_lineage([s for s in starts if s is not None], label)
+            applied = self._revisions_only(self._resolve(tuple(current)), current)
+            on_branch = self.filter_for_lineage(applied, label)
             if on_branch:
                 starts = list(on_branch)
             else:
                 # The branch has no current head: start from its newest
                 # applied ancestor, or from base.
-                active = self.filter_for_lineage(
-                    self.ancestors([s for s in starts if s is not None]), label
-                )
+                active = self.filter_for_lineage(self.ancestors(applied), label)
                 below = {d for r in active for d in r.normalized_down_revisions}
                 tips = [r for r in active if r.revision not in below]
                 starts = list(tips) or [None]
@@ -567,13 +583,27 @@ class RevisionMap:
                 "ambiguous upgrade from multiple current revisions",
                 hint="use '<branch>@+N' or name the target revision",
             )
-        walked = self._walk_from(starts[0], n, label, no_overwalk=assert_relative_length)
+        origin = self.get_revision(starts[0]) if isinstance(starts[0], str) else starts[0]
+        walked = self._walk_from(origin, n, label, no_overwalk=assert_relative_length)
         if walked is None:
             raise RevisionError(
                 f"relative revision {rel} didn't produce {n} migrations",
                 hint="there are fewer revisions above the current one; use 'heads'",
             )
         return (self._as_target(walked),)
+
+    def _revisions_only(self, resolved: Iterable[Walked], symbols: Sequence[str]) -> list[Revision]:
+        """``resolved`` as revisions; a relative symbol that walked to or past
+        base cannot stand for a current revision."""
+        out: list[Revision] = []
+        for rev in resolved:
+            if not isinstance(rev, Revision):
+                raise RevisionError(
+                    f"{format_ids(symbols)} does not name revisions that can be a starting point",
+                    hint="name the current revision(s) explicitly",
+                )
+            out.append(rev)
+        return out
 
     def _as_target(self, walked: Revision | str | None) -> Target:
         if walked is None:
@@ -605,7 +635,7 @@ class RevisionMap:
             relative_to_current = symbol is None
             if relative_to_current:
                 if label:
-                    on_branch = self.filter_for_lineage([self._by_id[c] for c in current], label)
+                    on_branch = self.filter_for_lineage([self._ident(c) for c in current], label)
                     if not on_branch:
                         on_branch = self.filter_for_lineage(self._all_current(current), label)
                     if len(on_branch) != 1:
@@ -681,16 +711,38 @@ class RevisionMap:
             branch, _, _ = current[0].partition("@")
             branch_rev = self.get_revision(branch)
             if branch_rev is not None and branch_rev.revision == branch:
-                branch = next(iter(branch_rev.branch_labels))
+                # A revision id used where a label goes stands for its branch.
+                if len(branch_rev.branch_labels) != 1:
+                    raise RevisionError(
+                        f"revision {branch} is not on exactly one labelled branch, "
+                        f"so '{current[0]}' does not name a branch",
+                        hint="put a branch label before the '@'",
+                    )
+                (branch,) = branch_rev.branch_labels
             targets = [t for t in targets if branch in t.branch_labels]
         self._check_overlap(targets)
         required = set(self.ancestors(targets)) | set(targets)
-        lower = self._resolve_lower(current, target, assert_relative_length)
+        resolved = self._resolve(tuple(current))
         if not implicit_base:
-            for rev in lower:
-                if rev not in required:
+            # A relative lower bound that walked to base is never an ancestor.
+            for rev in resolved:
+                if rev is not None and rev not in required:
                     raise RangeNotAncestorError(format_ids(current) or None, target)
-        self._check_overlap(list(lower))
+        lower: list[Revision] = []
+        if resolved and resolved[0] is None:
+            # A relative lower bound that runs off the graph when walked from
+            # the heads is read relative to the upper bound instead.
+            if len(current) != 1:
+                raise RevisionError(
+                    f"relative revision in {format_ids(current)} walked off the graph",
+                    hint="use a smaller relative step or name the revision",
+                )
+            _, rev = self.parse_downgrade_target((target,), current[0], assert_relative_length)
+            if rev is not None:
+                lower.append(rev)
+        else:
+            lower = self._revisions_only(resolved, current)
+        self._check_overlap(lower)
         have = set(self.ancestors(lower)) | set(lower)
         needs = required - have
         if inclusive:
@@ -698,17 +750,6 @@ class RevisionMap:
         if lower and not implicit_base:
             needs &= set(self.descendants(lower, include_dependencies=False))
         return needs, tuple(targets)
-
-    def _resolve_lower(
-        self, current: Sequence[str], upper: str, assert_relative_length: bool
-    ) -> list[Revision]:
-        revs = self.get_revisions(tuple(current))
-        if revs and revs[0] is None and len(current) == 1 and _RELATIVE.fullmatch(current[0]):
-            # A relative lower bound that overwalks the heads is read
-            # relative to the upper bound instead.
-            _, rev = self.parse_downgrade_target((upper,), current[0], assert_relative_length)
-            return [] if rev is None else [rev]
-        return [r for r in revs if isinstance(r, Revision)]
 
     def downgrade_revisions(
         self,
@@ -866,26 +907,70 @@ class RevisionMap:
     def heads_after_stamp(
         self, heads: Sequence[str], destinations: Sequence[str]
     ) -> tuple[str, ...]:
-        """Alembic's ``stamp``: move the recorded heads without running anything."""
-        current = [self._by_id[h] for h in heads]
-        result = list(heads)
-        for symbol in destinations or ("base",):
-            related: list[Revision] = []
-            for rev in self.filter_for_lineage(current, symbol, include_dependencies=True):
-                if rev not in related:
-                    related.append(rev)
-            dests = self.get_revisions(symbol) or (None,)
-            for dest in dests:
-                if dest is None:
-                    result = [h for h in result if self._by_id[h] not in related]
-                    continue
-                if dest in related:
-                    continue
-                above = set(self.descendants([dest]))
-                below = set(self.ancestors([dest]))
-                if above & set(related) or below & set(related):
-                    result = [h for h in result if self._by_id[h] not in related]
-                result.append(dest.revision)
+        """Alembic's ``stamp``: move the recorded heads without running anything.
+
+        Every destination is placed relative to the recorded heads that share
+        its lineage (all of them, for ``base`` and ``heads``): it replaces them
+        when it lies above or below them, and starts a new branch otherwise.
+        ``base`` alone removes them. A ``base`` next to other destinations
+        only widens which recorded heads those may replace.
+        """
+        symbols = list(destinations) or ["base"]
+        recorded = self._revisions_only(self._resolve(tuple(heads)), heads)
+        related: list[Revision] = []
+        for symbol in symbols:
+            if symbol:
+                for rev in self.filter_for_lineage(recorded, symbol, include_dependencies=True):
+                    if rev not in related:
+                        related.append(rev)
+        dests: list[Revision | None] = []
+        for found in self._resolve(tuple(symbols)):
+            dest = found if isinstance(found, Revision) else None
+            if dest not in dests:
+                dests.append(dest)
+        if not dests:
+            dests.append(None)
+        result = [r.revision for r in recorded]
+        moved = [r.revision for r in related]
+
+        def conflict(what: str) -> RevisionError:
+            return RevisionError(
+                f"cannot stamp {format_ids(symbols)}: {what}",
+                hint="stamp one revision per branch",
+            )
+
+        for dest in dests:
+            if dest is None:
+                # Down to base: forget every related head.
+                for rid in moved:
+                    if rid not in result:
+                        raise conflict(f"{rid} is moved by more than one destination")
+                    result.remove(rid)
+                continue
+            if dest in related:
+                continue
+            target = dest.revision
+            above = set(self.descendants([dest])) & set(related)
+            below = set(self.ancestors([dest])) & set(related)
+            if not above and not below:
+                # A lineage the recorded heads don't cover: a new branch.
+                if target in result:
+                    raise conflict(f"{target} is recorded already")
+                result.append(target)
+                continue
+            if not above and set(moved) - set(result) and target not in result:
+                # Above heads some of which another destination moved already:
+                # it becomes a head of its own.
+                result.append(target)
+                continue
+            # Replace every related head with the destination.
+            for rid in moved:
+                if rid not in result:
+                    raise conflict(f"{rid} is moved by more than one destination")
+                result.remove(rid)
+            if target in result:
+                raise conflict(f"{target} is recorded already")
+            result.append(target)
         return self._ordered(result)
 
     def _ordered(self, ids: Iterable[str]) -> tuple[str, ...]:
