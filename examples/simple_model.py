@@ -37,3 +37,19 @@ class SimpleModel(nn.Module):
 def build_model() -> nn.Module:
     """What ``model =`` in alembic_style.ini points at: the current class."""
     return SimpleModel()
+
+
+class SimpleModelV3(SimpleModel):
+    """A later change, used to show `check` and `revision --autogenerate`: a LayerNorm before fc3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(20)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc2(torch.relu(self.fc1(x))))
+        return self.fc3(self.norm(h))
+
+
+def build_model_v3() -> nn.Module:
+    return SimpleModelV3()

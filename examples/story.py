@@ -34,6 +34,13 @@ def load(path: str) -> None:
     print(f"SimpleModel loaded {path} with strict=True")
 
 
+def load_v3(path: str) -> None:
+    from examples.simple_model import SimpleModelV3
+
+    SimpleModelV3().load_state_dict(torch.load(path, weights_only=True), strict=True)
+    print(f"SimpleModelV3 loaded {path} with strict=True")
+
+
 def same_outputs(new_path: str, old_path: str) -> None:
     old = SimpleModelV1()
     old.load_state_dict(torch.load(old_path, weights_only=True), strict=True)
@@ -57,7 +64,13 @@ def identical(a_path: str, b_path: str) -> None:
         sys.exit(1)
 
 
-COMMANDS = {"save-v1": save_v1, "load": load, "same-outputs": same_outputs, "identical": identical}
+COMMANDS = {
+    "save-v1": save_v1,
+    "load": load,
+    "load-v3": load_v3,
+    "same-outputs": same_outputs,
+    "identical": identical,
+}
 
 if __name__ == "__main__":
     COMMANDS[sys.argv[1]](*sys.argv[2:])

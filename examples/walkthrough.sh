@@ -10,7 +10,14 @@ cp -r "$ROOT/examples" "$WORK/examples"
 cd "$WORK"
 
 if [ -t 1 ]; then BOLD=$'\033[1m'; PLAIN=$'\033[0m'; else BOLD=""; PLAIN=""; fi
-step() { printf '\n%s$ %s%s\n' "$BOLD" "$*" "$PLAIN"; "$@"; }
+show() {  # the command as a user would type it
+    local out="" a
+    for a in "$@"; do
+        if [[ "$a" =~ ^[A-Za-z0-9_./:=@+-]+$ ]]; then out+="$a "; else out+="'$a' "; fi
+    done
+    printf '%s' "${out% }"
+}
+step() { printf '\n%s$ %s%s\n' "$BOLD" "$(show "$@")" "$PLAIN"; "$@"; }
 say() { printf '\n# %s\n' "$*"; }
 
 say "1. A model was trained and saved with the old class (fc1 10->20, fc2 20->5)."
@@ -40,5 +47,24 @@ step python -m examples.story same-outputs model.pth original.pth
 say "4. Downgrade gives back the original tensors, bit for bit."
 step ckptmigrate downgrade model.pth 1a0c3e5f7b2d
 step python -m examples.story identical model.pth original.pth
+
+say "5. Schemas: record the lineage's base schema (from the old file), point the config at the model."
+step ckptmigrate schema --record original.pth --from 1a0c3e5f7b2d
+sed -i 's|^# model = .*|model = examples.simple_model:build_model|' alembic_style.ini
+step grep '^model' alembic_style.ini
+step ckptmigrate check
+say "Unstamped files are now identified by their keys, shapes and dtypes:"
+step ckptmigrate current original.pth
+step ckptmigrate diff original.pth
+
+say "6. The class changes again (a LayerNorm before fc3); CI's 'ckptmigrate check' catches it."
+sed -i 's|^model = .*|model = examples.simple_model:build_model_v3|' alembic_style.ini
+step ckptmigrate check || true
+say "Autogenerate writes the migration; review it, then check passes."
+step ckptmigrate revision --autogenerate -m "add norm" --rev-id 3c9d2e4f6a8b
+step sed -n '/^def upgrade/,$p' migrations/versions/3c9d2e4f6a8b_add_norm.py
+step ckptmigrate check
+step ckptmigrate upgrade model.pth
+step python -m examples.story load-v3 model.pth
 
 printf '\nWalkthrough complete: files are in %s\n' "$WORK"
