@@ -542,9 +542,12 @@ class RevisionMap:
         return node
 
     def parse_upgrade_target(
-        self, current: Sequence[str], target: str, assert_relative_length: bool = True
+        self,
+        current: Sequence[str],
+        target: str | Sequence[str],
+        assert_relative_length: bool = True,
     ) -> tuple[Target, ...]:
-        match = _RELATIVE.fullmatch(target)
+        match = _RELATIVE.fullmatch(target) if isinstance(target, str) else None
         if not match:
             return self.get_revisions(target)
         label, symbol, rel = match.groups()
@@ -693,7 +696,7 @@ class RevisionMap:
 
     def upgrade_revisions(
         self,
-        target: str,
+        target: str | Sequence[str],
         current: Sequence[str],
         *,
         inclusive: bool = False,
@@ -727,7 +730,9 @@ class RevisionMap:
             # A relative lower bound that walked to base is never an ancestor.
             for rev in resolved:
                 if rev is not None and rev not in required:
-                    raise RangeNotAncestorError(format_ids(current) or None, target)
+                    raise RangeNotAncestorError(
+                        format_ids(current) or None, format_ids(to_tuple(target)) or None
+                    )
         lower: list[Revision] = []
         if resolved and resolved[0] is None:
             # A relative lower bound that runs off the graph when walked from
@@ -737,7 +742,9 @@ class RevisionMap:
                     f"relative revision in {format_ids(current)} walked off the graph",
                     hint="use a smaller relative step or name the revision",
                 )
-            _, rev = self.parse_downgrade_target((target,), current[0], assert_relative_length)
+            _, rev = self.parse_downgrade_target(
+                to_tuple(target), current[0], assert_relative_length
+            )
             if rev is not None:
                 lower.append(rev)
         else:
@@ -858,7 +865,6 @@ class RevisionMap:
                 assert_relative_length=assert_relative_length,
             )
         else:
-            assert isinstance(upper, str)
             revs, tips = self.upgrade_revisions(
                 upper,
                 to_tuple(lower),
