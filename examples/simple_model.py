@@ -40,7 +40,7 @@ def build_model() -> nn.Module:
 
 
 class SimpleModelV3(SimpleModel):
-    """A later change, used to show `check` and `revision --autogenerate`: a LayerNorm before fc3."""
+    """A later change (a LayerNorm before fc3), to show `check` and `revision --autogenerate`."""
 
     def __init__(self) -> None:
         super().__init__()

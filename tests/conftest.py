@@ -95,3 +95,18 @@ def assert_same_tensors(
     for k in a:
         assert a[k].dtype == b[k].dtype, k
         assert torch.equal(a[k], b[k]), k
+
+
+def write_revision(
+    versions: Path, rev: str, down: object, up: str = "pass", down_body: str = "pass"
+) -> Path:
+    """A revision file with one-line upgrade()/downgrade() bodies (use ';' for more)."""
+    versions.mkdir(parents=True, exist_ok=True)
+    path = versions / f"{rev}.py"
+    path.write_text(
+        f'"""{rev}"""\nimport torch\nfrom ckptmigrate import op\n\n'
+        f"revision = {rev!r}\ndown_revision = {down!r}\nbranch_labels = None\n"
+        "depends_on = None\n\n"
+        f"def upgrade():\n    {up}\n\ndef downgrade():\n    {down_body}\n"
+    )
+    return path

@@ -280,8 +280,7 @@ def test_check_and_diff_on_the_walkthrough(project: Path, v1_checkpoint: Path, r
     assert "downgrade() undoes upgrade() in all 2 revisions" in out
     table = run("diff", "model.pth").stdout.splitlines()
     assert table[0] == (
-        "model.pth (4 entries) vs model (6 entries): "
-        "2 missing, 2 shape/dtype mismatch, 2 matching"
+        "model.pth (4 entries) vs model (6 entries): 2 missing, 2 shape/dtype mismatch, 2 matching"
     )
     assert table[2].split() == ["missing", "fc3.weight", "-", "[5,", "20]", "float32"]
     assert table[4].split() == [

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import Run
+from tests.conftest import Run, write_revision
 
 BASE = """\
 # ckptmigrate schema: test lineage
@@ -22,14 +22,6 @@ REVISIONS = {
     "r4000004": (("r2000002", "r3000003"), "pass", "pass"),
     "r5000005": ("r4000004", 'op.cast("c", torch.float16)', 'op.cast("c", torch.float32)'),
 }
-
-
-def write_revision(versions: Path, rev: str, down: object, up: str, down_body: str) -> None:
-    versions.joinpath(f"{rev}.py").write_text(
-        f'"""{rev}"""\nimport torch\nfrom ckptmigrate import op\n\n'
-        f"revision = {rev!r}\ndown_revision = {down!r}\nbranch_labels = None\ndepends_on = None\n\n"
-        f"def upgrade():\n    {up}\n\ndef downgrade():\n    {down_body}\n"
-    )
 
 
 @pytest.fixture

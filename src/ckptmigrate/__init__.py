@@ -14,16 +14,22 @@ if TYPE_CHECKING:
     from . import op
     from .api import current, downgrade, stamp, upgrade
     from .config import Config
+    from .integration import LoadReport, load, save, upgrade_state_dict, versioned
 
 __all__ = [
     "CkptMigrateError",
     "Config",
+    "LoadReport",
     "__version__",
     "current",
     "downgrade",
+    "load",
     "op",
+    "save",
     "stamp",
     "upgrade",
+    "upgrade_state_dict",
+    "versioned",
 ]
 
 _LAZY = {
@@ -33,6 +39,11 @@ _LAZY = {
     "downgrade": (".api", "downgrade"),
     "stamp": (".api", "stamp"),
     "current": (".api", "current"),
+    "versioned": (".integration", "versioned"),
+    "load": (".integration", "load"),
+    "save": (".integration", "save"),
+    "upgrade_state_dict": (".integration", "upgrade_state_dict"),
+    "LoadReport": (".integration", "LoadReport"),
 }
 
 

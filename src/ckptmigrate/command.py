@@ -23,6 +23,7 @@ from .script.revision import RevisionMap, format_ids
 if TYPE_CHECKING:
     from .formats.checkpoint import Checkpoint
     from .runtime.migration import MigrationStep
+    from .schema import Schema
 
 
 # --------------------------------------------------------------------------- init
@@ -521,7 +522,7 @@ def current(
 
             return identify_current(config, script_dir, ckpt, verbose=verbose)
         for rev in script_dir.revision_map.all_current(stamped):
-            config.print_stdout(display.cmd_format(rev, verbose))  # type: ignore[arg-type]
+            config.print_stdout(display.cmd_format(script_dir.script(rev.revision), verbose))
         if not stamped:
             config.log(f"Note: {display_path(checkpoint)} is at base (stamped with no revision)")
         return stamped
@@ -576,7 +577,7 @@ def stamp(
 # --------------------------------------------------------------------------- schemas
 
 
-def _model_or_none(config: Config) -> tuple[object, object, str] | None:
+def _model_or_none(config: Config) -> tuple[Schema, object, str] | None:
     if not config.get("model"):
         return None
     from .autogenerate import model_schema
@@ -603,14 +604,14 @@ def check(config: Config, *, roundtrip: bool = True) -> bool:
     else:
         target, _model, spec = found
         head_schema = schema_at(script_dir, base, heads)
-        diff = compare(head_schema, target)  # type: ignore[arg-type]
+        diff = compare(head_schema, target)
         if diff.empty:
             config.print_stdout(f"OK: {spec} matches the schema at {format_ids(heads) or 'base'}")
         else:
             config.print_stdout(
                 f"The model ({spec}) differs from the schema at {format_ids(heads)}:"
             )
-            for line in format_table(diff, head_schema, target, "head schema", "model"):  # type: ignore[arg-type]
+            for line in format_table(diff, head_schema, target, "head schema", "model"):
                 config.print_stdout("  " + line)
             problems.append(
                 f"the model no longer matches the head schema ({diff.summary()}); write the "
@@ -681,9 +682,9 @@ def diff(
                     hint="add 'model = package.module:build_model' to the ini file, or pass "
                     "--rev REV to compare with a revision's schema",
                 )
-            want, _model, _spec = found  # type: ignore[assignment]
+            want, _model, _spec = found
             want_name = "model"
-        result = compare(have, want)  # type: ignore[arg-type]
+        result = compare(have, want)
         where = display_path(checkpoint)
         if result.empty:
             config.print_stdout(
@@ -692,10 +693,10 @@ def diff(
             )
             return True
         config.print_stdout(
-            f"{where} ({len(have)} entries) vs {want_name} ({len(want)} entries): "  # type: ignore[arg-type]
+            f"{where} ({len(have)} entries) vs {want_name} ({len(want)} entries): "
             f"{result.summary()}, {result.matching} matching"
         )
-        for line in format_table(result, have, want, "checkpoint", want_name):  # type: ignore[arg-type]
+        for line in format_table(result, have, want, "checkpoint", want_name):
             config.print_stdout("  " + line)
         return False
     finally:
@@ -760,6 +761,6 @@ def schema(
             source = f"{display_path(checkpoint)} at {format_ids(heads) or 'base'}"
         finally:
             ckpt.close()
-    path = write_base_schema(script_dir.dir, base, source)  # type: ignore[arg-type]
-    config.print_stdout(f"Recorded the base schema ({len(base)} keys) in {display_path(path)}")  # type: ignore[arg-type]
+    path = write_base_schema(script_dir.dir, base, source)
+    config.print_stdout(f"Recorded the base schema ({len(base)} keys) in {display_path(path)}")
     return base

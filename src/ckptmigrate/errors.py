@@ -137,5 +137,9 @@ class WriteError(CkptMigrateError):
     """Writing the output failed; the input is untouched."""
 
 
-class LoadError(CkptMigrateError):
-    """A state dict still does not fit the model after migration."""
+class LoadError(CkptMigrateError, RuntimeError):
+    """A state dict does not fit the model even after migration.
+
+    Also a RuntimeError, like PyTorch's own load_state_dict failures, so
+    existing ``except RuntimeError`` handlers keep working.
+    """

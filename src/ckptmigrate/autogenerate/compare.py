@@ -239,22 +239,22 @@ def diff_ops(head: Schema, target: Schema, model: torch.nn.Module | None = None)
 
     # 4. tensors whose shape or dtype changed
     for key in [k for k in head if k in changed]:
-        old, new = head[key].spec, target[key].spec
-        if old is None or new is None:
+        was, now = head[key].spec, target[key].spec
+        if was is None or now is None:
             ops.append(Op("drop_key", (key,), inverse=[]))
             added[key] = target[key]
             continue
-        if old.dtype != new.dtype:
+        if was.dtype != now.dtype:
             ops.append(
                 Op(
                     "cast",
-                    (key, new.dtype),
-                    review=f"dtype changed from {_dt(old)}",
-                    inverse=[Op("cast", (key, old.dtype))],
+                    (key, now.dtype),
+                    review=f"dtype changed from {_dt(was)}",
+                    inverse=[Op("cast", (key, was.dtype))],
                 )
             )
-        if old.shape != new.shape:
-            ops.extend(_shape_change(key, old, new))
+        if was.shape != now.shape:
+            ops.extend(_shape_change(key, was, now))
 
     # 5. additions, whole new submodules as one add_module
     if model is not None and added:

@@ -1,0 +1,37 @@
+"""``ckptmigrate check``: versioned classes must be at their lineage's head."""
+
+from __future__ import annotations
+
+from ..config import Config
+from ..errors import CkptMigrateError
+from ..schema import build_on_meta
+from ..script.directory import ScriptDirectory
+from .versioning import lineage_of
+
+
+def versioned_class_problems(config: Config, script_dir: ScriptDirectory) -> list[str]:
+    factory = config.model_factory()
+    if factory is None:
+        return []
+    model = build_on_meta(factory, config.get("model") or "")
+    problems: list[str] = []
+    seen: set[int] = set()
+    for _name, module in model.named_modules():
+        cls = type(module)
+        lineage = lineage_of(cls)
+        if lineage is None or id(lineage) in seen:
+            continue
+        seen.add(id(lineage))
+        try:
+            revision = lineage.revision
+            heads = lineage.script_dir.revision_map.heads
+        except CkptMigrateError as exc:
+            problems.append(exc.one_line())
+            continue
+        if revision not in heads:
+            problems.append(
+                f"{cls.__qualname__} is pinned to revision {revision}, but its lineage's head is "
+                f"{', '.join(heads)}: update revision= in @ckptmigrate.versioned (or drop it to "
+                "follow the head)"
+            )
+    return problems

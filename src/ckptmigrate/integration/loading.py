@@ -1,0 +1,196 @@
+"""``ckptmigrate.load``/``save``/``upgrade_state_dict``: files and dicts meet models."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, CkptMigrateError
+from ..formats import read_checkpoint
+from ..formats.atomic import atomic_output, write_error
+from ..formats.stamp import read_stamp, write_stamp
+from .lineage import Lineage, log
+from .versioning import LineageRecord, _migrate_at, load_error, migrate_tree, tree_migrated
+
+
+@dataclass
+class LoadReport:
+    """What ``ckptmigrate.load`` did."""
+
+    path: Path
+    lineages: list[LineageRecord] = field(default_factory=list)
+    state_dict_key: str | None = None
+    wrapper_prefix: str = ""
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+
+    @property
+    def migrated(self) -> bool:
+        return bool(self.lineages)
+
+    @property
+    def steps(self) -> list[str]:
+        return [s for rec in self.lineages for s in rec.steps]
+
+    @property
+    def from_revision(self) -> str | None:
+        root = self._root()
+        return ",".join(root.from_revisions) if root else None
+
+    @property
+    def to_revision(self) -> str | None:
+        root = self._root()
+        return root.to_revision if root else None
+
+    def _root(self) -> LineageRecord | None:
+        return next((r for r in self.lineages if r.prefix == ""), None)
+
+
+def _read_state_dict(
+    path: str | os.PathLike[str], trust_pickle: bool, state_dict_key: str | None
+) -> tuple[OrderedDict[str, Any], dict[str, dict[str, Any]], Any]:
+    ckpt = read_checkpoint(path, trust_pickle=trust_pickle, state_dict_key=state_dict_key)
+    sd: OrderedDict[str, Any] = OrderedDict((k, ckpt.read(k)) for k in ckpt.schema)
+    meta = {k: dict(v) for k, v in ckpt.metadata.items()}
+    if ckpt.format == "safetensors" and ckpt.stamp is not None:
+        write_stamp(meta.setdefault("", {}), ckpt.stamp.revisions)
+    return sd, meta, ckpt
+
+
+def load(
+    model: torch.nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    strict: bool = True,
+    map_location: str | torch.device | None = None,
+    location: str | os.PathLike[str] | None = None,
+    revision: str | None = None,
+    trust_pickle: bool = False,
+    state_dict_key: str | None = None,
+) -> LoadReport:
+    """Load a checkpoint file into ``model``, migrating it first; strict by default.
+
+    Reads bare state dicts and training containers (``weights_only``), strips
+    ``module.``/``_orig_mod.`` prefixes, upgrades (or downgrades) every
+    versioned module's entries to its class's revision, then loads. For a
+    model whose class is not versioned, ``location`` names the lineage to
+    bring the whole dict to (its head, or ``revision``).
+    """
+    sd, meta, ckpt = _read_state_dict(path, trust_pickle, state_dict_key)
+    report = LoadReport(
+        Path(path),
+        state_dict_key="/".join(ckpt.state_path) or None,
+        wrapper_prefix=ckpt.wrapper_prefix,
+    )
+    if ckpt.wrapper_prefix:
+        log.info("stripped wrapper prefix %r from %s", ckpt.wrapper_prefix, path)
+    if map_location is not None:
+        sd = OrderedDict(
+            (k, v.to(map_location) if isinstance(v, torch.Tensor) else v) for k, v in sd.items()
+        )
+    if location is not None:
+        lineage = Lineage(location, revision, None, type(model).__qualname__)
+        record = _migrate_at(lineage, model, sd, meta, "")
+        if record is not None:
+            report.lineages.append(record)
+    migrated, meta, records = migrate_tree(model, sd, meta)
+    report.lineages.extend(records)
+    migrated._metadata = meta  # type: ignore[attr-defined]
+    with tree_migrated():
+        try:
+            result = model.load_state_dict(migrated, strict=strict)
+        except RuntimeError as exc:
+            if isinstance(exc, CkptMigrateError) or "Error(s) in loading" not in str(exc):
+                raise
+            raise load_error(model, migrated) from exc
+    report.missing_keys = list(result.missing_keys)
+    report.unexpected_keys = list(result.unexpected_keys)
+    ckpt.close()
+    return report
+
+
+def save(model: torch.nn.Module, path: str | os.PathLike[str], **extra: Any) -> Path:
+    """Save ``model.state_dict()`` (stamped) atomically; ``extra`` makes a container.
+
+    With ``extra`` (``optimizer=..., epoch=...``) the file is
+    ``{"state_dict": ..., **extra}``. A ``.safetensors`` path writes that
+    format (no ``extra``).
+    """
+    target = Path(path)
+    sd = model.state_dict()
+    if target.suffix == ".safetensors":
+        if extra:
+            raise CheckpointError(
+                f"{target}: a safetensors file holds only tensors, not {', '.join(extra)}",
+                hint="save to a .pt file for a training checkpoint",
+            )
+        from ..formats.safetensors_file import write_safetensors
+        from ..runtime.memory import specs_of
+
+        stamp = read_stamp(getattr(sd, "_metadata", {}).get(""), str(target))
+        tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        with atomic_output(target) as tmp:
+            try:
+                write_safetensors(
+                    tmp,
+                    list(tensors),
+                    specs_of(tensors),
+                    tensors.__getitem__,
+                    {},
+                    stamp.revisions if stamp else None,
+                )
+            except CkptMigrateError:
+                raise
+            except Exception as exc:
+                raise write_error(target, exc) from exc
+        return target
+    obj: Any = {"state_dict": sd, **extra} if extra else sd
+    with atomic_output(target) as tmp:
+        try:
+            torch.save(obj, str(tmp))
+        except Exception as exc:
+            raise write_error(target, exc) from exc
+    return target
+
+
+def upgrade_state_dict(
+    state_dict: Mapping[str, Any],
+    location: str | os.PathLike[str],
+    target: str = "head",
+    *,
+    from_revision: str | None = None,
+) -> OrderedDict[str, Any]:
+    """Bring an in-memory state dict to ``target`` (up or down); returns a new, stamped dict.
+
+    Its revision comes from ``from_revision``, else its stamp
+    (``_metadata``), else its schema. The input's tensors are not modified;
+    unchanged ones are passed through as the same objects.
+    """
+    from ..runtime.memory import migrate_state_dict
+
+    lineage = Lineage(location, target, None, "the state dict")
+    script_dir = lineage.script_dir
+    goal = lineage.revision
+    metadata = {k: dict(v) for k, v in (getattr(state_dict, "_metadata", None) or {}).items()}
+    current: tuple[str, ...] | None
+    if from_revision is not None:
+        rev = script_dir.revision_map.get_revision(from_revision)
+        current = (rev.revision,) if rev is not None else ()
+    else:
+        current = lineage.current(state_dict, metadata.get(""), "the state dict")
+    if current is None:
+        raise CkptMigrateError(
+            "the state dict has no ckptmigrate stamp and cannot be identified by its schema",
+            hint="pass from_revision=...",
+        )
+    outcome = migrate_state_dict(script_dir, state_dict, metadata, current, goal)
+    out = outcome.state_dict
+    write_stamp(outcome.metadata.setdefault("", {}), (goal,))
+    out._metadata = outcome.metadata  # type: ignore[attr-defined]
+    return out

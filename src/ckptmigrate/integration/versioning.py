@@ -1,0 +1,303 @@
+"""``@ckptmigrate.versioned``: a model class that carries its schema revision.
+
+* ``state_dict()`` stamps the class's revision into ``_metadata`` (through
+  PyTorch's state-dict hooks), at whatever prefix the module sits;
+* ``load_state_dict()`` first brings older (or newer, when the lineage allows)
+  input to the class's revision, then loads it strictly as usual.
+
+A versioned class used as the root migrates the whole tree itself, parents
+before children, so a parent's rename of a child's prefix is seen by the
+child. A versioned module inside an unversioned model is handled by a load
+pre-hook on the module, at its own prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from ..errors import CkptMigrateError, LoadError
+from ..formats.stamp import write_stamp
+from ..schema import Schema, compare
+from .lineage import Lineage, log
+
+ModuleT = TypeVar("ModuleT", bound=type[torch.nn.Module])
+
+_LINEAGE_ATTR = "__ckptmigrate_lineage__"
+# Set while a load that already migrated the whole tree is running.
+_TREE_DONE: ContextVar[bool] = ContextVar("ckptmigrate_tree_done", default=False)
+# Collects what was migrated, for ckptmigrate.load's report.
+_RECORDS: ContextVar[list[LineageRecord] | None] = ContextVar("ckptmigrate_records", default=None)
+
+
+@dataclass
+class LineageRecord:
+    """One lineage's migration during a load."""
+
+    prefix: str
+    owner: str
+    from_revisions: tuple[str, ...]
+    to_revision: str
+    steps: list[str] = field(default_factory=list)
+    identified: bool = False
+
+
+def lineage_of(cls: type) -> Lineage | None:
+    value = getattr(cls, _LINEAGE_ATTR, None)
+    return value if isinstance(value, Lineage) else None
+
+
+class _SchemaRevision:
+    """``cls.__schema_revision__``: resolved on first access, through the MRO."""
+
+    def __get__(self, obj: object, owner: type) -> str:
+        lineage = lineage_of(owner)
+        assert lineage is not None
+        return lineage.revision
+
+
+def versioned(
+    location: str | os.PathLike[str], *, revision: str | None = None
+) -> Callable[[ModuleT], ModuleT]:
+    """Give an ``nn.Module`` class a schema revision from the lineage at ``location``.
+
+    ``location`` is the migrations folder or the ini file naming it (relative
+    paths are tried relative to the defining module first). ``revision``
+    pins the class to a revision; by default it follows the lineage's head.
+    """
+    caller = inspect.stack()[1].filename
+    origin = Path(caller).resolve().parent if caller and not caller.startswith("<") else None
+
+    def decorate(cls: ModuleT) -> ModuleT:
+        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+            raise TypeError("@ckptmigrate.versioned decorates nn.Module subclasses")
+        setattr(cls, _LINEAGE_ATTR, Lineage(location, revision, origin, cls.__qualname__))
+        cls.__schema_revision__ = _SchemaRevision()  # type: ignore[attr-defined]
+        _wrap_init(cls)
+        _wrap_load_state_dict(cls)
+        return cls
+
+    return decorate
+
+
+def _wrap_init(cls: type[torch.nn.Module]) -> None:
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if not self.__dict__.get("_ckptmigrate_hooks", False):
+            self.register_state_dict_post_hook(_stamp_hook)  # type: ignore[no-untyped-call]
+            self.register_load_state_dict_pre_hook(_load_pre_hook)  # type: ignore[no-untyped-call]
+            self.__dict__["_ckptmigrate_hooks"] = True
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+
+
+def _stamp_hook(
+    module: torch.nn.Module, state_dict: Any, prefix: str, local_metadata: dict[str, Any]
+) -> None:
+    lineage = lineage_of(type(module))
+    if lineage is not None:
+        write_stamp(local_metadata, (lineage.revision,))
+
+
+def _load_pre_hook(
+    module: torch.nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: dict[str, Any],
+    *_: Any,
+) -> None:
+    """Migrate this module's part of the dict being loaded (unversioned parents only)."""
+    if _TREE_DONE.get():
+        return
+    lineage = lineage_of(type(module))
+    if lineage is None:
+        return
+    metadata = {prefix[:-1]: dict(local_metadata)}
+    _migrate_at(lineage, module, state_dict, metadata, prefix)
+
+
+def _describe(module: torch.nn.Module, prefix: str) -> str:
+    where = f"the state dict of {type(module).__name__}"
+    return where + (f" at {prefix[:-1]!r}" if prefix else "")
+
+
+def _migrate_at(
+    lineage: Lineage,
+    module: torch.nn.Module,
+    sd: dict[str, Any],
+    metadata: dict[str, dict[str, Any]],
+    prefix: str,
+) -> LineageRecord | None:
+    """Bring the entries under ``prefix`` to the lineage's revision, in place."""
+    from ..runtime.memory import migrate_state_dict
+
+    root = prefix[:-1]
+    target = lineage.revision
+    stamp = (metadata.get(root) or {}).get("ckptmigrate.revision")
+    if stamp == target:
+        return None  # the common case: already at the class's revision
+    where = _describe(module, prefix)
+    keys = [k for k in sd if k.startswith(prefix)] if prefix else list(sd)
+    sub = {k[len(prefix) :]: sd[k] for k in keys} if prefix else dict(sd)
+    current = lineage.current(sub, metadata.get(root), where)
+    if current is None or current == (target,):
+        return None  # unknown (no stamp, no base schema): the strict load decides
+    stamped = (metadata.get(root) or {}).get("ckptmigrate.revision") is not None
+    sub_meta = _sub_metadata(metadata, root)
+    try:
+        outcome = migrate_state_dict(
+            lineage.script_dir, sub, sub_meta, current, target, log=log.info
+        )
+    except CkptMigrateError as exc:
+        raise LoadError(
+            f"bringing {where} from {', '.join(current) or 'base'} to {target} failed: "
+            f"{exc.message}",
+            hint=exc.hint,
+        ) from exc
+    for k in keys:
+        del sd[k]
+    for k, v in outcome.state_dict.items():
+        sd[prefix + k] = v
+    for name in [n for n in metadata if n == root or n.startswith(prefix)]:
+        del metadata[name]
+    for name, meta in outcome.metadata.items():
+        metadata[(prefix + name) if name else root] = meta
+    write_stamp(metadata.setdefault(root, {}), (target,))
+    record = LineageRecord(
+        prefix,
+        type(module).__qualname__,
+        tuple(current),
+        target,
+        [str(s) for s in outcome.steps],
+        identified=not stamped,
+    )
+    records = _RECORDS.get()
+    if records is not None:
+        records.append(record)
+    return record
+
+
+def _sub_metadata(
+    metadata: Mapping[str, Mapping[str, Any]], root: str
+) -> dict[str, dict[str, Any]]:
+    if not root:
+        return {k: dict(v) for k, v in metadata.items()}
+    out: dict[str, dict[str, Any]] = {}
+    for name, meta in metadata.items():
+        if name == root:
+            out[""] = dict(meta)
+        elif name.startswith(root + "."):
+            out[name[len(root) + 1 :]] = dict(meta)
+    return out
+
+
+def migrate_tree(
+    model: torch.nn.Module, sd: Mapping[str, Any], metadata: Mapping[str, Mapping[str, Any]]
+) -> tuple[OrderedDict[str, Any], dict[str, dict[str, Any]], list[LineageRecord]]:
+    """Migrate every versioned module's entries, parents before children."""
+    out: OrderedDict[str, Any] = OrderedDict(sd)
+    meta = {k: dict(v) for k, v in metadata.items()}  # never write into the caller's
+    records: list[LineageRecord] = []
+    for name, module in model.named_modules():
+        lineage = lineage_of(type(module))
+        if lineage is None:
+            continue
+        record = _migrate_at(lineage, module, out, meta, name + "." if name else "")
+        if record is not None:
+            records.append(record)
+    return out, meta, records
+
+
+@contextlib.contextmanager
+def tree_migrated() -> Iterator[None]:
+    token = _TREE_DONE.set(True)
+    try:
+        yield
+    finally:
+        _TREE_DONE.reset(token)
+
+
+def _wrap_load_state_dict(cls: type[torch.nn.Module]) -> None:
+    original = cls.load_state_dict
+
+    @functools.wraps(original)
+    def load_state_dict(
+        self: torch.nn.Module,
+        state_dict: Mapping[str, Any],
+        strict: bool = True,
+        assign: bool = False,
+    ) -> Any:
+        if _TREE_DONE.get():
+            return original(self, state_dict, strict=strict, assign=assign)
+        metadata = getattr(state_dict, "_metadata", None) or {}
+        migrated, meta, _records = migrate_tree(self, state_dict, metadata)
+        migrated._metadata = meta  # type: ignore[attr-defined]
+        with tree_migrated():
+            try:
+                return original(self, migrated, strict=strict, assign=assign)
+            except RuntimeError as exc:
+                if isinstance(exc, CkptMigrateError) or "Error(s) in loading" not in str(exc):
+                    raise
+                raise load_error(self, migrated) from exc
+
+    cls.load_state_dict = load_state_dict  # type: ignore[method-assign]
+
+
+def load_error(model: torch.nn.Module, migrated: Mapping[str, Any]) -> LoadError:
+    """What still does not fit after migration, and how to fix it."""
+    from ..runtime.memory import specs_of
+
+    have = Schema.from_specs(specs_of(migrated))
+    want = Schema.from_module(model)
+    diff = compare(have, want)
+    parts = []
+    if diff.missing:
+        parts.append(f"missing {_few(diff.missing)}")
+    if diff.unexpected:
+        parts.append(f"unexpected {_few(diff.unexpected)}")
+    for key in diff.mismatched[:3]:
+        parts.append(f"{key} is {have[key]} in the checkpoint but {want[key]} in the model")
+    if len(diff.mismatched) > 3:
+        parts.append(f"{len(diff.mismatched) - 3} more shape/dtype mismatches")
+    if diff.renames:
+        parts.append("likely renames: " + ", ".join(f"{o} -> {n}" for o, n in diff.renames[:5]))
+    name = type(model).__name__
+    versioned_cls = lineage_of(type(model)) is not None
+    fix = (
+        "write the missing migration with 'ckptmigrate revision --autogenerate -m \"...\"'"
+        if versioned_cls
+        else "version the model with @ckptmigrate.versioned and write a migration "
+        "('ckptmigrate revision --autogenerate -m \"...\"')"
+    )
+    return LoadError(
+        f"{name} cannot load the state dict even after migration: " + "; ".join(parts),
+        hint=fix,
+    )
+
+
+def _few(keys: list[str]) -> str:
+    shown = ", ".join(keys[:5])
+    return shown + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[LineageRecord]]:
+    records: list[LineageRecord] = []
+    token = _RECORDS.set(records)
+    try:
+        yield records
+    finally:
+        _RECORDS.reset(token)
