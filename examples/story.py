@@ -41,6 +41,18 @@ def load_v3(path: str) -> None:
     print(f"SimpleModelV3 loaded {path} with strict=True")
 
 
+def versioned_load(path: str) -> None:
+    """Plain PyTorch loading into a versioned class: migrations run on the fly."""
+    import logging
+
+    from examples.versioned_model import VersionedSimpleModel
+
+    logging.basicConfig(level=logging.INFO, format="  [%(name)s] %(message)s")
+    model = VersionedSimpleModel()
+    result = model.load_state_dict(torch.load(path, weights_only=True))
+    print(f"VersionedSimpleModel (at {model.__schema_revision__}) loaded {path}: {result}")
+
+
 def same_outputs(new_path: str, old_path: str) -> None:
     old = SimpleModelV1()
     old.load_state_dict(torch.load(old_path, weights_only=True), strict=True)
@@ -68,6 +80,7 @@ COMMANDS = {
     "save-v1": save_v1,
     "load": load,
     "load-v3": load_v3,
+    "versioned-load": versioned_load,
     "same-outputs": same_outputs,
     "identical": identical,
 }

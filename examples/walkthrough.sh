@@ -67,4 +67,11 @@ step ckptmigrate check
 step ckptmigrate upgrade model.pth
 step python -m examples.story load-v3 model.pth
 
+say "7. Automatic upgrade on load: one decorator on the class."
+step sed -n '/^@ckptmigrate/,$p' examples/versioned_model.py
+say "An old, unstamped file: identified, upgraded on the fly, loaded strictly."
+step python -m examples.story versioned-load original.pth
+say "A newer file (at 3c9d2e4f6a8b): downgraded to the class's pinned revision."
+step python -m examples.story versioned-load model.pth
+
 printf '\nWalkthrough complete: files are in %s\n' "$WORK"
