@@ -269,3 +269,50 @@ def test_tied_weights_stay_shared(project: Path, run: Run) -> None:
     run("upgrade", "tied.pth", "--from", INITIAL)
     out = torch.load("tied.pth", weights_only=True)
     assert out["head.weight"].data_ptr() == out["fc1.weight"].data_ptr()
+
+
+def test_lineage_under_a_key_prefix(project: Path, run: Run) -> None:
+    """A Lightning-style container: the model's keys sit under 'model.'."""
+    sd = v1_state_dict()
+    full = OrderedDict(("model." + k, v) for k, v in sd.items())
+    full["criterion.weight"] = torch.ones(3)
+    torch.save({"state_dict": full, "epoch": 2}, "lit.ckpt")
+    err = run("upgrade", "lit.ckpt", "--from", INITIAL, "--key-prefix", "nope.", code=1).stderr
+    assert "no keys under the prefix 'nope.'" in err
+    run("upgrade", "lit.ckpt", "--from", INITIAL, "--key-prefix", "model.")
+    obj = torch.load("lit.ckpt", weights_only=True)
+    out = obj["state_dict"]
+    assert list(out) == [
+        "model.fc1.weight",
+        "model.fc1.bias",
+        "model.fc3.weight",
+        "model.fc3.bias",
+        "model.fc2.weight",
+        "model.fc2.bias",
+        "criterion.weight",
+    ]
+    assert torch.equal(out["model.fc3.weight"], sd["fc2.weight"])
+    assert torch.equal(out["criterion.weight"], torch.ones(3))
+    assert obj["epoch"] == 2
+    assert out._metadata["model"]["ckptmigrate.revision"] == ADD_FC3
+    assert "ckptmigrate.revision" not in out._metadata.get("", {})
+    assert run("current", "lit.ckpt", "--key-prefix", "model.").stdout == f"{ADD_FC3} (head)\n"
+    # the prefix can live in the configuration too
+    ini = project / "alembic_style.ini"
+    ini.write_text(ini.read_text() + "key_prefix = model.\n")
+    run("downgrade", "lit.ckpt", INITIAL)
+    back = torch.load("lit.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(back["model." + k], v) for k, v in sd.items())
+
+
+def test_safetensors_stamp_under_prefix(project: Path, run: Run) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    sd = {"enc." + k: v for k, v in v1_state_dict().items()}
+    save_file(sd, "p.safetensors")
+    run("stamp", "p.safetensors", INITIAL, "--key-prefix", "enc.")
+    with safe_open("p.safetensors", "pt") as f:
+        assert f.metadata()["enc:ckptmigrate.revision"] == INITIAL
+    run("upgrade", "p.safetensors", "--key-prefix", "enc.")
+    assert run("current", "p.safetensors", "--key-prefix", "enc.").stdout == f"{ADD_FC3} (head)\n"

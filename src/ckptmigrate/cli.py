@@ -209,6 +209,11 @@ def _checkpoint_options(fn: Any) -> Any:
         metavar="KEY",
         help="Where the state dict sits in a training checkpoint (default: detected).",
     )(fn)
+    fn = click.option(
+        "--key-prefix",
+        metavar="PREFIX",
+        help="The lineage's keys sit under PREFIX (e.g. 'model.' in a Lightning checkpoint).",
+    )(fn)
     return fn
 
 
@@ -248,6 +253,7 @@ def upgrade(
     no_verify: bool,
     state_dict_key: str | None,
     trust_pickle: bool,
+    key_prefix: str | None,
 ) -> None:
     """Upgrade CHECKPOINT to TARGET (default: head), in place unless -o."""
     _check_target(target)
@@ -260,6 +266,7 @@ def upgrade(
         dry_run=dry_run,
         trust_pickle=trust_pickle,
         state_dict_key=state_dict_key,
+        key_prefix=key_prefix,
         verify=not no_verify,
     )
 
@@ -279,6 +286,7 @@ def downgrade(
     no_verify: bool,
     state_dict_key: str | None,
     trust_pickle: bool,
+    key_prefix: str | None,
 ) -> None:
     """Downgrade CHECKPOINT to TARGET (e.g. -1, base, a revision), in place unless -o."""
     _check_target(target)
@@ -291,6 +299,7 @@ def downgrade(
         dry_run=dry_run,
         trust_pickle=trust_pickle,
         state_dict_key=state_dict_key,
+        key_prefix=key_prefix,
         verify=not no_verify,
     )
 
@@ -306,6 +315,7 @@ def current(
     verbose: bool,
     state_dict_key: str | None,
     trust_pickle: bool,
+    key_prefix: str | None,
 ) -> None:
     """Print the revision(s) CHECKPOINT is at."""
     command.current(
@@ -314,6 +324,7 @@ def current(
         verbose=verbose,
         trust_pickle=trust_pickle,
         state_dict_key=state_dict_key,
+        key_prefix=key_prefix,
     )
 
 
@@ -332,6 +343,7 @@ def stamp(
     output: str | None,
     state_dict_key: str | None,
     trust_pickle: bool,
+    key_prefix: str | None,
 ) -> None:
     """Record REVISIONS in CHECKPOINT without running migrations ('base' removes it)."""
     command.stamp(
@@ -342,6 +354,7 @@ def stamp(
         output=output,
         trust_pickle=trust_pickle,
         state_dict_key=state_dict_key,
+        key_prefix=key_prefix,
     )
 
 
@@ -373,6 +386,7 @@ def diff(
     exit_code: bool,
     state_dict_key: str | None,
     trust_pickle: bool,
+    key_prefix: str | None,
 ) -> None:
     """Show how CHECKPOINT differs from the model: missing, unexpected, mismatched keys."""
     same = command.diff(
@@ -381,6 +395,7 @@ def diff(
         revision=revision,
         trust_pickle=trust_pickle,
         state_dict_key=state_dict_key,
+        key_prefix=key_prefix,
     )
     if exit_code and not same:
         ctx.exit(1)
@@ -407,6 +422,7 @@ def schema_cmd(
     from_revision: str | None,
     state_dict_key: str | None,
     trust_pickle: bool,
+    key_prefix: str | None,
 ) -> None:
     """Print the schema at REVISION (default: heads), or --record the base schema."""
     command.schema(
@@ -417,6 +433,7 @@ def schema_cmd(
         from_revision=from_revision,
         trust_pickle=trust_pickle,
         state_dict_key=state_dict_key,
+        key_prefix=key_prefix,
     )
 
 

@@ -275,6 +275,7 @@ def _open(
     checkpoint: str | os.PathLike[str],
     trust_pickle: bool,
     state_dict_key: str | None,
+    key_prefix: str | None = None,
 ) -> Checkpoint:
     from .formats import read_checkpoint
 
@@ -289,7 +290,7 @@ def _open(
     )
     for note in ckpt.notes():
         config.log(f"Note: {note}")
-    return ckpt
+    return ckpt.focus(key_prefix or config.get("key_prefix"))
 
 
 def _resolve_ids(script_dir: ScriptDirectory, symbols: str) -> tuple[str, ...]:
@@ -349,15 +350,15 @@ def _migrate(
     dry_run: bool,
     trust_pickle: bool,
     state_dict_key: str | None,
+    key_prefix: str | None = None,
     verify: bool = True,
 ) -> MigrationResult:
     from .formats import write_checkpoint
-    from .plan.state import PlanState
     from .runtime.migration import downgrade_steps, run_steps, upgrade_steps
 
     script_dir = ScriptDirectory.from_config(config)
     rmap = script_dir.revision_map
-    ckpt = _open(config, checkpoint, trust_pickle, state_dict_key)
+    ckpt = _open(config, checkpoint, trust_pickle, state_dict_key, key_prefix)
     try:
         current, identified = starting_heads(config, script_dir, ckpt, from_revision)
         direction = "upgrade" if upgrade else "downgrade"
@@ -389,7 +390,7 @@ def _migrate(
             why = _beyond(rmap, current, target, upgrade)
             config.log(f"Nothing to {direction}: {where} is at {at}{why}")
             return result
-        state = PlanState.from_schema(ckpt.schema, ckpt.metadata)
+        state = ckpt.initial_state()
         new_heads = run_steps(
             steps, state, current, rmap, symbolic=dry_run, log=None if dry_run else config.log
         )
@@ -460,6 +461,7 @@ def upgrade(
     dry_run: bool = False,
     trust_pickle: bool = False,
     state_dict_key: str | None = None,
+    key_prefix: str | None = None,
     verify: bool = True,
 ) -> MigrationResult:
     """Upgrade a checkpoint file to ``target`` (in place unless ``output``)."""
@@ -473,6 +475,7 @@ def upgrade(
         dry_run=dry_run,
         trust_pickle=trust_pickle,
         state_dict_key=state_dict_key,
+        key_prefix=key_prefix,
         verify=verify,
     )
 
@@ -487,6 +490,7 @@ def downgrade(
     dry_run: bool = False,
     trust_pickle: bool = False,
     state_dict_key: str | None = None,
+    key_prefix: str | None = None,
     verify: bool = True,
 ) -> MigrationResult:
     """Downgrade a checkpoint file to ``target`` (in place unless ``output``)."""
@@ -500,6 +504,7 @@ def downgrade(
         dry_run=dry_run,
         trust_pickle=trust_pickle,
         state_dict_key=state_dict_key,
+        key_prefix=key_prefix,
         verify=verify,
     )
 
@@ -511,10 +516,11 @@ def current(
     verbose: bool = False,
     trust_pickle: bool = False,
     state_dict_key: str | None = None,
+    key_prefix: str | None = None,
 ) -> tuple[str, ...]:
     """Print the revision(s) a checkpoint is at; returns them."""
     script_dir = ScriptDirectory.from_config(config)
-    ckpt = _open(config, checkpoint, trust_pickle, state_dict_key)
+    ckpt = _open(config, checkpoint, trust_pickle, state_dict_key, key_prefix)
     try:
         stamped = _stamped_heads(script_dir, ckpt)
         if stamped is None:
@@ -539,14 +545,14 @@ def stamp(
     output: str | os.PathLike[str] | None = None,
     trust_pickle: bool = False,
     state_dict_key: str | None = None,
+    key_prefix: str | None = None,
 ) -> tuple[str, ...]:
     """Record ``revisions`` in the checkpoint without running migrations."""
     from .formats import write_checkpoint
-    from .plan.state import PlanState
 
     script_dir = ScriptDirectory.from_config(config)
     rmap = script_dir.revision_map
-    ckpt = _open(config, checkpoint, trust_pickle, state_dict_key)
+    ckpt = _open(config, checkpoint, trust_pickle, state_dict_key, key_prefix)
     try:
         if purge or ckpt.stamp is None:
             before: tuple[str, ...] = ()
@@ -561,7 +567,7 @@ def stamp(
                     f"{exc.message}", hint="name the revision(s) to stamp, or use 'heads'"
                 ) from exc
             raise
-        state = PlanState.from_schema(ckpt.schema, ckpt.metadata)
+        state = ckpt.initial_state()
         out = Path(output) if output else Path(checkpoint)
         write_checkpoint(out, ckpt, state, after or None)
         where = display_path(out)
@@ -657,6 +663,7 @@ def diff(
     revision: str | None = None,
     trust_pickle: bool = False,
     state_dict_key: str | None = None,
+    key_prefix: str | None = None,
 ) -> bool:
     """Print how a checkpoint's schema differs from the model's (or a revision's).
 
@@ -664,7 +671,7 @@ def diff(
     """
     from .schema import Schema, compare, format_table
 
-    ckpt = _open(config, checkpoint, trust_pickle, state_dict_key)
+    ckpt = _open(config, checkpoint, trust_pickle, state_dict_key, key_prefix)
     try:
         have = Schema.from_specs(ckpt.schema)
         if revision is not None:
@@ -712,6 +719,7 @@ def schema(
     from_revision: str | None = None,
     trust_pickle: bool = False,
     state_dict_key: str | None = None,
+    key_prefix: str | None = None,
 ) -> object:
     """Print the schema at a revision, or record the lineage's base schema.
 
@@ -750,7 +758,7 @@ def schema(
                 hint="record from a checkpoint instead: ckptmigrate schema --record CKPT",
             )
     else:
-        ckpt = _open(config, checkpoint, trust_pickle, state_dict_key)
+        ckpt = _open(config, checkpoint, trust_pickle, state_dict_key, key_prefix)
         try:
             heads, _identified = starting_heads(config, script_dir, ckpt, from_revision)
             state = PlanState.from_schema(ckpt.schema)

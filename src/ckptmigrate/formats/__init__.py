@@ -9,6 +9,7 @@ from ..errors import CheckpointError, CkptMigrateError
 from ..plan.state import Evaluator, PlanState
 from .atomic import atomic_output, write_error
 from .checkpoint import Checkpoint
+from .stamp import write_stamp
 
 __all__ = ["Checkpoint", "format_for", "read_checkpoint", "write_checkpoint"]
 
@@ -78,7 +79,12 @@ def write_checkpoint(
     format: str | None = None,
     verify: bool = True,
 ) -> None:
-    """Write ``state`` (evaluated against ``source``) to ``target`` atomically."""
+    """Write ``state`` (evaluated against ``source``) to ``target`` atomically.
+
+    ``state`` holds the lineage's entries (relative to ``source.key_prefix``);
+    the rest of the file is carried through. ``revisions`` is the stamp to
+    record: ``()`` means at base, None removes it.
+    """
     out = Path(target)
     fmt = format or format_for(out, source.format)
     if fmt == "safetensors" and source.format == "torch" and source.state_path:
@@ -87,20 +93,23 @@ def write_checkpoint(
             f"checkpoint with other entries ({', '.join(map(repr, _others(source)))})",
             hint="write a .pt output, or save the state dict alone first",
         )
-    evaluator = Evaluator(state.entries, source.read)
-    keys = list(state.entries)
+    full = source.file_state(state)
+    metadata = {k: dict(v) for k, v in full.metadata.items()}
+    write_stamp(metadata.setdefault(source.key_prefix[:-1], {}), revisions)
+    evaluator = Evaluator(full.entries, source.read)
+    keys = list(full.entries)
     with atomic_output(out) as tmp:
         try:
             if fmt == "safetensors":
                 from .safetensors_file import write_safetensors
 
                 write_safetensors(
-                    tmp, keys, state.schema(), evaluator, source.header_metadata, revisions
+                    tmp, keys, full.schema(), evaluator, source.header_metadata, metadata
                 )
             else:
                 from .torch_file import write_torch
 
-                write_torch(tmp, source, keys, evaluator, state.metadata, revisions)
+                write_torch(tmp, source, keys, evaluator, metadata)
         except CkptMigrateError:
             raise
         except Exception as exc:
@@ -111,7 +120,7 @@ def write_checkpoint(
             key = (
                 "/".join(source.state_path) if fmt == "torch" and source.format == "torch" else None
             )
-            verify_written(tmp, out, state, revisions, key or None)
+            verify_written(tmp, out, full, state, source.key_prefix, revisions, key or None)
 
 
 def _others(source: Checkpoint) -> list[str]:

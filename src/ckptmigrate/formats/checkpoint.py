@@ -10,15 +10,16 @@ and a lazy reader. Writing puts everything else back untouched.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import CheckpointError
-from ..plan.nodes import TensorSpec
-from .stamp import Stamp
+from ..plan.nodes import Node, Source, TensorSpec
+from ..plan.state import PlanState
+from .stamp import Stamp, read_stamp
 
 #: Where training containers usually keep the weights, in lookup order.
 CONTAINER_KEYS = ("state_dict", "model_state_dict", "model")
@@ -45,9 +46,75 @@ class Checkpoint:
     legacy: bool = False
     header_metadata: dict[str, str] = field(default_factory=dict)
     close: Callable[[], None] = field(default=lambda: None)
+    # When focused on a lineage under a key prefix: the whole file's view.
+    key_prefix: str = ""
+    file_schema: dict[str, TensorSpec | None] | None = None
+    file_metadata: dict[str, dict[str, Any]] | None = None
 
     def read(self, key: str) -> Any:
+        """A tensor by its key in the file (prefix included)."""
         return self.reader(key)
+
+    def focus(self, prefix: str | None) -> Checkpoint:
+        """The same file seen by a lineage whose keys sit under ``prefix`` (e.g. ``model.``).
+
+        Schema, metadata and stamp become relative to the prefix; everything
+        outside it is carried through untouched when the file is written.
+        """
+        if not prefix:
+            return self
+        p = prefix if prefix.endswith(".") else prefix + "."
+        schema = {k[len(p) :]: s for k, s in self.schema.items() if k.startswith(p)}
+        if not schema:
+            first = ", ".join(list(self.schema)[:5])
+            raise CheckpointError(
+                f"{self.path} has no keys under the prefix {p!r} (keys start like: {first})",
+                hint="fix --key-prefix / key_prefix in the configuration",
+            )
+        root = p[:-1]
+        metadata = {
+            ("" if name == root else name[len(root) + 1 :]): dict(meta)
+            for name, meta in self.metadata.items()
+            if name == root or name.startswith(root + ".")
+        }
+        return replace(
+            self,
+            schema=schema,
+            metadata=metadata,
+            stamp=read_stamp(metadata.get(""), f"{self.path} (under {p!r})"),
+            key_prefix=p,
+            file_schema=self.schema,
+            file_metadata=self.metadata,
+        )
+
+    def initial_state(self) -> PlanState:
+        """The plan before any migration: every entry is itself (read by its file key)."""
+        p = self.key_prefix
+        return PlanState({k: Source(p + k, spec) for k, spec in self.schema.items()}, self.metadata)
+
+    def file_state(self, state: PlanState) -> PlanState:
+        """``state`` (this lineage's entries) put back among the file's other entries."""
+        if not self.key_prefix:
+            return state
+        assert self.file_schema is not None and self.file_metadata is not None
+        p, root = self.key_prefix, self.key_prefix[:-1]
+        entries: dict[str, Node] = {}
+        placed = False
+        for key, spec in self.file_schema.items():
+            if key.startswith(p):
+                if not placed:
+                    entries.update((p + k, node) for k, node in state.entries.items())
+                    placed = True
+            else:
+                entries[key] = Source(key, spec)
+        metadata = {
+            name: dict(meta)
+            for name, meta in self.file_metadata.items()
+            if not (name == root or name.startswith(root + "."))
+        }
+        for name, meta in state.metadata.items():
+            metadata[(root + "." + name) if name else root] = dict(meta)
+        return PlanState(entries, metadata)
 
     @property
     def location(self) -> str:

@@ -24,7 +24,7 @@ import torch
 from ..errors import CheckpointError
 from ..plan.nodes import TensorSpec
 from .checkpoint import Checkpoint
-from .stamp import read_stamp, strip_stamp, write_stamp
+from .stamp import STAMP_PREFIX, read_stamp
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -171,16 +171,42 @@ def read_safetensors(path: Path) -> Checkpoint:
                 state["mm"].close()
             state["mm"] = None
 
+    modules = stamp_entries(meta)
     return Checkpoint(
         path=path,
         format="safetensors",
         schema=schema,
-        metadata={},
-        stamp=read_stamp(meta, str(path)),
+        metadata=modules,
+        stamp=read_stamp(modules.get(""), str(path)),
         reader=reader,
-        header_metadata=strip_stamp(meta),
+        header_metadata={k: v for k, v in meta.items() if not _is_stamp_key(k)},
         close=close,
     )
+
+
+def _is_stamp_key(key: str) -> bool:
+    return key.split(":", 1)[-1].startswith(STAMP_PREFIX)
+
+
+def stamp_entries(meta: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Header entries ``ckptmigrate.*`` (root) and ``<module>:ckptmigrate.*`` by module."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in meta.items():
+        if not _is_stamp_key(key):
+            continue
+        module, _, name = key.rpartition(":")
+        out.setdefault(module, {})[name] = value
+    return out
+
+
+def flatten_stamps(metadata: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """The inverse of :func:`stamp_entries`; other per-module metadata has no place here."""
+    out: dict[str, str] = {}
+    for module, meta in metadata.items():
+        for name, value in meta.items():
+            if name.startswith(STAMP_PREFIX):
+                out[f"{module}:{name}" if module else name] = str(value)
+    return out
 
 
 def _write_tensor(fh: BinaryIO, tensor: torch.Tensor) -> None:
@@ -201,12 +227,11 @@ def write_safetensors(
     specs: Mapping[str, TensorSpec | None],
     produce: Callable[[str], Any],
     header_metadata: Mapping[str, str],
-    revisions: tuple[str, ...] | None,
+    metadata: Mapping[str, Mapping[str, Any]],
 ) -> None:
     """Stream tensors into ``target``: the header first (specs are known), then data."""
     header: dict[str, Any] = {}
-    meta = dict(header_metadata)
-    write_stamp(meta, revisions)
+    meta = {**header_metadata, **flatten_stamps(metadata)}
     if meta:
         header["__metadata__"] = meta
     offset = 0

@@ -17,6 +17,7 @@ from packaging.version import InvalidVersion, Version
 from .._version import __version__
 from ..errors import StampError
 
+STAMP_PREFIX = "ckptmigrate."
 REVISION_KEY = "ckptmigrate.revision"
 VERSION_KEY = "ckptmigrate.version"
 FORMAT_KEY = "ckptmigrate.format"
@@ -76,7 +77,3 @@ def write_stamp(meta: MutableMapping[str, Any], revisions: Sequence[str] | None)
         meta[REVISION_KEY] = ",".join(revisions)
         meta[VERSION_KEY] = __version__
         meta[FORMAT_KEY] = STAMP_FORMAT
-
-
-def strip_stamp(meta: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in meta.items() if k not in _KEYS}

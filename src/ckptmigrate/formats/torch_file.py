@@ -28,7 +28,7 @@ from .checkpoint import (
     strip_metadata_prefix,
     wrapper_prefix,
 )
-from .stamp import read_stamp, write_stamp
+from .stamp import read_stamp
 
 # What the weights-only unpickler says when a pickle asks for code (as
 # opposed to bytes that are not a pickle at all).
@@ -119,17 +119,16 @@ def build_state_dict(
     keys: list[str],
     produce: Callable[[str], Any],
     metadata: Mapping[str, Mapping[str, Any]],
-    revisions: tuple[str, ...] | None,
 ) -> OrderedDict[str, Any]:
+    """An ordinary state dict whose ``_metadata`` carries module versions and stamps."""
     sd: OrderedDict[str, Any] = OrderedDict((k, produce(k)) for k in keys)
     meta: OrderedDict[str, dict[str, Any]] = OrderedDict(
-        (name, dict(m)) for name, m in metadata.items()
+        (name, dict(m)) for name, m in metadata.items() if m or name == ""
     )
-    root = meta.setdefault("", {})
-    meta.move_to_end("", last=False)
-    write_stamp(root, revisions)
-    if not root and len(meta) == 1:
-        meta.clear()
+    if "" in meta:
+        meta.move_to_end("", last=False)
+        if not meta[""] and len(meta) == 1:
+            meta.clear()
     sd._metadata = meta  # type: ignore[attr-defined]
     return sd
 
@@ -140,10 +139,9 @@ def write_torch(
     keys: list[str],
     produce: Callable[[str], Any],
     metadata: Mapping[str, Mapping[str, Any]],
-    revisions: tuple[str, ...] | None,
 ) -> None:
     """Write the state dict (back into its container) to ``target``."""
-    sd = build_state_dict(keys, produce, metadata, revisions)
+    sd = build_state_dict(keys, produce, metadata)
     obj: Any = sd
     if source is not None and source.format == "torch":
         obj = replace_at(source.container, source.state_path, sd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import WriteError
@@ -11,7 +12,9 @@ from ..plan.state import PlanState
 def verify_written(
     path: Path,
     target: Path,
-    state: PlanState,
+    full: PlanState,
+    lineage: PlanState,
+    key_prefix: str,
     revisions: tuple[str, ...] | None,
     state_dict_key: str | None,
 ) -> None:
@@ -23,18 +26,9 @@ def verify_written(
 
     ckpt = read_checkpoint(path, state_dict_key=state_dict_key)
     try:
-        want = state.schema()
-        got = ckpt.schema
-        if list(got) != list(want) or any(got[k] != want[k] for k in want):
-            missing = [k for k in want if k not in got]
-            extra = [k for k in got if k not in want]
-            changed = [k for k in want if k in got and got[k] != want[k]]
-            raise WriteError(
-                f"{target} does not match the migration plan after writing "
-                f"(missing {missing[:3]}, unexpected {extra[:3]}, changed {changed[:3]})",
-                hint="this is a bug in ckptmigrate; please report it",
-            )
-        stamped = ckpt.stamp.revisions if ckpt.stamp else None
+        _same(target, ckpt.schema, full.schema())
+        focused = ckpt.focus(key_prefix) if lineage.entries else ckpt
+        stamped = focused.stamp.revisions if focused.stamp else None
         if stamped != revisions:
             raise WriteError(
                 f"{target} records {stamped} after writing, expected {revisions}",
@@ -42,3 +36,15 @@ def verify_written(
             )
     finally:
         ckpt.close()
+
+
+def _same(target: Path, got: Mapping[str, object], want: Mapping[str, object]) -> None:
+    if list(got) != list(want) or any(got[k] != want[k] for k in want):
+        missing = [k for k in want if k not in got]
+        extra = [k for k in got if k not in want]
+        changed = [k for k in want if k in got and got[k] != want[k]]
+        raise WriteError(
+            f"{target} does not match the migration plan after writing "
+            f"(missing {missing[:3]}, unexpected {extra[:3]}, changed {changed[:3]})",
+            hint="this is a bug in ckptmigrate; please report it; the input is unchanged",
+        )

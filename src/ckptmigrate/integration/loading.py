@@ -14,7 +14,7 @@ import torch
 from ..errors import CheckpointError, CkptMigrateError
 from ..formats import read_checkpoint
 from ..formats.atomic import atomic_output, write_error
-from ..formats.stamp import read_stamp, write_stamp
+from ..formats.stamp import write_stamp
 from .lineage import Lineage, log
 from .versioning import LineageRecord, _migrate_at, load_error, migrate_tree, tree_migrated
 
@@ -133,7 +133,6 @@ def save(model: torch.nn.Module, path: str | os.PathLike[str], **extra: Any) -> 
         from ..formats.safetensors_file import write_safetensors
         from ..runtime.memory import specs_of
 
-        stamp = read_stamp(getattr(sd, "_metadata", {}).get(""), str(target))
         tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
         with atomic_output(target) as tmp:
             try:
@@ -143,7 +142,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike[str], **extra: Any) -> 
                     specs_of(tensors),
                     tensors.__getitem__,
                     {},
-                    stamp.revisions if stamp else None,
+                    getattr(sd, "_metadata", {}),
                 )
             except CkptMigrateError:
                 raise
