@@ -395,11 +395,18 @@ def _migrate(
             steps, state, current, rmap, symbolic=dry_run, log=None if dry_run else config.log
         )
         result.to_revisions = new_heads
+        container = None
+        if ckpt.format == "torch" and ckpt.state_path:
+            from .training import migrate_training_state
+
+            container = migrate_training_state(
+                config, script_dir, ckpt, state, current, new_heads, steps, dry_run=dry_run
+            )
         if dry_run:
             _print_plan(config, where, result, len(ckpt.schema), state)
             return result
         out = Path(output) if output else Path(checkpoint)
-        write_checkpoint(out, ckpt, state, new_heads, verify=verify)
+        write_checkpoint(out, ckpt, state, new_heads, verify=verify, container=container)
         config.log(
             f"{'Upgraded' if upgrade else 'Downgraded'} {where}: "
             f"{format_ids(current) or 'base'} -> {format_ids(new_heads) or 'base'} "

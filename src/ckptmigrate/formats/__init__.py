@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from ..errors import CheckpointError, CkptMigrateError
 from ..plan.state import Evaluator, PlanState
@@ -78,12 +79,14 @@ def write_checkpoint(
     *,
     format: str | None = None,
     verify: bool = True,
+    container: Any = None,
 ) -> None:
     """Write ``state`` (evaluated against ``source``) to ``target`` atomically.
 
     ``state`` holds the lineage's entries (relative to ``source.key_prefix``);
-    the rest of the file is carried through. ``revisions`` is the stamp to
-    record: ``()`` means at base, None removes it.
+    the rest of the file is carried through (``container``, when given,
+    replaces the training container the state dict is put back into).
+    ``revisions`` is the stamp to record: ``()`` means at base, None removes it.
     """
     out = Path(target)
     fmt = format or format_for(out, source.format)
@@ -109,7 +112,7 @@ def write_checkpoint(
             else:
                 from .torch_file import write_torch
 
-                write_torch(tmp, source, keys, evaluator, metadata)
+                write_torch(tmp, source, keys, evaluator, metadata, container)
         except CkptMigrateError:
             raise
         except Exception as exc:

@@ -139,10 +139,12 @@ def write_torch(
     keys: list[str],
     produce: Callable[[str], Any],
     metadata: Mapping[str, Mapping[str, Any]],
+    container: Any = None,
 ) -> None:
     """Write the state dict (back into its container) to ``target``."""
     sd = build_state_dict(keys, produce, metadata)
     obj: Any = sd
     if source is not None and source.format == "torch":
-        obj = replace_at(source.container, source.state_path, sd)
+        base = container if container is not None else source.container
+        obj = replace_at(base, source.state_path, sd)
     torch.save(obj, str(target))
