@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,7 @@ def write_checkpoint(
     format: str | None = None,
     verify: bool = True,
     container: Any = None,
+    progress: Callable[[int], None] | None = None,
 ) -> None:
     """Write ``state`` (evaluated against ``source``) to ``target`` atomically.
 
@@ -112,7 +114,7 @@ def write_checkpoint(
             else:
                 from .torch_file import write_torch
 
-                write_torch(tmp, source, keys, evaluator, metadata, container)
+                write_torch(tmp, source, full.entries, evaluator, metadata, container, progress)
         except CkptMigrateError:
             raise
         except Exception as exc:

@@ -48,6 +48,7 @@ class Checkpoint:
     close: Callable[[], None] = field(default=lambda: None)
     # When focused on a lineage under a key prefix: the whole file's view.
     key_prefix: str = ""
+    zip_source: Any = None  # torch_zip.ZipSource when the input was read lazily
     file_schema: dict[str, TensorSpec | None] | None = None
     file_metadata: dict[str, dict[str, Any]] | None = None
 

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, UnsafeCheckpointError
-from ..plan.nodes import TensorSpec
+from ..plan.nodes import Node, Source, TensorSpec
+from . import torch_zip
 from .checkpoint import (
     Checkpoint,
     locate_state_dict,
@@ -29,6 +30,7 @@ from .checkpoint import (
     wrapper_prefix,
 )
 from .stamp import read_stamp
+from .torch_zip import ZipSource
 
 # What the weights-only unpickler says when a pickle asks for code (as
 # opposed to bytes that are not a pickle at all).
@@ -44,19 +46,24 @@ def _unsafe_global(message: str) -> str | None:
     return None
 
 
-def load_object(path: Path, *, trust_pickle: bool = False) -> tuple[Any, bool]:
-    """``torch.load`` it safely; returns (object, is_legacy_format)."""
+def load_object(path: Path, *, trust_pickle: bool = False) -> tuple[Any, bool, ZipSource | None]:
+    """Load it safely: (object, is_legacy_format, the zip index when read lazily)."""
     legacy = not zipfile.is_zipfile(path)
     where = str(path)
     try:
+        if not legacy:
+            try:
+                obj, source = torch_zip.load(path, trust_pickle=trust_pickle)
+                return obj, False, source
+            except torch_zip._NeedsTorchLoad:
+                pass
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             obj = torch.load(
-                path,
-                map_location="cpu",
-                weights_only=not trust_pickle,
-                mmap=not legacy,
+                path, map_location="cpu", weights_only=not trust_pickle, mmap=not legacy
             )
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if any(marker in text for marker in _UNSAFE_MARKERS):
@@ -68,11 +75,11 @@ def load_object(path: Path, *, trust_pickle: bool = False) -> tuple[Any, bool]:
                 hint="if you trust the file's origin, pass --trust-pickle",
             ) from exc
         raise _damaged(where, exc) from exc
-    except MemoryError as exc:
+    except RecursionError as exc:
         raise _damaged(where, exc) from exc
-    except Exception as exc:
+    except Exception as exc:  # MemoryError, RuntimeError, EOFError, ... from a damaged file
         raise _damaged(where, exc) from exc
-    return obj, legacy
+    return obj, legacy, None
 
 
 def _damaged(where: str, exc: BaseException) -> CheckpointError:
@@ -87,7 +94,7 @@ def _damaged(where: str, exc: BaseException) -> CheckpointError:
 def read_torch(
     path: Path, *, trust_pickle: bool = False, state_dict_key: str | None = None
 ) -> Checkpoint:
-    obj, legacy = load_object(path, trust_pickle=trust_pickle)
+    obj, legacy, source = load_object(path, trust_pickle=trust_pickle)
     state_path, sd = locate_state_dict(obj, state_dict_key, str(path))
     prefix = wrapper_prefix(list(sd))
     metadata = strip_metadata_prefix(getattr(sd, "_metadata", None), prefix)
@@ -112,16 +119,12 @@ def read_torch(
         state_path=state_path,
         wrapper_prefix=prefix,
         legacy=legacy,
+        zip_source=source,
     )
 
 
-def build_state_dict(
-    keys: list[str],
-    produce: Callable[[str], Any],
-    metadata: Mapping[str, Mapping[str, Any]],
-) -> OrderedDict[str, Any]:
-    """An ordinary state dict whose ``_metadata`` carries module versions and stamps."""
-    sd: OrderedDict[str, Any] = OrderedDict((k, produce(k)) for k in keys)
+def build_metadata(metadata: Mapping[str, Mapping[str, Any]]) -> OrderedDict[str, dict[str, Any]]:
+    """``_metadata`` as PyTorch writes it: module versions and stamps, root first."""
     meta: OrderedDict[str, dict[str, Any]] = OrderedDict(
         (name, dict(m)) for name, m in metadata.items() if m or name == ""
     )
@@ -129,22 +132,35 @@ def build_state_dict(
         meta.move_to_end("", last=False)
         if not meta[""] and len(meta) == 1:
             meta.clear()
-    sd._metadata = meta  # type: ignore[attr-defined]
-    return sd
+    return meta
 
 
 def write_torch(
     target: Path,
     source: Checkpoint | None,
-    keys: list[str],
+    entries: Mapping[str, Node],
     produce: Callable[[str], Any],
     metadata: Mapping[str, Mapping[str, Any]],
     container: Any = None,
+    progress: Callable[[int], None] | None = None,
 ) -> None:
-    """Write the state dict (back into its container) to ``target``."""
-    sd = build_state_dict(keys, produce, metadata)
+    """Write the state dict (back into its container) to ``target``, streaming.
+
+    Entries that are input tensors are written by copying their bytes from the
+    input file; the others are computed one at a time by ``produce``.
+    """
+
+    def value(key: str, node: Node) -> Any:
+        if isinstance(node, Source) and source is not None:
+            return source.read(node.key)
+        if node.spec is None:
+            return produce(key)
+        return torch_zip.PlannedTensor(key, node.spec)
+
+    sd: OrderedDict[str, Any] = OrderedDict((k, value(k, n)) for k, n in entries.items())
+    sd._metadata = build_metadata(metadata)  # type: ignore[attr-defined]
     obj: Any = sd
     if source is not None and source.format == "torch":
         base = container if container is not None else source.container
         obj = replace_at(base, source.state_path, sd)
-    torch.save(obj, str(target))
+    torch_zip.write(target, obj, source.zip_source if source else None, produce, progress)
