@@ -230,6 +230,14 @@ def _migration_options(fn: Any) -> Any:
     fn = click.option(
         "--no-verify", is_flag=True, help="Skip checking the written file against the plan."
     )(fn)
+    fn = click.option(
+        "-j",
+        "--jobs",
+        type=click.IntRange(1, 256),
+        default=1,
+        show_default=True,
+        help="Shards written in parallel (sharded checkpoints).",
+    )(fn)
     return _checkpoint_options(fn)
 
 
@@ -251,6 +259,7 @@ def upgrade(
     from_revision: str | None,
     dry_run: bool,
     no_verify: bool,
+    jobs: int,
     state_dict_key: str | None,
     trust_pickle: bool,
     key_prefix: str | None,
@@ -268,6 +277,7 @@ def upgrade(
         state_dict_key=state_dict_key,
         key_prefix=key_prefix,
         verify=not no_verify,
+        jobs=jobs,
     )
 
 
@@ -284,6 +294,7 @@ def downgrade(
     from_revision: str | None,
     dry_run: bool,
     no_verify: bool,
+    jobs: int,
     state_dict_key: str | None,
     trust_pickle: bool,
     key_prefix: str | None,
@@ -301,6 +312,7 @@ def downgrade(
         state_dict_key=state_dict_key,
         key_prefix=key_prefix,
         verify=not no_verify,
+        jobs=jobs,
     )
 
 

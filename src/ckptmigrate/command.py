@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .config import DEFAULT_INI, Config
 from .errors import CommandError, RangeNotAncestorError, RevisionError, StampError
@@ -352,6 +352,7 @@ def _migrate(
     state_dict_key: str | None,
     key_prefix: str | None = None,
     verify: bool = True,
+    jobs: int = 1,
 ) -> MigrationResult:
     from .formats import write_checkpoint
     from .runtime.migration import downgrade_steps, run_steps, upgrade_steps
@@ -406,7 +407,19 @@ def _migrate(
             _print_plan(config, where, result, len(ckpt.schema), state)
             return result
         out = Path(output) if output else Path(checkpoint)
-        write_checkpoint(out, ckpt, state, new_heads, verify=verify, container=container)
+        bar = _progress(config, ckpt, state, "Writing")
+        write_checkpoint(
+            out,
+            ckpt,
+            state,
+            new_heads,
+            verify=verify,
+            container=container,
+            progress=bar,
+            jobs=jobs,
+        )
+        if bar is not None:
+            bar.finish()
         config.log(
             f"{'Upgraded' if upgrade else 'Downgraded'} {where}: "
             f"{format_ids(current) or 'base'} -> {format_ids(new_heads) or 'base'} "
@@ -416,6 +429,16 @@ def _migrate(
         return result
     finally:
         ckpt.close()
+
+
+def _progress(config: Config, ckpt: Checkpoint, state: Any, label: str) -> Any:
+    from .progress import Progress
+
+    full = ckpt.file_state(state)
+    specs = [n.spec for n in full.entries.values() if n.spec is not None]
+    return Progress.maybe(
+        config.stderr, config.quiet, sum(s.nbytes for s in specs), len(specs), label
+    )
 
 
 def _beyond(rmap: RevisionMap, current: Sequence[str], target: str, upgrade: bool) -> str:
@@ -470,6 +493,7 @@ def upgrade(
     state_dict_key: str | None = None,
     key_prefix: str | None = None,
     verify: bool = True,
+    jobs: int = 1,
 ) -> MigrationResult:
     """Upgrade a checkpoint file to ``target`` (in place unless ``output``)."""
     return _migrate(
@@ -484,6 +508,7 @@ def upgrade(
         state_dict_key=state_dict_key,
         key_prefix=key_prefix,
         verify=verify,
+        jobs=jobs,
     )
 
 
@@ -499,6 +524,7 @@ def downgrade(
     state_dict_key: str | None = None,
     key_prefix: str | None = None,
     verify: bool = True,
+    jobs: int = 1,
 ) -> MigrationResult:
     """Downgrade a checkpoint file to ``target`` (in place unless ``output``)."""
     return _migrate(
@@ -513,6 +539,7 @@ def downgrade(
         state_dict_key=state_dict_key,
         key_prefix=key_prefix,
         verify=verify,
+        jobs=jobs,
     )
 
 

@@ -41,6 +41,11 @@ def read_checkpoint(
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file", hint="check the checkpoint path")
+    from .sharded import index_path, read_sharded
+
+    index = index_path(p)
+    if index is not None:
+        return read_sharded(index, trust_pickle=trust_pickle)
     if p.is_dir():
         raise CheckpointError(
             f"{p} is a directory, not a checkpoint file", hint="pass the file itself"
@@ -82,6 +87,7 @@ def write_checkpoint(
     verify: bool = True,
     container: Any = None,
     progress: Callable[[int], None] | None = None,
+    jobs: int = 1,
 ) -> None:
     """Write ``state`` (evaluated against ``source``) to ``target`` atomically.
 
@@ -101,6 +107,11 @@ def write_checkpoint(
     full = source.file_state(state)
     metadata = {k: dict(v) for k, v in full.metadata.items()}
     write_stamp(metadata.setdefault(source.key_prefix[:-1], {}), revisions)
+    if source.format == "sharded":
+        from .sharded import write_sharded
+
+        write_sharded(out, source, full, metadata, jobs=jobs, progress=progress, verify=verify)
+        return
     evaluator = Evaluator(full.entries, source.read)
     keys = list(full.entries)
     with atomic_output(out) as tmp:

@@ -49,6 +49,7 @@ class Checkpoint:
     # When focused on a lineage under a key prefix: the whole file's view.
     key_prefix: str = ""
     zip_source: Any = None  # torch_zip.ZipSource when the input was read lazily
+    parts: Any = None  # sharded.ShardSet for a sharded checkpoint
     file_schema: dict[str, TensorSpec | None] | None = None
     file_metadata: dict[str, dict[str, Any]] | None = None
 
