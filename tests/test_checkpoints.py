@@ -25,7 +25,7 @@ def test_training_container_is_found_and_other_entries_carried(
     sd = v1_state_dict()
     optimizer = {
         "state": {0: {"step": torch.tensor(3.0)}},
-        "param_groups": [{"lr": 0.1, "params": [0]}],
+        "param_groups": [{"lr": 0.1, "params": [0, 1, 2, 3]}],
     }
     torch.save({key: sd, "optimizer": optimizer, "epoch": 7, "hparams": {"lr": 0.1}}, "ckpt.pt")
     result = run("upgrade", "ckpt.pt", "--from", INITIAL)

@@ -1007,3 +1007,31 @@ def test_records_list_each_op() -> None:
     ]
     assert ops.records[1].results == [("n", TensorSpec((2,), torch.float16))]
     assert ops.records[2].removed == ["fc2.weight", "fc2.bias"]
+
+
+# --------------------------------------------------------------------- training state
+
+
+def test_reset_optimizer_state_leaves_the_tensor_and_follows_later_ops() -> None:
+    from ckptmigrate.training import ResetOptimizerState
+
+    sd = make_sd()
+    state = PlanState.from_schema({k: TensorSpec.of(v) for k, v in sd.items()})
+    ops = Operations(state, revision=REV)
+    with activate(ops):
+        op.reset_optimizer_state("fc1.weight")
+        op.rename_key("fc1.weight", "enc.weight")
+        op.transpose("enc.weight", 0, 1)
+    assert ops.records[0].call == "reset_optimizer_state('fc1.weight')"
+    assert ops.records[0].results == [("fc1.weight", TensorSpec((4, 3), torch.float32))]
+    node = state.entries["enc.weight"]
+    assert isinstance(node.inputs[0], ResetOptimizerState)
+    out = {k: Evaluator(state.entries, sd.__getitem__)(k) for k in state.entries}
+    assert same(out["enc.weight"], sd["fc1.weight"].t())
+    assert list(out) == ["enc.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+
+
+def test_reset_optimizer_state_of_a_missing_key_fails(tmp_path: Path) -> None:
+    path = write_revision(tmp_path, 'op.reset_optimizer_state("fc9.weight")')
+    with pytest.raises(Exception, match=r"reset_optimizer_state\('fc9.weight'\).*does not exist"):
+        run_file(path, make_sd())

@@ -231,6 +231,11 @@ def _migration_options(fn: Any) -> Any:
         "--no-verify", is_flag=True, help="Skip checking the written file against the plan."
     )(fn)
     fn = click.option(
+        "--no-fsync",
+        is_flag=True,
+        help="Skip fsync before the atomic rename (faster; a power cut may lose the new file).",
+    )(fn)
+    fn = click.option(
         "-j",
         "--jobs",
         type=click.IntRange(1, 256),
@@ -260,6 +265,7 @@ def upgrade(
     dry_run: bool,
     no_verify: bool,
     jobs: int,
+    no_fsync: bool,
     state_dict_key: str | None,
     trust_pickle: bool,
     key_prefix: str | None,
@@ -278,6 +284,7 @@ def upgrade(
         key_prefix=key_prefix,
         verify=not no_verify,
         jobs=jobs,
+        durable=not no_fsync,
     )
 
 
@@ -295,6 +302,7 @@ def downgrade(
     dry_run: bool,
     no_verify: bool,
     jobs: int,
+    no_fsync: bool,
     state_dict_key: str | None,
     trust_pickle: bool,
     key_prefix: str | None,
@@ -313,6 +321,7 @@ def downgrade(
         key_prefix=key_prefix,
         verify=not no_verify,
         jobs=jobs,
+        durable=not no_fsync,
     )
 
 

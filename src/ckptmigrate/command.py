@@ -353,6 +353,7 @@ def _migrate(
     key_prefix: str | None = None,
     verify: bool = True,
     jobs: int = 1,
+    durable: bool = True,
 ) -> MigrationResult:
     from .formats import write_checkpoint
     from .runtime.migration import downgrade_steps, run_steps, upgrade_steps
@@ -396,6 +397,8 @@ def _migrate(
             steps, state, current, rmap, symbolic=dry_run, log=None if dry_run else config.log
         )
         result.to_revisions = new_heads
+        if dry_run:
+            _print_plan(config, where, result, len(ckpt.schema), state)
         container = None
         if ckpt.format == "torch" and ckpt.state_path:
             from .training import migrate_training_state
@@ -404,7 +407,6 @@ def _migrate(
                 config, script_dir, ckpt, state, current, new_heads, steps, dry_run=dry_run
             )
         if dry_run:
-            _print_plan(config, where, result, len(ckpt.schema), state)
             return result
         out = Path(output) if output else Path(checkpoint)
         bar = _progress(config, ckpt, state, "Writing")
@@ -417,6 +419,7 @@ def _migrate(
             container=container,
             progress=bar,
             jobs=jobs,
+            durable=durable and config.get("fsync", "true") != "false",
         )
         if bar is not None:
             bar.finish()
@@ -494,6 +497,7 @@ def upgrade(
     key_prefix: str | None = None,
     verify: bool = True,
     jobs: int = 1,
+    durable: bool = True,
 ) -> MigrationResult:
     """Upgrade a checkpoint file to ``target`` (in place unless ``output``)."""
     return _migrate(
@@ -509,6 +513,7 @@ def upgrade(
         key_prefix=key_prefix,
         verify=verify,
         jobs=jobs,
+        durable=durable,
     )
 
 
@@ -525,6 +530,7 @@ def downgrade(
     key_prefix: str | None = None,
     verify: bool = True,
     jobs: int = 1,
+    durable: bool = True,
 ) -> MigrationResult:
     """Downgrade a checkpoint file to ``target`` (in place unless ``output``)."""
     return _migrate(
@@ -540,6 +546,7 @@ def downgrade(
         key_prefix=key_prefix,
         verify=verify,
         jobs=jobs,
+        durable=durable,
     )
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "rename_key",
     "rename_prefix",
     "rename_regex",
+    "reset_optimizer_state",
     "reshape",
     "resize",
     "shape",
@@ -148,6 +149,16 @@ def map_tensor(
     (meta) tensor; pass ``shape``/``dtype`` when ``fn`` needs real values.
     """
     current("map_tensor").map_tensor(key, fn, shape=shape, dtype=dtype)
+
+
+def reset_optimizer_state(key: str) -> None:
+    """Start ``key``'s optimizer state afresh when a training checkpoint is migrated.
+
+    The tensor is unchanged. Its momentum/moments are dropped (zeros for its
+    part of a later concat), e.g. after ``map_tensor``, whose function says
+    nothing about them.
+    """
+    current("reset_optimizer_state").reset_optimizer_state(key)
 
 
 def keys(prefix: str = "") -> list[str]:

@@ -88,6 +88,7 @@ def write_checkpoint(
     container: Any = None,
     progress: Callable[[int], None] | None = None,
     jobs: int = 1,
+    durable: bool = True,
 ) -> None:
     """Write ``state`` (evaluated against ``source``) to ``target`` atomically.
 
@@ -110,11 +111,20 @@ def write_checkpoint(
     if source.format == "sharded":
         from .sharded import write_sharded
 
-        write_sharded(out, source, full, metadata, jobs=jobs, progress=progress, verify=verify)
+        write_sharded(
+            out,
+            source,
+            full,
+            metadata,
+            jobs=jobs,
+            progress=progress,
+            verify=verify,
+            durable=durable,
+        )
         return
     evaluator = Evaluator(full.entries, source.read)
     keys = list(full.entries)
-    with atomic_output(out) as tmp:
+    with atomic_output(out, durable=durable) as tmp:
         try:
             if fmt == "safetensors":
                 from .safetensors_file import write_safetensors

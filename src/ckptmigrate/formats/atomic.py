@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import tempfile
@@ -37,11 +38,88 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def temp_path(target: Path) -> Path:
+    """A fresh hidden name beside ``target`` that says which process made it."""
+    fd, name = tempfile.mkstemp(
+        prefix=f".{target.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=target.parent
+    )
+    os.close(fd)
+    return Path(name)
+
+
+def clean_stale(target: Path) -> list[Path]:
+    """Remove temporary files of ``target`` left by processes that no longer run."""
+    removed: list[Path] = []
+    prefix = f".{target.name}."
+    try:
+        candidates = [
+            p
+            for p in target.parent.iterdir()
+            if p.name.startswith(prefix) and p.name.endswith(TMP_SUFFIX)
+        ]
+    except OSError:
+        return removed
+    for path in candidates:
+        pid_text = path.name[len(prefix) :].split(".", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _alive(int(pid_text)):
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two names atomically (Linux renameat2); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def _switch(tmp: Path, target: Path, durable: bool) -> None:
+    """Put ``tmp`` under ``target``'s name in one step.
+
+    Without fsync, swapping the two names (then deleting the old file under the
+    temporary name) avoids ext4 flushing the new data inside a rename that
+    overwrites; with fsync the data is on disk already and a plain replace is
+    as fast.
+    """
+    if not durable and target.exists() and _exchange(tmp, target):
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # the old file, now under the temporary name
+        return
+    os.replace(tmp, target)
+
+
 @contextlib.contextmanager
-def atomic_output(target: Path) -> Iterator[Path]:
+def atomic_output(target: Path, *, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it replaces ``target``.
 
-    On any failure the temporary file is removed and ``target`` is untouched.
+    On any failure the temporary file is removed and ``target`` is untouched;
+    a process killed meanwhile leaves only a hidden temporary file, which the
+    next write of the same target removes. ``durable`` fsyncs the data before
+    the switch (and the folder after), so even a power cut leaves the old file
+    or the complete new one; without it the switch is still atomic for every
+    process, but the new bytes may only be in the page cache when it happens.
     """
     target = Path(target)
     parent = target.parent if str(target.parent) else Path(".")
@@ -55,34 +133,37 @@ def atomic_output(target: Path) -> Iterator[Path]:
             f"cannot write {target}: folder {parent} does not exist",
             hint="create it first or choose another -o path",
         )
+    clean_stale(target)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=parent)
+        tmp = temp_path(target)
     except OSError as exc:
         raise WriteError(
             f"cannot write in {parent}: {_explain(exc)}",
             hint="choose a writable folder with -o; the input is unchanged",
         ) from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
     try:
         yield tmp
         try:
             mode = target.stat().st_mode & 0o7777 if target.exists() else None
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
+            if durable:
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
             if mode is not None:
                 os.chmod(tmp, mode)
             else:
                 umask = os.umask(0)
                 os.umask(umask)
                 os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, target)
+            if target.is_dir():
+                raise IsADirectoryError(errno.EISDIR, "is a directory", str(target))
+            _switch(tmp, target, durable)
         except OSError as exc:
             raise WriteError(
                 f"cannot write {target}: {_explain(exc)}",
                 hint="free space or fix permissions; the input is unchanged",
             ) from exc
-        fsync_dir(parent)
+        if durable:
+            fsync_dir(parent)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -25,6 +25,7 @@ from ..errors import CheckpointError
 from ..plan.nodes import TensorSpec
 from .checkpoint import Checkpoint
 from .stamp import STAMP_PREFIX, read_stamp
+from .torch_zip import open_for_writing
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -253,7 +254,7 @@ def write_safetensors(
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    with open(target, "wb") as fh:
+    with open_for_writing(target) as fh:
         fh.write(struct.pack("<Q", len(raw)))
         fh.write(raw)
         for key in keys:

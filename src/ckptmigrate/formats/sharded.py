@@ -179,6 +179,7 @@ def write_sharded(
     jobs: int = 1,
     progress: Callable[[int], None] | None = None,
     verify: bool = True,
+    durable: bool = True,
 ) -> None:
     """Write the shards that change (in parallel), then switch the index atomically."""
     from .safetensors_file import flatten_stamps, write_safetensors
@@ -231,8 +232,9 @@ def write_sharded(
             raise
         except Exception as exc:
             raise write_error(path, exc) from exc
-        with open(path, "rb+") as fh:
-            os.fsync(fh.fileno())
+        if durable:
+            with open(path, "rb+") as fh:
+                os.fsync(fh.fileno())
         if verify:
             _verify_shard(path, entries)
         return path
@@ -258,13 +260,14 @@ def write_sharded(
         meta["total_size"] = sum(spec.nbytes for spec in specs if spec is not None)
         index["metadata"] = meta
         index["weight_map"] = weight_map
-        with atomic_output(out_index) as tmp:
+        with atomic_output(out_index, durable=durable) as tmp:
             tmp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
         raise
-    fsync_dir(folder)
+    if durable:
+        fsync_dir(folder)
     if same_folder:  # the old files are no longer referenced
         keep = set(weight_map.values())
         for shard in sharded.shards:

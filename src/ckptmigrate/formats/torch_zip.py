@@ -411,6 +411,19 @@ def _crc(buffer: memoryview, chunk: int = 1 << 24) -> int:
     return crc
 
 
+def open_for_writing(path: Path) -> BinaryIO:
+    """Open (creating) a file to write from its start, without O_TRUNC on an empty file.
+
+    ext4 starts writeback of the whole file when a file opened with O_TRUNC is
+    closed (its protection for replace-via-truncate); our temporary files are
+    fresh and empty, and the caller decides about fsync itself.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+    if os.fstat(fd).st_size:
+        os.ftruncate(fd, 0)
+    return os.fdopen(fd, "wb")
+
+
 def copy_range(src_fd: int, dst_fd: int, offset: int, size: int) -> None:
     """Copy bytes between files in the kernel where the platform allows."""
     done = 0
@@ -465,7 +478,7 @@ def write(
     storages = list(pickler.storages.values())
     src_fd = os.open(source.path, os.O_RDONLY) if source is not None else -1
     try:
-        with open(target, "wb") as fh:
+        with open_for_writing(target) as fh:
             writer = ZipWriter(fh)
             writer.add_bytes("data.pkl", data)
             writer.add_bytes(".format_version", b"1")

@@ -24,6 +24,7 @@ from ..paths import display_path
 from ..plan.init import check_init
 from ..plan.nodes import Apply, Constant, Init, Node, TensorSpec, dtype_name, seed_for
 from ..plan.state import PlanState
+from ..training.marks import ResetOptimizerState
 
 
 @dataclass
@@ -566,6 +567,15 @@ class Operations:
         fused = Apply("concat", tuple(nodes), {"dim": d}, TensorSpec(tuple(shape), first.dtype))
         self._splice(keys[0], [(into, fused)], remove=keys[1:])
         self._record(call, [into], [k for k in keys if k != into])
+
+    # ------------------------------------------------------------------ training state
+
+    def reset_optimizer_state(self, key: str) -> None:
+        call = self._call("reset_optimizer_state", key)
+        node = self._need(call, key)
+        # a mark in the plan, so it follows the tensor through later ops
+        self.state.entries[key] = ResetOptimizerState((node,), node.spec)
+        self._record(call, [key])
 
     # ------------------------------------------------------------------ introspection
 

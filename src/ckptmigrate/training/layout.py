@@ -28,13 +28,15 @@ ckptmigrate the facts.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..plan.nodes import Node, Source, TensorSpec, walk
+from ..plan.nodes import Node, Source, TensorSpec
 
 #: Last key components that are buffers in PyTorch's and common libraries' modules.
 KNOWN_BUFFERS = frozenset(
@@ -103,32 +105,56 @@ def fill_kinds(layout: Layout, known: Mapping[str, str]) -> None:
                 layout.guessed.add(key)
 
 
-def resolve_guesses(layout: Layout, count: int) -> bool:
-    """Make the parameter count ``count`` by flipping guesses, if exactly one way does it.
+def params_with(layout: Layout, flips: Mapping[str, str]) -> list[str]:
+    """``layout.params`` as it would be with the kinds of some tie groups changed."""
+    out = []
+    for key, kind in layout.kinds.items():
+        rep = layout.rep(key)
+        if rep == key and flips.get(rep, kind) == "param":
+            out.append(key)
+    return out
 
-    With every sure kind fixed, the only unambiguous corrections are "all
-    guessed parameters are buffers" (e.g. a loss's class weights next to a
-    model whose kinds are known) and "all guessed buffers are parameters".
-    Returns whether the count now matches.
+
+#: Beyond this many ways to correct the guesses, none is tried.
+MAX_TRIALS = 1024
+
+
+def resolve_guesses(
+    layout: Layout, count: int, lines_up: Callable[[list[str]], bool]
+) -> str | None:
+    """Make the parameter list ``count`` long by changing guesses; None when done, else why not.
+
+    Sure kinds stay. Of the ways to turn guessed parameters into buffers (or
+    guessed buffers into parameters) that give ``count`` parameters, the one
+    whose optimizer state lines up with the parameters' shapes (``lines_up``) is
+    taken, if it is the only one: a loss's class weights beside a parameter
+    of another shape are told apart, two same-shaped candidates are not.
     """
-    have = len(layout.params)
-    if have == count:
-        return True
-    if have > count:
-        guessed = layout.guessed_params()
-        if guessed and have - count == len(guessed):
-            for key in list(layout.kinds):
-                if layout.rep(key) in guessed:
-                    layout.kinds[key] = "buffer"
-            return True
-        return False
-    guessed = layout.guessed_buffers()
-    reps = {layout.rep(k) for k in guessed}
-    if reps and count - have == len(reps):
-        for key in guessed:
-            layout.kinds[key] = "param"
-        return True
-    return False
+    params = layout.params
+    if len(params) == count:
+        return None
+    if len(params) > count:
+        pool, kind, need = layout.guessed_params(), "buffer", len(params) - count
+    else:
+        pool = list(dict.fromkeys(layout.rep(k) for k in layout.guessed_buffers()))
+        kind, need = "param", count - len(params)
+    if need > len(pool):
+        return "too few of the kinds are guesses to make up the difference"
+    if math.comb(len(pool), need) > MAX_TRIALS:
+        return "too many of the kinds are guesses to try every way to make up the difference"
+    fits: list[tuple[str, ...]] = []
+    for combo in itertools.combinations(pool, need):
+        if lines_up(params_with(layout, dict.fromkeys(combo, kind))):
+            fits.append(combo)
+            if len(fits) > 1:
+                return "several choices of parameters fit the optimizer state equally well"
+    if not fits:
+        return "no choice of parameters lines up with the optimizer state's shapes"
+    chosen = set(fits[0])
+    for key in list(layout.kinds):
+        if layout.rep(key) in chosen:
+            layout.kinds[key] = kind
+    return None
 
 
 def ties_by_storage(keys: Iterable[str], read: Callable[[str], Any]) -> dict[str, str]:
@@ -175,11 +201,18 @@ def ties_by_identity(module: torch.nn.Module, prefix: str = "") -> dict[str, str
 
 
 def sources(node: Node) -> list[str]:
-    """The input keys ``node`` is made of (through every transform), each once."""
+    """The input keys ``node`` is made of (through every transform), each once, in input order."""
     out: list[str] = []
-    for n in walk(node):
-        if isinstance(n, Source) and n.key not in out:
-            out.append(n.key)
+    seen: set[int] = set()
+    stack = [node]
+    while stack:
+        cur = stack.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, Source) and cur.key not in out:
+            out.append(cur.key)
+        stack.extend(reversed(cur.inputs))
     return out
 
 
