@@ -7,8 +7,9 @@ checkpoint commands import it when they run.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -339,6 +340,26 @@ def starting_heads(
     return identify_or_fail(config, script_dir, ckpt), True
 
 
+@contextlib.contextmanager
+def _writing(
+    config: Config,
+    checkpoint: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None,
+    dry_run: bool,
+) -> Iterator[None]:
+    """Hold the lock on the file about to be rewritten, from before it is read."""
+    if dry_run:
+        yield
+        return
+    from .formats.lock import locked
+    from .formats.sharded import index_path
+
+    path = Path(output) if output else Path(checkpoint)
+    path = index_path(path) or path
+    with locked(path, notify=config.log):
+        yield
+
+
 def _migrate(
     config: Config,
     checkpoint: str | os.PathLike[str],
@@ -500,21 +521,22 @@ def upgrade(
     durable: bool = True,
 ) -> MigrationResult:
     """Upgrade a checkpoint file to ``target`` (in place unless ``output``)."""
-    return _migrate(
-        config,
-        checkpoint,
-        target,
-        upgrade=True,
-        output=output,
-        from_revision=from_revision,
-        dry_run=dry_run,
-        trust_pickle=trust_pickle,
-        state_dict_key=state_dict_key,
-        key_prefix=key_prefix,
-        verify=verify,
-        jobs=jobs,
-        durable=durable,
-    )
+    with _writing(config, checkpoint, output, dry_run):
+        return _migrate(
+            config,
+            checkpoint,
+            target,
+            upgrade=True,
+            output=output,
+            from_revision=from_revision,
+            dry_run=dry_run,
+            trust_pickle=trust_pickle,
+            state_dict_key=state_dict_key,
+            key_prefix=key_prefix,
+            verify=verify,
+            jobs=jobs,
+            durable=durable,
+        )
 
 
 def downgrade(
@@ -533,21 +555,22 @@ def downgrade(
     durable: bool = True,
 ) -> MigrationResult:
     """Downgrade a checkpoint file to ``target`` (in place unless ``output``)."""
-    return _migrate(
-        config,
-        checkpoint,
-        target,
-        upgrade=False,
-        output=output,
-        from_revision=from_revision,
-        dry_run=dry_run,
-        trust_pickle=trust_pickle,
-        state_dict_key=state_dict_key,
-        key_prefix=key_prefix,
-        verify=verify,
-        jobs=jobs,
-        durable=durable,
-    )
+    with _writing(config, checkpoint, output, dry_run):
+        return _migrate(
+            config,
+            checkpoint,
+            target,
+            upgrade=False,
+            output=output,
+            from_revision=from_revision,
+            dry_run=dry_run,
+            trust_pickle=trust_pickle,
+            state_dict_key=state_dict_key,
+            key_prefix=key_prefix,
+            verify=verify,
+            jobs=jobs,
+            durable=durable,
+        )
 
 
 def current(
@@ -589,6 +612,30 @@ def stamp(
     key_prefix: str | None = None,
 ) -> tuple[str, ...]:
     """Record ``revisions`` in the checkpoint without running migrations."""
+    with _writing(config, checkpoint, output, False):
+        return _stamp(
+            config,
+            checkpoint,
+            revisions,
+            purge=purge,
+            output=output,
+            trust_pickle=trust_pickle,
+            state_dict_key=state_dict_key,
+            key_prefix=key_prefix,
+        )
+
+
+def _stamp(
+    config: Config,
+    checkpoint: str | os.PathLike[str],
+    revisions: Sequence[str],
+    *,
+    purge: bool,
+    output: str | os.PathLike[str] | None,
+    trust_pickle: bool,
+    state_dict_key: str | None,
+    key_prefix: str | None,
+) -> tuple[str, ...]:
     from .formats import write_checkpoint
 
     script_dir = ScriptDirectory.from_config(config)

@@ -106,7 +106,10 @@ def read_torch(
     stamp = read_stamp(metadata.get(""), str(path))
 
     def reader(key: str, _sd: Mapping[str, Any] = sd, _p: str = prefix) -> Any:
-        return _sd[_p + key]
+        value = _sd[_p + key]
+        if source is not None and isinstance(value, torch.Tensor):
+            source.check_storage(value.untyped_storage())  # damaged bytes never flow on
+        return value
 
     return Checkpoint(
         path=path,

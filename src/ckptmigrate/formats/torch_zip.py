@@ -63,10 +63,35 @@ class ZipSource:
     records: dict[str, Record]
     base: torch.UntypedStorage | None = None
     by_offset: dict[int, Record] = field(default_factory=dict)
+    checked: set[str] = field(default_factory=set)
 
     @property
     def base_ptr(self) -> int:
         return self.base.data_ptr() if self.base is not None else 0
+
+    def check(self, record: Record) -> None:
+        """Verify a record's checksum the first time its bytes are used.
+
+        A flipped bit on disk would otherwise be copied into the output (or
+        computed into a new tensor with a fresh, valid checksum); reading the
+        record from the page cache to check it costs a fraction of writing it.
+        """
+        if record.name in self.checked:
+            return
+        if self.base is None:
+            return
+        view = storage_bytes(self.base[record.data_offset : record.data_offset + record.size])
+        if _crc(view) != record.crc:
+            raise CheckpointError(
+                f"{self.path} is damaged: record {record.name} fails its checksum",
+                hint="the file was corrupted on disk or in transfer; restore or re-download it",
+            )
+        self.checked.add(record.name)
+
+    def check_storage(self, storage: torch.UntypedStorage) -> None:
+        record = self.locate(storage)
+        if record is not None:
+            self.check(record)
 
     def locate(self, storage: torch.UntypedStorage) -> Record | None:
         """The input record a storage is a view of, if any (then its bytes can be copied)."""
@@ -103,7 +128,11 @@ def read_index(path: Path) -> ZipSource:
             head = fh.read(30)
             if len(head) != 30 or head[:4] != b"PK\x03\x04":
                 raise _bad(path, f"record {info.filename!r} has no valid local header")
+            (method,) = struct.unpack("<H", head[8:10])
             name_len, extra_len = struct.unpack("<HH", head[26:30])
+            name = fh.read(name_len)
+            if method != 0 or name != info.orig_filename.encode("utf-8", "replace"):
+                raise _bad(path, f"record {info.filename!r} disagrees with its local header")
             data_offset = info.header_offset + 30 + name_len + extra_len
             if data_offset + info.file_size > size:
                 raise _bad(path, f"record {info.filename!r} runs past the end of the file")
@@ -157,6 +186,8 @@ def load(path: Path, *, trust_pickle: bool = False) -> tuple[Any, ZipSource]:
     with open(path, "rb") as fh:
         fh.seek(pkl.data_offset)
         data = fh.read(pkl.size)
+    if zlib.crc32(data) != pkl.crc:
+        raise _bad(path, "data.pkl fails its checksum")
     if trust_pickle:
         unpickler: Any = _TrustedUnpickler(io.BytesIO(data), encoding="utf-8")
     else:
@@ -488,6 +519,8 @@ def write(
             for st in storages:
                 name = f"data/{st.key}"
                 if st.copy_from is not None:
+                    assert source is not None
+                    source.check(st.copy_from)
                     writer.add_copy(name, src_fd, st.copy_from)
                 elif st.memory is not None:
                     writer.add_buffer(name, storage_bytes(st.memory))
