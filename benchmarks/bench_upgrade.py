@@ -1,13 +1,15 @@
 """Upgrading a big checkpoint: ckptmigrate against the usual load-rename-save, side by side.
 
     python benchmarks/bench_upgrade.py [--dir DIR] [--layers 24] [--dim 1024] [--repeat 3]
+                                       [--skip-large]
 
 Builds a ~1.2 GB float32 state dict (24 layers x 1024 dim, 120 tensors) and
 two lineages: 20 revisions that only rename/drop keys, and 6 that also change
 tensors (split, transpose, resize, add_tensor, cast). Every approach runs as
 its own process; wall time is the median of --repeat runs and peak anonymous
 memory (RssAnon, sampled every 5 ms from /proc) the largest seen. The file
-is in the page cache for every run alike.
+is in the page cache for every run alike, and written back (sync) before each.
+Last, it runs the slow >4 GiB (zip64) test.
 """
 
 from __future__ import annotations
@@ -214,11 +216,35 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--skip-large", action="store_true", help="skip the >4 GiB zip64 test (writes ~10 GB)"
+    )
     args = parser.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="ckptmigrate-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         bench(work, args)
+        if not args.skip_large:
+            print("\n>4 GiB checkpoint (zip64), tests/test_large.py --runslow:", flush=True)
+            t0 = time.perf_counter()
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "--runslow",
+                    "-p",
+                    "no:cacheprovider",
+                    str(HERE.parent / "tests" / "test_large.py"),
+                    f"--basetemp={work / 'large'}",
+                ],
+                cwd=HERE.parent,
+                capture_output=True,
+                text=True,
+            )
+            last = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
+            print(f"  {last} ({time.perf_counter() - t0:.0f} s)")
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)

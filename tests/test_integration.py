@@ -358,3 +358,19 @@ def test_check_flags_pinned_classes(project: Path, run: Run) -> None:
     assert f"Pinned is pinned to revision {INITIAL}, but its lineage's head is {ADD_FC3}" in (
         result.stderr
     )
+
+
+def test_check_flags_unknown_pinned_revision(project: Path, run: Run) -> None:
+    (project / "ghost_model.py").write_text(
+        "import ckptmigrate\nfrom examples.simple_model import SimpleModel\n\n"
+        "@ckptmigrate.versioned('migrations', revision='deadbeef0000')\n"
+        "class Ghost(SimpleModel):\n    pass\n\n"
+        "def build():\n    return Ghost()\n"
+    )
+    ini = project / "alembic_style.ini"
+    ini.write_text(
+        ini.read_text().replace("examples.simple_model:build_model", "ghost_model:build")
+    )
+    err = run("check", code=1).stderr
+    assert "Ghost: cannot resolve its schema revision 'deadbeef0000'" in err
+    assert err.strip().splitlines()[-1].startswith("Error: ")
