@@ -1013,7 +1013,7 @@ def test_records_list_each_op() -> None:
 
 
 def test_reset_optimizer_state_leaves_the_tensor_and_follows_later_ops() -> None:
-    from ckptmigrate.training import ResetOptimizerState
+    from ckptmigrate.plan.nodes import ResetOptimizerState
 
     sd = make_sd()
     state = PlanState.from_schema({k: TensorSpec.of(v) for k, v in sd.items()})

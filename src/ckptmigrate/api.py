@@ -13,7 +13,9 @@ from . import command
 from .config import Config
 
 if TYPE_CHECKING:
-    from .command import MigrationResult
+    from typing import Unpack
+
+    from .command import MigrationOptions, MigrationResult
 
 PathLike = str | os.PathLike[str]
 
@@ -29,20 +31,16 @@ def upgrade(
     target: str = "head",
     *,
     location: PathLike | None = None,
-    output: PathLike | None = None,
-    from_revision: str | None = None,
-    dry_run: bool = False,
     quiet: bool = True,
+    **options: Unpack[MigrationOptions],
 ) -> MigrationResult:
-    """Upgrade a checkpoint file to ``target``, in place unless ``output``."""
-    return command.upgrade(
-        _config(location, quiet),
-        checkpoint,
-        target,
-        output=output,
-        from_revision=from_revision,
-        dry_run=dry_run,
-    )
+    """Upgrade a checkpoint file to ``target``, in place unless ``output=``.
+
+    ``options`` are the command line's: ``output``, ``from_revision``,
+    ``dry_run``, ``state_dict_key``, ``key_prefix``, ``verify``, ``jobs``,
+    ``durable``, ``trust_pickle``.
+    """
+    return command.upgrade(_config(location, quiet), checkpoint, target, **options)
 
 
 def downgrade(
@@ -50,20 +48,11 @@ def downgrade(
     target: str,
     *,
     location: PathLike | None = None,
-    output: PathLike | None = None,
-    from_revision: str | None = None,
-    dry_run: bool = False,
     quiet: bool = True,
+    **options: Unpack[MigrationOptions],
 ) -> MigrationResult:
-    """Downgrade a checkpoint file to ``target``, in place unless ``output``."""
-    return command.downgrade(
-        _config(location, quiet),
-        checkpoint,
-        target,
-        output=output,
-        from_revision=from_revision,
-        dry_run=dry_run,
-    )
+    """Downgrade a checkpoint file to ``target``, in place unless ``output=``."""
+    return command.downgrade(_config(location, quiet), checkpoint, target, **options)
 
 
 def stamp(

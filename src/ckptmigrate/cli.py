@@ -251,78 +251,43 @@ def _check_target(target: str) -> None:
         raise click.UsageError(f"no such option: {target}")
 
 
-@cli.command(context_settings=_RELATIVE_OK)
-@click.argument("checkpoint")
-@click.argument("target", default="head")
-@_migration_options
-@click.pass_context
-def upgrade(
-    ctx: click.Context,
-    checkpoint: str,
-    target: str,
-    output: str | None,
-    from_revision: str | None,
-    dry_run: bool,
-    no_verify: bool,
-    jobs: int,
-    no_fsync: bool,
-    state_dict_key: str | None,
-    trust_pickle: bool,
-    key_prefix: str | None,
-) -> None:
-    """Upgrade CHECKPOINT to TARGET (default: head), in place unless -o."""
-    _check_target(target)
-    command.upgrade(
-        _config(ctx),
-        checkpoint,
-        target,
-        output=output,
-        from_revision=from_revision,
-        dry_run=dry_run,
-        trust_pickle=trust_pickle,
-        state_dict_key=state_dict_key,
-        key_prefix=key_prefix,
-        verify=not no_verify,
-        jobs=jobs,
-        durable=not no_fsync,
+def _migration_command(name: str, target_default: str | None, doc: str) -> None:
+    """``upgrade`` and ``downgrade``: one shape, one direction each."""
+    run = command.upgrade if name == "upgrade" else command.downgrade
+
+    @click.pass_context
+    def cmd(
+        ctx: click.Context,
+        /,
+        checkpoint: str,
+        target: str,
+        no_verify: bool,
+        no_fsync: bool,
+        **options: Any,
+    ) -> None:
+        _check_target(target)
+        run(_config(ctx), checkpoint, target, verify=not no_verify, durable=not no_fsync, **options)
+
+    cmd.__doc__ = doc
+    cmd = _migration_options(cmd)
+    target = (
+        click.argument("target", default=target_default)
+        if target_default
+        else click.argument("target")
     )
+    cmd = target(cmd)
+    cmd = click.argument("checkpoint")(cmd)
+    cli.command(name=name, context_settings=_RELATIVE_OK)(cmd)
 
 
-@cli.command(context_settings=_RELATIVE_OK)
-@click.argument("checkpoint")
-@click.argument("target")
-@_migration_options
-@click.pass_context
-def downgrade(
-    ctx: click.Context,
-    checkpoint: str,
-    target: str,
-    output: str | None,
-    from_revision: str | None,
-    dry_run: bool,
-    no_verify: bool,
-    jobs: int,
-    no_fsync: bool,
-    state_dict_key: str | None,
-    trust_pickle: bool,
-    key_prefix: str | None,
-) -> None:
-    """Downgrade CHECKPOINT to TARGET (e.g. -1, base, a revision), in place unless -o."""
-    _check_target(target)
-    command.downgrade(
-        _config(ctx),
-        checkpoint,
-        target,
-        output=output,
-        from_revision=from_revision,
-        dry_run=dry_run,
-        trust_pickle=trust_pickle,
-        state_dict_key=state_dict_key,
-        key_prefix=key_prefix,
-        verify=not no_verify,
-        jobs=jobs,
-        durable=not no_fsync,
-    )
+_migration_command(
+    "upgrade", "head", "Upgrade CHECKPOINT to TARGET (default: head), in place unless -o."
+)
+_migration_command(
+    "downgrade",
+    None,
+    "Downgrade CHECKPOINT to TARGET (e.g. -1, base, a revision), in place unless -o.",
+)
 
 
 @cli.command()

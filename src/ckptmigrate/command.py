@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from .config import DEFAULT_INI, Config
 from .errors import CommandError, RangeNotAncestorError, RevisionError, StampError
@@ -22,6 +22,8 @@ from .script.directory import TEMPLATE_NAME, Script, ScriptDirectory
 from .script.revision import RevisionMap, format_ids
 
 if TYPE_CHECKING:
+    from typing import Unpack
+
     from .formats.checkpoint import Checkpoint
     from .runtime.migration import MigrationStep
     from .schema import Schema
@@ -505,71 +507,63 @@ def _print_plan(
     p(f"Result: {len(state)} entries (was {n_in}), at {format_ids(result.to_revisions) or 'base'}")
 
 
+class MigrationOptions(TypedDict, total=False):
+    """Options shared by ``upgrade`` and ``downgrade`` (the CLI's flags)."""
+
+    output: str | os.PathLike[str] | None  # write here; the input stays untouched
+    from_revision: str | None  # treat the checkpoint as being at this revision
+    dry_run: bool  # print the plan, write nothing
+    trust_pickle: bool  # allow arbitrary pickles (runs code from the file!)
+    state_dict_key: str | None  # where the weights sit in a training container
+    key_prefix: str | None  # the lineage's keys sit under this prefix
+    verify: bool  # check the written file against the plan (default True)
+    jobs: int  # shards written in parallel
+    durable: bool  # fsync before the switch (default True)
+
+
 def upgrade(
     config: Config,
     checkpoint: str | os.PathLike[str],
     target: str = "head",
-    *,
-    output: str | os.PathLike[str] | None = None,
-    from_revision: str | None = None,
-    dry_run: bool = False,
-    trust_pickle: bool = False,
-    state_dict_key: str | None = None,
-    key_prefix: str | None = None,
-    verify: bool = True,
-    jobs: int = 1,
-    durable: bool = True,
+    **options: Unpack[MigrationOptions],
 ) -> MigrationResult:
     """Upgrade a checkpoint file to ``target`` (in place unless ``output``)."""
-    with _writing(config, checkpoint, output, dry_run):
-        return _migrate(
-            config,
-            checkpoint,
-            target,
-            upgrade=True,
-            output=output,
-            from_revision=from_revision,
-            dry_run=dry_run,
-            trust_pickle=trust_pickle,
-            state_dict_key=state_dict_key,
-            key_prefix=key_prefix,
-            verify=verify,
-            jobs=jobs,
-            durable=durable,
-        )
+    return _locked_migrate(config, checkpoint, target, True, options)
 
 
 def downgrade(
     config: Config,
     checkpoint: str | os.PathLike[str],
     target: str,
-    *,
-    output: str | os.PathLike[str] | None = None,
-    from_revision: str | None = None,
-    dry_run: bool = False,
-    trust_pickle: bool = False,
-    state_dict_key: str | None = None,
-    key_prefix: str | None = None,
-    verify: bool = True,
-    jobs: int = 1,
-    durable: bool = True,
+    **options: Unpack[MigrationOptions],
 ) -> MigrationResult:
     """Downgrade a checkpoint file to ``target`` (in place unless ``output``)."""
+    return _locked_migrate(config, checkpoint, target, False, options)
+
+
+def _locked_migrate(
+    config: Config,
+    checkpoint: str | os.PathLike[str],
+    target: str,
+    upgrade: bool,
+    options: MigrationOptions,
+) -> MigrationResult:
+    output, dry_run = options.get("output"), options.get("dry_run", False)
     with _writing(config, checkpoint, output, dry_run):
         return _migrate(
             config,
             checkpoint,
             target,
-            upgrade=False,
+            upgrade=upgrade,
             output=output,
-            from_revision=from_revision,
+            from_revision=options.get("from_revision"),
             dry_run=dry_run,
-            trust_pickle=trust_pickle,
-            state_dict_key=state_dict_key,
-            key_prefix=key_prefix,
-            verify=verify,
-            jobs=jobs,
-            durable=durable,
+            trust_pickle=options.get("trust_pickle", False),
+            state_dict_key=options.get("state_dict_key"),
+            key_prefix=options.get("key_prefix"),
+            verify=options.get("verify", True),
+            jobs=options.get("jobs", 1),
+            durable=options.get("durable", True),
         )
 
 

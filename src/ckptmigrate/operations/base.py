@@ -22,9 +22,17 @@ import torch
 from ..errors import OperationError
 from ..paths import display_path
 from ..plan.init import check_init
-from ..plan.nodes import Apply, Constant, Init, Node, TensorSpec, dtype_name, seed_for
+from ..plan.nodes import (
+    Apply,
+    Constant,
+    Init,
+    Node,
+    ResetOptimizerState,
+    TensorSpec,
+    dtype_name,
+    seed_for,
+)
 from ..plan.state import PlanState
-from ..training.marks import ResetOptimizerState
 
 
 @dataclass

@@ -159,6 +159,25 @@ def _short(value: Any) -> str:
     return repr(value)
 
 
+@dataclass(eq=False)
+class ResetOptimizerState(Node):
+    """What ``op.reset_optimizer_state`` leaves: the tensor itself, its optimizer state dropped.
+
+    It sits in the plan (not beside it) so that it follows its tensor through
+    later renames, splits and concatenations like any other transform; only
+    the optimizer-state pass reads it.
+    """
+
+    inputs: tuple[Node, ...]
+    spec: TensorSpec | None
+
+    def compute(self, args: Sequence[Any]) -> Any:
+        return args[0]
+
+    def describe(self) -> str:
+        return "reset_optimizer_state"
+
+
 # --------------------------------------------------------------------- kernels
 # Each kernel returns a new tensor or a view; none writes into its inputs.
 

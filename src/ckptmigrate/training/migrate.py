@@ -98,6 +98,11 @@ def migrate_container(
     *,
     dry_run: bool = False,
 ) -> Any | None:
+    """The container with its optimizer state carried along ``state``'s plan.
+
+    Returns None when the container holds nothing to migrate (and always for
+    a dry run, which prints what would happen to the optimizer state instead).
+    """
     container = ckpt.container
     found = find_optimizers(container, ckpt.state_path)
     if not found:

@@ -35,8 +35,17 @@ from typing import Any
 import torch
 
 from ..errors import CkptMigrateError
-from ..plan.nodes import KERNELS, Apply, Constant, Init, Node, Source, TensorSpec, walk
-from .marks import ResetOptimizerState
+from ..plan.nodes import (
+    KERNELS,
+    Apply,
+    Constant,
+    Init,
+    Node,
+    ResetOptimizerState,
+    Source,
+    TensorSpec,
+    walk,
+)
 
 #: State entries that are per-step scalars even when a parameter is 0-d.
 SCALAR_STATE = frozenset({"step", "mu_product", "eta", "mu"})
