@@ -110,3 +110,29 @@ def write_revision(
         f"def upgrade():\n    {up}\n\ndef downgrade():\n    {down_body}\n"
     )
     return path
+
+
+# A revision file with one upgrade() body, for tests that run a single step.
+REVISION_TEMPLATE = '''"""test revision
+
+Revision ID: {rev}
+Revises:
+Create Date: 2026-01-01 00:00:00
+"""
+import torch
+
+from ckptmigrate import op
+
+revision = "{rev}"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+{body}
+
+
+def downgrade() -> None:
+    pass
+'''

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from tests.conftest import REVISION_TEMPLATE
 
 from ckptmigrate import op
 from ckptmigrate.operations.base import Operations
@@ -71,37 +72,12 @@ def symbolic(sd: dict[str, torch.Tensor], fn: Callable[[], None]) -> dict[str, T
     return state.schema()
 
 
-SCRIPT = '''"""test revision
-
-Revision ID: {rev}
-Revises:
-Create Date: 2026-01-01 00:00:00
-"""
-import torch
-
-from ckptmigrate import op
-
-revision = "{rev}"
-down_revision = None
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-{body}
-
-
-def downgrade() -> None:
-    pass
-'''
-
-
 def write_revision(tmp_path: Path, body: str, rev: str = REV, name: str = "") -> Path:
     folder = tmp_path / (name or rev)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{rev}_test.py"
     code = textwrap.indent(textwrap.dedent(body).strip("\n"), "    ")
-    path.write_text(SCRIPT.format(rev=rev, body=code), encoding="utf-8")
+    path.write_text(REVISION_TEMPLATE.format(rev=rev, body=code), encoding="utf-8")
     return path
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from tests.conftest import REVISION_TEMPLATE
 
 from ckptmigrate import op
 from ckptmigrate.errors import CkptMigrateError, OperationError, ScriptError
@@ -26,30 +27,6 @@ from ckptmigrate.runtime.migration import MigrationStep, run_step
 from ckptmigrate.script.directory import load_script
 
 REV = "1a0c3e5f7b2d"
-
-SCRIPT = '''"""failing revision
-
-Revision ID: {rev}
-Revises:
-Create Date: 2026-01-01 00:00:00
-"""
-import torch
-
-from ckptmigrate import op
-
-revision = "{rev}"
-down_revision = None
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-{body}
-
-
-def downgrade() -> None:
-    pass
-'''
 
 
 def make_schema() -> dict[str, TensorSpec]:
@@ -73,7 +50,7 @@ def fail_in_script(tmp_path: Path, body: str, schema: dict[str, TensorSpec] | No
     lines = textwrap.dedent(body).strip("\n").splitlines()
     marked = [i for i, line in enumerate(lines) if line.rstrip().endswith("# <-")]
     assert len(marked) == 1, "mark the failing line with '# <-'"
-    text = SCRIPT.format(rev=REV, body=textwrap.indent("\n".join(lines), "    "))
+    text = REVISION_TEMPLATE.format(rev=REV, body=textwrap.indent("\n".join(lines), "    "))
     path = tmp_path / f"{REV}_failing.py"
     path.write_text(text, encoding="utf-8")
     line = text.splitlines().index(textwrap.indent(lines[marked[0]], "    ")) + 1
@@ -578,7 +555,7 @@ def test_op_outside_a_migration() -> None:
 def test_other_exceptions_in_a_script_are_script_errors(tmp_path: Path) -> None:
     path = tmp_path / f"{REV}_raises.py"
     body = '    op.drop_key("fc1.weight")\n    raise RuntimeError("boom")'
-    path.write_text(SCRIPT.format(rev=REV, body=body), encoding="utf-8")
+    path.write_text(REVISION_TEMPLATE.format(rev=REV, body=body), encoding="utf-8")
     state = PlanState.from_schema(make_schema())
     with pytest.raises(ScriptError) as info:
         run_step(MigrationStep(load_script(path), True), state, symbolic=False)
