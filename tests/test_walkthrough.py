@@ -100,3 +100,14 @@ def test_init_and_revision_write_the_walkthrough_files(
     shipped = REPO / "migrations" / "versions" / f"{ADD_FC3}_add_fc3.py"
     shutil.copy(shipped, written)
     assert run("heads").stdout == f"{ADD_FC3} (head)\n"
+
+
+def test_output_keys_follow_the_configured_models_order(v1_checkpoint: Path, run: Run) -> None:
+    run("upgrade", "model.pth", "--from", INITIAL)
+    assert list(tensors(v1_checkpoint)) == list(SimpleModel().state_dict())
+    # without `model =` the migration's own order is kept (added keys last)
+    ini = v1_checkpoint.parent / "alembic_style.ini"
+    ini.write_text(ini.read_text().replace("model = examples", "# model = examples"))
+    run("downgrade", "model.pth", INITIAL)
+    run("upgrade", "model.pth")
+    assert list(tensors(v1_checkpoint))[-2:] == ["fc2.weight", "fc2.bias"]

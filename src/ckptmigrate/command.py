@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from .config import DEFAULT_INI, Config
-from .errors import CommandError, RangeNotAncestorError, RevisionError, StampError
+from .errors import (
+    CkptMigrateError,
+    CommandError,
+    RangeNotAncestorError,
+    RevisionError,
+    StampError,
+)
 from .paths import display_path
 from .script import display
 from .script.directory import TEMPLATE_NAME, Script, ScriptDirectory
@@ -420,6 +426,8 @@ def _migrate(
             steps, state, current, rmap, symbolic=dry_run, log=None if dry_run else config.log
         )
         result.to_revisions = new_heads
+        if not dry_run:
+            _follow_model_order(config, ckpt, state)
         if dry_run:
             _print_plan(config, where, result, len(ckpt.schema), state)
         container = None
@@ -455,6 +463,26 @@ def _migrate(
         return result
     finally:
         ckpt.close()
+
+
+def _follow_model_order(config: Config, ckpt: Checkpoint, state: Any) -> None:
+    """Write the keys in the configured model's order when they are exactly its keys.
+
+    Migrations append what they add; putting the result in ``model.state_dict()``
+    order keeps the file tidy and keeps file order equal to parameter order,
+    which is what an optimizer's state is keyed by.
+    """
+    if not config.get("model"):
+        return
+    from .autogenerate import model_schema
+
+    try:
+        schema, _model, _spec = model_schema(config)
+    except CkptMigrateError as exc:
+        config.log(f"Note: keeping the migration's key order ({exc.message})")
+        return
+    if set(schema) == set(state.entries) and list(schema) != list(state.entries):
+        state.entries = {k: state.entries[k] for k in schema}
 
 
 def _progress(config: Config, ckpt: Checkpoint, state: Any, label: str) -> Any:
