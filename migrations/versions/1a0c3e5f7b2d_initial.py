@@ -4,6 +4,7 @@ Revision ID: 1a0c3e5f7b2d
 Revises: <base>
 Create Date: 2026-11-29 12:00:00
 """
+
 from ckptmigrate import op
 
 # revision identifiers, used by ckptmigrate.

@@ -4,6 +4,7 @@ Revision ID: 2b7f0c1d9e4a
 Revises: 1a0c3e5f7b2d
 Create Date: 2026-11-29 12:05:00
 """
+
 from ckptmigrate import op
 
 # revision identifiers, used by ckptmigrate.

@@ -56,7 +56,7 @@ def read_checkpoint(
             raise CheckpointError(
                 f"{p} is empty (0 bytes)", hint="the save was probably interrupted"
             )
-        kind = _sniff(p)
+        kind = "safetensors" if p.suffix == ".safetensors" else _sniff(p)
     except OSError as exc:
         raise CheckpointError(f"cannot read {p}: {exc.strerror}", hint="check permissions") from exc
     if kind == "safetensors":

@@ -20,7 +20,9 @@ def _explain(exc: OSError) -> str:
         return "the disk is full"
     if exc.errno == errno.EFBIG:
         return "the file size limit was reached"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if exc.errno == errno.EROFS:
+        return "the file system is read-only"
+    if exc.errno in (errno.EACCES, errno.EPERM):
         return "permission denied"
     return exc.strerror or str(exc)
 

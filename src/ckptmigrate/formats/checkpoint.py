@@ -9,6 +9,7 @@ and a lazy reader. Writing puts everything else back untouched.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -252,6 +253,6 @@ def replace_at(container: Any, path: tuple[str, ...], value: Any) -> Any:
     if not path:
         return value
     head, rest = path[0], path[1:]
-    copy = type(container)(container) if not isinstance(container, dict) else container.copy()
-    copy[head] = replace_at(container[head], rest, value)
-    return copy
+    shallow = copy.copy(container)  # keeps a dict subclass (and its attributes) as it was
+    shallow[head] = replace_at(container[head], rest, value)
+    return shallow

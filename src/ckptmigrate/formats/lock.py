@@ -7,6 +7,10 @@ clean up: the kernel drops the lock when the process ends, however it ends).
 Because the write replaces the file by a new one, a process that waited
 re-checks after getting the lock that it still holds the file now under the
 name, and otherwise locks the new one, then reads what is there now.
+
+Holding the lock, it also removes the temporary files that killed writers of
+this path left (their process is gone), so whatever the next command on the
+file does, even nothing, it leaves no stale temporary file behind.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import WriteError
+from .atomic import clean_stale
 
 DEFAULT_TIMEOUT = 600.0
 
@@ -61,10 +66,12 @@ def locked(
                         told = True
                     time.sleep(0.05)
             try:
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+                held, now = os.fstat(fd), os.stat(path)
+                same = (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
             except FileNotFoundError:
                 same = False
             if same:
+                clean_stale(Path(path))
                 yield
                 return
         finally:

@@ -50,10 +50,17 @@ MAX_HEADER = 100 * 1024 * 1024  # the safetensors package's own limit
 
 
 def looks_like_safetensors(head: bytes) -> bool:
+    """An 8-byte length, then a JSON object.
+
+    The length is not checked here: a file whose header length lies (2**63)
+    is still recognised, so that :func:`read_header` says what is wrong with
+    it instead of a torch reader failing on it. No torch file has ``{`` at
+    offset 8 (zip files start ``PK``, legacy pickles ``\x80``).
+    """
     if len(head) < 10:
         return False
     (n,) = struct.unpack("<Q", head[:8])
-    return 2 <= n <= MAX_HEADER and head[8:9] == b"{"
+    return n >= 2 and head[8:9] == b"{"
 
 
 def _bad(path: Path, what: str) -> CheckpointError:
@@ -80,9 +87,13 @@ def read_header(path: Path) -> tuple[int, dict[str, Any], dict[str, str]]:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise _bad(path, f"header is not JSON ({exc})") from None
+    except RecursionError:  # [[[[...]]]] nested deeper than the parser's stack
+        raise _bad(path, "header is JSON nested too deeply to be a safetensors header") from None
     if not isinstance(header, dict):
         raise _bad(path, "header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
     if not isinstance(meta, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
     ):
@@ -95,7 +106,7 @@ def read_header(path: Path) -> tuple[int, dict[str, Any], dict[str, str]]:
         dtype = info.get("dtype")
         shape = info.get("shape")
         offsets = info.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise _bad(path, f"entry {name!r} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in shape

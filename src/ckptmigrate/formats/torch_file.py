@@ -8,6 +8,7 @@ loaded only when the caller passes ``trust_pickle=True``.
 
 from __future__ import annotations
 
+import _compat_pickle
 import pickle
 import re
 import warnings
@@ -35,25 +36,49 @@ from .torch_zip import ZipSource
 # What the weights-only unpickler says when a pickle asks for code (as
 # opposed to bytes that are not a pickle at all).
 _UNSAFE_MARKERS = ("Unsupported global", "GLOBAL ", "unrecognized function", "Unsupported class")
-_GLOBAL = re.compile(r"GLOBAL ([\w.]+)|global[^\w]+([\w.]+)", re.IGNORECASE)
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 def _unsafe_global(message: str) -> str | None:
-    for match in _GLOBAL.finditer(message):
-        name = match.group(1) or match.group(2)
-        if name and "." in name:
-            return name
-    return None
+    """The global a refused pickle asked for, as Python 3 would resolve it.
+
+    PyTorch names builtins without their module (``GLOBAL eval``), and a
+    protocol-2 pickle spells some modules the Python 2 way (``commands.Popen``
+    is what ``subprocess.Popen`` becomes), so both are mapped back.
+    """
+    match = _GLOBAL.search(message)
+    if match is None:
+        return None
+    module, _, name = match.group(1).rpartition(".")
+    if not module:
+        return f"builtins.{name}"
+    module, name = _compat_pickle.NAME_MAPPING.get(
+        (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name)
+    )
+    return f"{module}.{name}"
 
 
-def load_object(path: Path, *, trust_pickle: bool = False) -> tuple[Any, bool, ZipSource | None]:
-    """Load it safely: (object, is_legacy_format, the zip index when read lazily)."""
-    legacy = not zipfile.is_zipfile(path)
+def load_object(
+    path: Path, *, trust_pickle: bool = False, opaque: bool = False
+) -> tuple[Any, bool, ZipSource | None]:
+    """Load it safely: (object, is_legacy_format, the zip index when read lazily).
+
+    ``opaque`` (zip files only) turns objects outside the allow-list into inert
+    stand-ins instead of refusing them; nothing from the file runs.
+    """
+    try:
+        legacy = not zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:  # a zip whose end records are damaged (is_zipfile can raise)
+        legacy = False  # the zip reader says what is wrong with it
+    if legacy:
+        with open(path, "rb") as fh:
+            # a zip that lost its end (truncated) is still a zip, not a legacy pickle
+            legacy = fh.read(4) != b"PK\x03\x04"
     where = str(path)
     try:
         if not legacy:
             try:
-                obj, source = torch_zip.load(path, trust_pickle=trust_pickle)
+                obj, source = torch_zip.load(path, trust_pickle=trust_pickle, opaque=opaque)
                 return obj, False, source
             except torch_zip._NeedsTorchLoad:
                 pass
@@ -92,9 +117,13 @@ def _damaged(where: str, exc: BaseException) -> CheckpointError:
 
 
 def read_torch(
-    path: Path, *, trust_pickle: bool = False, state_dict_key: str | None = None
+    path: Path,
+    *,
+    trust_pickle: bool = False,
+    state_dict_key: str | None = None,
+    opaque: bool = False,
 ) -> Checkpoint:
-    obj, legacy, source = load_object(path, trust_pickle=trust_pickle)
+    obj, legacy, source = load_object(path, trust_pickle=trust_pickle, opaque=opaque)
     state_path, sd = locate_state_dict(obj, state_dict_key, str(path))
     prefix = wrapper_prefix(list(sd))
     metadata = strip_metadata_prefix(getattr(sd, "_metadata", None), prefix)
@@ -138,6 +167,36 @@ def build_metadata(metadata: Mapping[str, Mapping[str, Any]]) -> OrderedDict[str
     return meta
 
 
+def check_carried(source: Checkpoint) -> None:
+    """Verify the checksums of the input's records outside the state dict.
+
+    The state dict's tensors are checked as the plan reads them. The rest of a
+    training container (optimizer state, ...) is copied, or computed from: the
+    training migration transposes Adam's moments along with their weights, and
+    such a tensor would reach the output with a fresh, valid checksum. So its
+    records are checked before anything is written (each record once).
+    """
+    zs = source.zip_source
+    if zs is None or not source.state_path:
+        return
+    state_dict: Any = source.container
+    for part in source.state_path:
+        state_dict = state_dict[part]
+    stack: list[Any] = [source.container]
+    seen: set[int] = set()
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or obj is state_dict:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            zs.check_storage(obj.untyped_storage())
+        elif isinstance(obj, Mapping):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+
+
 def write_torch(
     target: Path,
     source: Checkpoint | None,
@@ -160,6 +219,8 @@ def write_torch(
             return produce(key)
         return torch_zip.PlannedTensor(key, node.spec)
 
+    if source is not None:
+        check_carried(source)
     sd: OrderedDict[str, Any] = OrderedDict((k, value(k, n)) for k, n in entries.items())
     sd._metadata = build_metadata(metadata)  # type: ignore[attr-defined]
     obj: Any = sd

@@ -89,7 +89,10 @@ class ZipSource:
         self.checked.add(record.name)
 
     def check_storage(self, storage: torch.UntypedStorage) -> None:
-        record = self.locate(storage)
+        """Check the record a storage was read from (also when it uses only its start)."""
+        if self.base is None or storage.device.type != "cpu":
+            return
+        record = self.by_offset.get(storage.data_ptr() - self.base_ptr)
         if record is not None:
             self.check(record)
 
@@ -117,21 +120,36 @@ def read_index(path: Path) -> ZipSource:
     try:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
         raise _bad(path, f"damaged zip directory: {exc}") from None
     records: dict[str, Record] = {}
     with open(path, "rb") as fh:
         for info in infos:
             if info.compress_type != zipfile.ZIP_STORED:
                 raise _bad(path, f"record {info.filename!r} is compressed")
+            if info.compress_size != info.file_size:
+                raise _bad(path, f"record {info.filename!r} has two different sizes")
+            if not 0 <= info.header_offset < size:
+                raise _bad(path, f"record {info.filename!r} has no valid local header")
             fh.seek(info.header_offset)
             head = fh.read(30)
             if len(head) != 30 or head[:4] != b"PK\x03\x04":
                 raise _bad(path, f"record {info.filename!r} has no valid local header")
-            (method,) = struct.unpack("<H", head[8:10])
+            flags, method = struct.unpack("<HH", head[6:10])
+            crc, csize, usize = struct.unpack("<III", head[14:26])
             name_len, extra_len = struct.unpack("<HH", head[26:30])
             name = fh.read(name_len)
-            if method != 0 or name != info.orig_filename.encode("utf-8", "replace"):
+            # Without a data descriptor (flag bit 3: what torch.save writes),
+            # the local header repeats the checksum and sizes; they must agree.
+            sizes_ok = (csize, usize) in (
+                (info.file_size, info.file_size),
+                (_ZIP64_LIMIT, _ZIP64_LIMIT),
+            )
+            if (
+                method != 0
+                or name != info.orig_filename.encode("utf-8", "replace")
+                or (not flags & 0x08 and (crc != info.CRC or not sizes_ok))
+            ):
                 raise _bad(path, f"record {info.filename!r} disagrees with its local header")
             data_offset = info.header_offset + 30 + name_len + extra_len
             if data_offset + info.file_size > size:
@@ -146,15 +164,23 @@ def read_index(path: Path) -> ZipSource:
     return source
 
 
-def load(path: Path, *, trust_pickle: bool = False) -> tuple[Any, ZipSource]:
-    """Unpickle ``data.pkl`` with every storage a lazy slice of one memory map."""
+def load(path: Path, *, trust_pickle: bool = False, opaque: bool = False) -> tuple[Any, ZipSource]:
+    """Unpickle ``data.pkl`` with every storage a lazy slice of one memory map.
+
+    ``opaque`` reads the structure of a pickle that needs globals outside the
+    weights-only allow-list without running any of them: each becomes an inert
+    stand-in (for checking a file this process wrote from a trusted input).
+    """
     source = read_index(path)
     order = source.records.get(source.prefix + "byteorder")
     if order is not None:
         with open(path, "rb") as fh:
             fh.seek(order.data_offset)
-            if fh.read(order.size).decode("ascii", "replace") != sys.byteorder:
-                raise _NeedsTorchLoad  # byte-swapping is torch.load's business
+            mark = fh.read(order.size)
+        if zlib.crc32(mark) != order.crc:
+            raise _bad(path, "the byteorder record fails its checksum")
+        if mark.decode("ascii", "replace") != sys.byteorder:
+            raise _NeedsTorchLoad  # byte-swapping is torch.load's business
     if source.size:
         source.base = torch.UntypedStorage.from_file(  # type: ignore[assignment]
             str(path), shared=False, nbytes=source.size
@@ -190,12 +216,56 @@ def load(path: Path, *, trust_pickle: bool = False) -> tuple[Any, ZipSource]:
         raise _bad(path, "data.pkl fails its checksum")
     if trust_pickle:
         unpickler: Any = _TrustedUnpickler(io.BytesIO(data), encoding="utf-8")
+    elif opaque:
+        unpickler = _OpaqueUnpickler(io.BytesIO(data), encoding="utf-8")
     else:
         from torch import _weights_only_unpickler
 
         unpickler = _weights_only_unpickler.Unpickler(io.BytesIO(data), encoding="utf-8")
     unpickler.persistent_load = persistent_load
-    return unpickler.load(), source
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": errors say enough
+            warnings.simplefilter("ignore")
+            return unpickler.load(), source
+    except pickle.UnpicklingError as exc:
+        # The weights-only unpickler knows GLOBAL only; a pickle importing
+        # code another way (STACK_GLOBAL, INST, OBJ: protocol 4, hand-made)
+        # fails as an "unsupported operand". Name what it asked for.
+        name = None if trust_pickle else disallowed_global(data)
+        if name is not None and "GLOBAL" not in str(exc):
+            raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {name}") from exc
+        raise
+
+
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING"}
+
+
+def disallowed_global(data: bytes) -> str | None:
+    """The first global a pickle imports that PyTorch's weights-only load refuses.
+
+    Found by parsing the opcodes (nothing is executed); None when there is no
+    such import or the bytes stop parsing first.
+    """
+    import pickletools
+
+    from torch import _weights_only_unpickler
+
+    allowed: dict[str, Any] = getattr(_weights_only_unpickler, "_get_allowed_globals", dict)()
+    strings: list[str] = []
+    try:
+        for op, arg, _pos in pickletools.genops(data):
+            name = None
+            if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                name = ".".join(arg.split(" ", 1))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                name = f"{strings[-2]}.{strings[-1]}"
+            elif op.name in _STRING_OPS and isinstance(arg, (str, bytes)):
+                strings.append(arg if isinstance(arg, str) else arg.decode("latin-1"))
+            if name is not None and name not in allowed:
+                return name
+    except Exception:  # not parseable further: what was found so far is all there is
+        return None
+    return None
 
 
 class _NeedsTorchLoad(Exception):
@@ -209,6 +279,45 @@ class _TrustedUnpickler(pickle.Unpickler):
         if module == "torch.tensor":
             module = "torch._tensor"
         return super().find_class(module, name)
+
+
+class _Opaque(dict[Any, Any]):
+    """An inert stand-in for an object whose class is outside the allow-list.
+
+    A dict, so that a dict subclass's items (a training container of a custom
+    class) stay visible; list items and attribute state are kept aside.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _OpaqueUnpickler(pickle.Unpickler):
+    """Allow-listed globals as themselves, every other one as :class:`_Opaque`."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        import _compat_pickle
+
+        from torch import _weights_only_unpickler
+
+        # Python 2 spellings (protocol 2 pickles), mapped as pickle.Unpickler maps them
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        else:
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        allowed: dict[str, Any] = getattr(_weights_only_unpickler, "_get_allowed_globals", dict)()
+        found = allowed.get(f"{module}.{name}")
+        return found if found is not None else _Opaque
 
 
 # --------------------------------------------------------------------------- writing

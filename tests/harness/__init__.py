@@ -1,0 +1,1 @@
+"""Helper programs the guarantee tests run in their own processes."""

@@ -1,0 +1,118 @@
+"""Small projects (ini + revision files) and checkpoints shared by the guarantee tests.
+
+Imported both by the pytest tests and by the harness programs they start
+(``python -m tests.harness.crash``, ``python -m tests.harness.fuzz``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+TMP_SUFFIX = ".ckptmigrate-tmp"
+
+#: The lineage every harness uses: A (base) -> B, where B transforms tensors.
+REV_A = "aaaa00000001"
+REV_B = "bbbb00000002"
+
+
+def write_project(root: Path, revisions: Sequence[tuple[str, str | None, str, str]]) -> Path:
+    """``alembic_style.ini`` and ``migrations/versions/<rev>.py`` for each
+    (revision, down_revision, upgrade body, downgrade body); bodies are Python
+    source already indented by four spaces. Returns the ini path."""
+    versions = root / "migrations" / "versions"
+    versions.mkdir(parents=True, exist_ok=True)
+    ini = root / "alembic_style.ini"
+    ini.write_text("[ckptmigrate]\nscript_location = %(here)s/migrations\n", encoding="utf-8")
+    for rev, down, up, down_body in revisions:
+        (versions / f"{rev}.py").write_text(
+            f'"""step {rev}"""\nimport torch\nfrom ckptmigrate import op\n\n'
+            f"revision = {rev!r}\ndown_revision = {down!r}\nbranch_labels = None\n"
+            f"depends_on = None\n\n\ndef upgrade() -> None:\n{up}\n\n\n"
+            f"def downgrade() -> None:\n{down_body}\n",
+            encoding="utf-8",
+        )
+    return ini
+
+
+#: Revision B: a rename (bytes copied in the kernel), a scaled tensor, a
+#: transposed one, a cast and a new tensor (all computed while writing).
+UPGRADE_B = """\
+    op.rename_key("w0", "renamed0")
+    op.map_tensor("w1", lambda t: t * 2)
+    op.transpose("w2", 0, 1)
+    op.cast("w3", torch.float64)
+    op.add_tensor("new", shape=(256, 256), init="normal", std=0.02)"""
+
+DOWNGRADE_B = """\
+    op.drop_key("new")
+    op.cast("w3", torch.float32)
+    op.transpose("w2", 0, 1)
+    op.map_tensor("w1", lambda t: t / 2)
+    op.rename_key("renamed0", "w0")"""
+
+
+def standard_project(root: Path) -> Path:
+    return write_project(
+        root, [(REV_A, None, "    pass", "    pass"), (REV_B, REV_A, UPGRADE_B, DOWNGRADE_B)]
+    )
+
+
+def digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary files ckptmigrate left in ``folder``."""
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(TMP_SUFFIX))
+
+
+def tmp_files_of(folder: Path, pid: int) -> list[Path]:
+    mark = f".{pid}."
+    return [p for p in folder.iterdir() if p.name.endswith(TMP_SUFFIX) and mark in p.name]
+
+
+def quiet_fds() -> None:
+    """Send this process's stdout/stderr to /dev/null (forked children)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    os.close(null)
+
+
+def stamp_state_dict(sd: Any, revision: str) -> Any:
+    """Record ``revision`` in a state dict's ``_metadata``, as ckptmigrate does."""
+    from collections import OrderedDict
+
+    from ckptmigrate.formats.stamp import write_stamp
+
+    meta = getattr(sd, "_metadata", None)
+    if meta is None:
+        meta = OrderedDict()
+        sd._metadata = meta
+    write_stamp(meta.setdefault("", {}), (revision,))
+    return sd
+
+
+def torch_zip_file(
+    path: Path,
+    pickle_bytes: bytes,
+    storages: dict[str, bytes] | None = None,
+    byteorder: str = "little",
+) -> None:
+    """A zip laid out as ``torch.save`` lays it out, with any ``data.pkl``."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("archive/data.pkl", pickle_bytes)
+        zf.writestr("archive/byteorder", byteorder)
+        for key, data in (storages or {}).items():
+            zf.writestr(f"archive/data/{key}", data)
+        zf.writestr("archive/version", "3\n")
