@@ -489,3 +489,31 @@ def test_next_command_removes_stale_temporary_files(setup: tuple[Path, Path]) ->
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_fsync_by_default_only_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In place the only copy is rewritten, so it is fsynced; with -o it need not be."""
+    import ckptmigrate.formats.atomic as atomic
+    from ckptmigrate import command
+    from ckptmigrate.config import Config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mig/versions").mkdir(parents=True)
+    (tmp_path / "mig/versions/a1.py").write_text(
+        '"""a"""\nfrom ckptmigrate import op\nrevision = "a1a1a1a1"\ndown_revision = None\n'
+        'def upgrade():\n    op.rename_key("w", "v")\n'
+        'def downgrade():\n    op.rename_key("v", "w")\n'
+    )
+    (tmp_path / "ini").write_text("[ckptmigrate]\nscript_location = %(here)s/mig\n")
+    synced: list[str] = []
+    real = atomic.os.fsync
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (synced.append("x"), real(fd))[1])
+    torch.save({"w": torch.ones(2)}, "m.pt")
+    cfg = Config(tmp_path / "ini", quiet=True)
+    command.upgrade(cfg, "m.pt", output="o.pt", from_revision="base")
+    assert synced == []
+    command.upgrade(cfg, "m.pt", from_revision="base")
+    assert synced  # the data and the folder
+    synced.clear()
+    command.downgrade(cfg, "m.pt", "base", durable=False)
+    assert synced == []

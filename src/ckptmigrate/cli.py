@@ -231,9 +231,11 @@ def _migration_options(fn: Any) -> Any:
         "--no-verify", is_flag=True, help="Skip checking the written file against the plan."
     )(fn)
     fn = click.option(
-        "--no-fsync",
-        is_flag=True,
-        help="Skip fsync before the atomic rename (faster; a power cut may lose the new file).",
+        "--fsync/--no-fsync",
+        "fsync",
+        default=None,
+        help="fsync the new file before the atomic switch (default: yes in place, no with "
+        "-o). --no-fsync is faster, but a power cut just after can lose the checkpoint.",
     )(fn)
     fn = click.option(
         "-j",
@@ -262,11 +264,11 @@ def _migration_command(name: str, target_default: str | None, doc: str) -> None:
         checkpoint: str,
         target: str,
         no_verify: bool,
-        no_fsync: bool,
+        fsync: bool | None,
         **options: Any,
     ) -> None:
         _check_target(target)
-        run(_config(ctx), checkpoint, target, verify=not no_verify, durable=not no_fsync, **options)
+        run(_config(ctx), checkpoint, target, verify=not no_verify, durable=fsync, **options)
 
     cmd.__doc__ = doc
     cmd = _migration_options(cmd)

@@ -382,7 +382,7 @@ def _migrate(
     key_prefix: str | None = None,
     verify: bool = True,
     jobs: int = 1,
-    durable: bool = True,
+    durable: bool | None = None,
 ) -> MigrationResult:
     from .formats import write_checkpoint
     from .runtime.migration import downgrade_steps, run_steps, upgrade_steps
@@ -450,7 +450,7 @@ def _migrate(
             container=container,
             progress=bar,
             jobs=jobs,
-            durable=durable and config.get("fsync", "true") != "false",
+            durable=_durable(config, durable, output),
         )
         if bar is not None:
             bar.finish()
@@ -463,6 +463,22 @@ def _migrate(
         return result
     finally:
         ckpt.close()
+
+
+def _durable(config: Config, durable: bool | None, output: str | os.PathLike[str] | None) -> bool:
+    """fsync before the switch? By default only when the file rewritten is the only copy.
+
+    In place, a power cut after an unsynced switch could lose the checkpoint;
+    with ``-o`` the input is still there to run the command again from.
+    """
+    if durable is not None:
+        return durable
+    setting = (config.get("fsync") or "auto").lower()
+    if setting in ("true", "yes", "1", "on"):
+        return True
+    if setting in ("false", "no", "0", "off"):
+        return False
+    return output is None
 
 
 def _follow_model_order(config: Config, ckpt: Checkpoint, state: Any) -> None:
@@ -546,7 +562,7 @@ class MigrationOptions(TypedDict, total=False):
     key_prefix: str | None  # the lineage's keys sit under this prefix
     verify: bool  # check the written file against the plan (default True)
     jobs: int  # shards written in parallel
-    durable: bool  # fsync before the switch (default True)
+    durable: bool | None  # fsync before the switch (default: when rewriting in place)
 
 
 def upgrade(
@@ -591,7 +607,7 @@ def _locked_migrate(
             key_prefix=options.get("key_prefix"),
             verify=options.get("verify", True),
             jobs=options.get("jobs", 1),
-            durable=options.get("durable", True),
+            durable=options.get("durable"),
         )
 
 
