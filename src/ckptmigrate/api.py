@@ -7,7 +7,7 @@ when omitted the configuration is found as on the command line.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import command
 from .config import Config
@@ -20,10 +20,10 @@ if TYPE_CHECKING:
 PathLike = str | os.PathLike[str]
 
 
-def _config(location: PathLike | None, quiet: bool) -> Config:
+def _config(location: PathLike | None, quiet: bool, **streams: Any) -> Config:
     if location is None:
-        return Config.discover(quiet=quiet)
-    return Config.from_location(location, quiet=quiet)
+        return Config.discover(quiet=quiet, **streams)
+    return Config.from_location(location, quiet=quiet, **streams)
 
 
 def upgrade(
@@ -71,6 +71,4 @@ def current(checkpoint: PathLike, *, location: PathLike | None = None) -> tuple[
     """The revision id(s) recorded in (or identified for) a checkpoint."""
     import io
 
-    cfg = _config(location, True)
-    cfg._stdout = io.StringIO()
-    return command.current(cfg, checkpoint)
+    return command.current(_config(location, True, stdout=io.StringIO()), checkpoint)

@@ -18,6 +18,7 @@ from .config import DEFAULT_INI, Config
 from .errors import (
     CkptMigrateError,
     CommandError,
+    MultipleHeads,
     RangeNotAncestorError,
     RevisionError,
     StampError,
@@ -651,59 +652,36 @@ def stamp(
 ) -> tuple[str, ...]:
     """Record ``revisions`` in the checkpoint without running migrations."""
     with _writing(config, checkpoint, output, False):
-        return _stamp(
-            config,
-            checkpoint,
-            revisions,
-            purge=purge,
-            output=output,
-            trust_pickle=trust_pickle,
-            state_dict_key=state_dict_key,
-            key_prefix=key_prefix,
-        )
+        from .formats import write_checkpoint
 
-
-def _stamp(
-    config: Config,
-    checkpoint: str | os.PathLike[str],
-    revisions: Sequence[str],
-    *,
-    purge: bool,
-    output: str | os.PathLike[str] | None,
-    trust_pickle: bool,
-    state_dict_key: str | None,
-    key_prefix: str | None,
-) -> tuple[str, ...]:
-    from .formats import write_checkpoint
-
-    script_dir = ScriptDirectory.from_config(config)
-    rmap = script_dir.revision_map
-    ckpt = _open(config, checkpoint, trust_pickle, state_dict_key, key_prefix)
-    try:
-        if purge or ckpt.stamp is None:
-            before: tuple[str, ...] = ()
-        else:
-            stamped = _stamped_heads(script_dir, ckpt)
-            before = stamped or ()
+        script_dir = ScriptDirectory.from_config(config)
+        rmap = script_dir.revision_map
+        ckpt = _open(config, checkpoint, trust_pickle, state_dict_key, key_prefix)
         try:
-            after = rmap.heads_after_stamp(before, list(revisions) or ["base"])
-        except RevisionError as exc:
-            if exc.__class__.__name__ == "MultipleHeads":
-                raise CommandError(
-                    f"{exc.message}", hint="name the revision(s) to stamp, or use 'heads'"
-                ) from exc
-            raise
-        state = ckpt.initial_state()
-        out = Path(output) if output else Path(checkpoint)
-        write_checkpoint(out, ckpt, state, after or None)
-        where = display_path(out)
-        if after:
-            config.log(f"Stamped {where} at {format_ids(after)}")
-        else:
-            config.log(f"Removed the ckptmigrate stamp from {where}")
-        return after
-    finally:
-        ckpt.close()
+            if purge or ckpt.stamp is None:
+                before: tuple[str, ...] = ()
+            else:
+                stamped = _stamped_heads(script_dir, ckpt)
+                before = stamped or ()
+            try:
+                after = rmap.heads_after_stamp(before, list(revisions) or ["base"])
+            except RevisionError as exc:
+                if isinstance(exc, MultipleHeads):
+                    raise CommandError(
+                        f"{exc.message}", hint="name the revision(s) to stamp, or use 'heads'"
+                    ) from exc
+                raise
+            state = ckpt.initial_state()
+            out = Path(output) if output else Path(checkpoint)
+            write_checkpoint(out, ckpt, state, after or None)
+            where = display_path(out)
+            if after:
+                config.log(f"Stamped {where} at {format_ids(after)}")
+            else:
+                config.log(f"Removed the ckptmigrate stamp from {where}")
+            return after
+        finally:
+            ckpt.close()
 
 
 # --------------------------------------------------------------------------- schemas

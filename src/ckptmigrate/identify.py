@@ -48,8 +48,8 @@ def _detail(have: Schema, want: Schema) -> tuple[int, str]:
     return len(diff.missing) + len(diff.unexpected) + len(diff.mismatched), "; ".join(parts)
 
 
-def rank(script_dir: ScriptDirectory, ckpt: Checkpoint) -> list[Candidate] | None:
-    """Every revision (and base) ranked by how far its schema is from the file's.
+def rank(script_dir: ScriptDirectory, have: Schema) -> list[Candidate] | None:
+    """Every revision (and base) ranked by how far its schema is from ``have``.
 
     None when the lineage has no base schema to compute schemas from.
     """
@@ -58,7 +58,6 @@ def rank(script_dir: ScriptDirectory, ckpt: Checkpoint) -> list[Candidate] | Non
     base = read_base_schema(script_dir.dir)
     if base is None:
         return None
-    have = Schema.from_specs(ckpt.schema)
     out: list[Candidate] = []
     n, detail = _detail(have, base)
     out.append(Candidate(None, n, detail))
@@ -76,6 +75,14 @@ def _exact(candidates: list[Candidate]) -> list[Candidate]:
     return revisions or exact
 
 
+def exact_matches(script_dir: ScriptDirectory, have: Schema) -> list[str | None] | None:
+    """Revisions (None for base) whose schema is exactly ``have``; None without a base schema."""
+    candidates = rank(script_dir, have)
+    if candidates is None:
+        return None
+    return [c.script.revision if c.script is not None else None for c in _exact(candidates)]
+
+
 def _name(c: Candidate) -> str:
     return c.script.revision if c.script is not None else "base"
 
@@ -85,7 +92,7 @@ def identify_or_fail(
 ) -> tuple[str, ...]:
     """The revision an unstamped checkpoint is at, if its schema says so uniquely."""
     where = display_path(ckpt.path)
-    candidates = rank(script_dir, ckpt)
+    candidates = rank(script_dir, Schema.from_specs(ckpt.schema))
     if candidates is None:
         raise StampError(
             f"{where} has no ckptmigrate stamp, so its revision is unknown",
@@ -124,7 +131,7 @@ def identify_current(
 ) -> tuple[str, ...]:
     """``current`` for an unstamped file: print the identified revision(s)."""
     where = display_path(ckpt.path)
-    candidates = rank(script_dir, ckpt)
+    candidates = rank(script_dir, Schema.from_specs(ckpt.schema))
     if candidates is None:
         config.log(
             f"Note: {where} has no ckptmigrate stamp (and no base schema is recorded "

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, CkptMigrateError
-from ..plan.nodes import Node, Source, TensorSpec
+from ..plan.nodes import Node, Source, TensorSpec, sources_of
 from ..plan.state import Evaluator, PlanState
 from .atomic import atomic_output, fsync_dir, write_error
 from .checkpoint import Checkpoint
@@ -124,7 +124,7 @@ def _assign(entries: Mapping[str, Node], sharded: ShardSet) -> dict[str, list[st
     by_prefix: dict[str, str] = {}
     homeless: list[str] = []
     for key, node in entries.items():
-        shard = next((sharded.shard_of[k] for k in _sources(node) if k in sharded.shard_of), None)
+        shard = next((sharded.shard_of[k] for k in sources_of(node) if k in sharded.shard_of), None)
         if shard is None:
             homeless.append(key)
             continue
@@ -145,12 +145,6 @@ def _assign(entries: Mapping[str, Node], sharded: ShardSet) -> dict[str, list[st
         )
         plan.setdefault(shard, []).append(key)
     return {name: keys for name, keys in plan.items() if keys}
-
-
-def _sources(node: Node) -> list[str]:
-    from ..plan.nodes import walk
-
-    return [n.key for n in walk(node) if isinstance(n, Source)]
 
 
 def _unchanged(keys: list[str], entries: Mapping[str, Node], shard: Checkpoint) -> bool:
@@ -225,7 +219,7 @@ def write_sharded(
                 specs = {k: entries[k].spec for k in keys}
                 write_safetensors(path, keys, specs, evaluator, {"format": "pt"}, {})
             else:
-                leaves = {sharded.shard_of.get(k) for n in entries.values() for k in _sources(n)}
+                leaves = {sharded.shard_of.get(k) for n in entries.values() for k in sources_of(n)}
                 own = sharded.shards.get(shard) if leaves <= {shard} else None
                 write_torch(path, own, entries, evaluator, {}, None, None)
         except CkptMigrateError:

@@ -12,12 +12,12 @@ from typing import Any
 from ..config import Config
 from ..errors import CkptMigrateError, LoadError
 from ..formats.stamp import read_stamp
-from ..schema import Schema, read_base_schema
+from ..schema import Schema
 from ..script.directory import ScriptDirectory
 
 log = logging.getLogger("ckptmigrate")
 
-_SCRIPT_DIRS: dict[tuple[str, str], ScriptDirectory] = {}
+_SCRIPT_DIRS: dict[Path, ScriptDirectory] = {}
 _LOCK = threading.Lock()
 
 
@@ -48,9 +48,8 @@ class Lineage:
     @property
     def script_dir(self) -> ScriptDirectory:
         path = self._path()
-        key = (str(path), "")
         with _LOCK:
-            found = _SCRIPT_DIRS.get(key)
+            found = _SCRIPT_DIRS.get(path)
             if found is None:
                 if not path.exists():
                     raise CkptMigrateError(
@@ -60,7 +59,7 @@ class Lineage:
                         "to the module that defines the class or absolute",
                     )
                 found = ScriptDirectory.from_config(Config.from_location(path, quiet=True))
-                _SCRIPT_DIRS[key] = found
+                _SCRIPT_DIRS[path] = found
         return found
 
     @property
@@ -106,27 +105,19 @@ class Lineage:
         return self.identify(sub, where)
 
     def identify(self, sub: Mapping[str, Any], where: str) -> tuple[str, ...] | None:
+        from ..identify import exact_matches
         from ..runtime.memory import specs_of
-        from ..runtime.symbolic import iter_revision_schemas
 
-        base = read_base_schema(self.script_dir.dir)
-        if base is None:
+        matches = exact_matches(self.script_dir, Schema.from_specs(specs_of(sub)))
+        if not matches:
             return None
-        have = Schema.from_specs(specs_of(sub))
-        matches = [
-            item.script.revision
-            for item in iter_revision_schemas(self.script_dir, base)
-            if item.schema.same_layout(have)
-        ]
-        if len(matches) == 1:
-            log.info("%s has no stamp; identified by schema as %s", where, matches[0])
-            return (matches[0],)
         if len(matches) > 1:
+            names = ", ".join(m or "base" for m in matches)
             raise LoadError(
                 f"{where} has no ckptmigrate stamp and matches several revisions of "
-                f"{self.owner}'s lineage ({', '.join(matches)})",
+                f"{self.owner}'s lineage ({names})",
                 hint="stamp the checkpoint with 'ckptmigrate stamp CKPT REV' first",
             )
-        if have.same_layout(base):
-            return ()
-        return None
+        found = matches[0]
+        log.info("%s has no stamp; identified by schema as %s", where, found or "base")
+        return (found,) if found else ()

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from ..errors import CkptMigrateError, OperationError
-from .nodes import Node, Source, TensorSpec, walk
+from .nodes import Node, Source, TensorSpec, sources_of, walk
 
 
 class PlanState:
@@ -76,10 +76,7 @@ class PlanState:
 
     def source_keys(self) -> set[str]:
         """Input keys some output still needs."""
-        out: set[str] = set()
-        for node in self.entries.values():
-            out.update(n.key for n in walk(node) if isinstance(n, Source))
-        return out
+        return {key for node in self.entries.values() for key in sources_of(node)}
 
 
 class _ComputeFailed(Exception):

@@ -23,7 +23,7 @@ from types import ModuleType
 from typing import Any
 
 from ..config import Config
-from ..errors import CommandError, ConfigError, RevisionError, ScriptError
+from ..errors import CommandError, ConfigError, MultipleHeads, RevisionError, ScriptError
 from .revision import Revision, RevisionMap, to_tuple, tuple_or_scalar, verify_rev_id
 
 TEMPLATE_NAME = "script.py.tmpl"
@@ -309,7 +309,7 @@ class ScriptDirectory:
         try:
             heads = rmap.get_revisions(head)
         except RevisionError as exc:
-            if exc.__class__.__name__ == "MultipleHeads":
+            if isinstance(exc, MultipleHeads):
                 raise CommandError(
                     "multiple heads are present: " + ", ".join(rmap.heads),
                     hint="pass --head REV to choose the parent, or join them with "
