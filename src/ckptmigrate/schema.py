@@ -11,9 +11,9 @@ request even for models with thousands of keys.
 
 from __future__ import annotations
 
-import difflib
+import bisect
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .errors import CkptMigrateError, ConfigError
+from .names import LOOSE, SIMILAR, best_match
 from .plan.nodes import TensorSpec, dtype_name
 
 BASE_SCHEMA_FILE = "base_schema.txt"
@@ -220,15 +221,69 @@ def compare(have: Mapping[str, Entry], want: Mapping[str, Entry]) -> SchemaDiff:
 MAX_CANDIDATES = 50
 
 
+def ancestors(key: str) -> list[str]:
+    """``a.b.c`` -> ``a.b.``, ``a.``, ``""``: the nearest enclosing prefix first."""
+    parts = key.split(".")
+    return [".".join(parts[:i]) + "." for i in range(len(parts) - 1, 0, -1)] + [""]
+
+
+#: Beyond this many keys, a module is too wide to look for a key's neighbours in.
+NEAR_LIMIT = 64
+
+
+class PrefixIndex:
+    """The keys under any dotted prefix, in their original order, without a scan.
+
+    Keys sharing a prefix are neighbours once sorted, so a lookup is two
+    binary searches; one sorted list costs far less than a table per prefix.
+    """
+
+    def __init__(self, keys: Iterable[str] = ()) -> None:
+        self._place = {k: i for i, k in enumerate(keys)}
+        self._sorted = sorted(self._place)
+        self._gone: set[str] = set()
+
+    def remove(self, key: str) -> None:
+        self._gone.add(key)
+
+    def _span(self, prefix: str) -> tuple[int, int]:
+        lo = bisect.bisect_left(self._sorted, prefix)
+        return lo, bisect.bisect_left(self._sorted, prefix + "\U0010ffff", lo)
+
+    def under(self, prefix: str) -> list[str]:
+        lo, hi = self._span(prefix)
+        found = [k for k in self._sorted[lo:hi] if k not in self._gone]
+        return sorted(found, key=self._place.__getitem__)
+
+    def count(self, prefix: str) -> int:
+        """How many keys start with ``prefix`` (removed ones included: a bound, cheaply)."""
+        lo, hi = self._span(prefix)
+        return hi - lo
+
+    def nearest(self, key: str, accept: Callable[[str], bool]) -> list[str]:
+        """The accepted keys in the smallest module around ``key`` that has any."""
+        for prefix in ancestors(key):
+            if self.count(prefix) > NEAR_LIMIT:
+                break
+            found = [k for k in self.under(prefix) if accept(k)]
+            if found:
+                return found
+        return []
+
+
 class TailIndex:
     """New keys by (layout, dotted tail), to find rename candidates without an n*m scan.
 
     A removed ``layers.17.weight`` is matched first with new keys ending in
     ``17.weight`` (and the same shape and dtype), then ``weight``: the longest
     shared tail wins, which is also what makes a prefix rename recognisable.
+    When a tail is too common (every layer's ``q.weight`` and ``o.weight``
+    end in ``weight``), the candidates are the ones in the same layer.
     """
 
     def __init__(self, new: Mapping[str, Entry]) -> None:
+        self._new = new
+        self._near: PrefixIndex | None = None
         self._index: dict[tuple[object, str], list[str]] = {}
         for key, entry in new.items():
             if entry.spec is None:
@@ -247,39 +302,58 @@ class TailIndex:
             tail = ".".join(parts[n:])
             found = self._index.get((entry.spec, tail))
             if found:
+                if len(found) > MAX_CANDIDATES:
+                    return tail, self._nearby(key, entry.spec, tail) or found
                 return tail, found
         return "", self._index.get((entry.spec, ""), [])
 
+    def _nearby(self, key: str, spec: TensorSpec, tail: str) -> list[str]:
+        if self._near is None:
+            self._near = PrefixIndex(k for k, e in self._new.items() if e.spec is not None)
+        return self._near.nearest(
+            key, lambda k: self._new[k].spec == spec and k.endswith("." + tail)
+        )
+
 
 def likely_renames(old: Mapping[str, Entry], new: Mapping[str, Entry]) -> list[tuple[str, str]]:
-    """Pairs (old, new) with equal layout and similar names, best first, each key once."""
+    """Pairs (old, new) with equal layout and similar names, in the order of ``old``.
+
+    Each key is used once; where several old keys want the same new one, the
+    most similar name gets it.
+
+    A key with one same-layout candidate that no other key competes for needs
+    only a loosely similar name; among several candidates the names decide,
+    and a choice they cannot make (``out_proj`` between ``a`` and ``b``) is
+    not guessed at.
+    """
     index = TailIndex(new)
-    scored: list[tuple[float, str, str]] = []
+    options: dict[str, list[str]] = {}
+    wanted: dict[str, int] = {}
     for o, oe in old.items():
         _tail, cands = index.candidates(o, oe)
         if not cands or len(cands) > MAX_CANDIDATES:
             continue
-        for n in cands:
-            if n != o:
-                scored.append((name_similarity(o, n), o, n))
+        options[o] = [n for n in cands if n != o]
+        for n in options[o]:
+            wanted[n] = wanted.get(n, 0) + 1
+    scored: list[tuple[float, str, str]] = []
+    for o, cands in options.items():
+        alone = len(cands) == 1 and wanted[cands[0]] == 1
+        pick = best_match(o, cands, threshold=LOOSE if alone else SIMILAR)
+        if pick is not None:
+            scored.append((pick[1], o, pick[0]))
     scored.sort(key=lambda t: (-t[0], t[1], t[2]))
     used_old: set[str] = set()
     used_new: set[str] = set()
     out: list[tuple[str, str]] = []
-    for score, o, n in scored:
-        if score < 0.5 or o in used_old or n in used_new:
+    for _score, o, n in scored:
+        if o in used_old or n in used_new:
             continue
         used_old.add(o)
         used_new.add(n)
         out.append((o, n))
-    return out
-
-
-def name_similarity(a: str, b: str) -> float:
-    """Similarity of two keys; nested keys must end alike (a weight is not a bias)."""
-    if "." in a and "." in b and a.rsplit(".", 1)[-1] != b.rsplit(".", 1)[-1]:
-        return 0.0
-    return difflib.SequenceMatcher(None, a, b).ratio()
+    place = {k: i for i, k in enumerate(old)}
+    return sorted(out, key=lambda pair: place[pair[0]])
 
 
 def format_table(
