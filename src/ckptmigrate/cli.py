@@ -355,7 +355,11 @@ def stamp(
 )
 @click.pass_context
 def check(ctx: click.Context, no_roundtrip: bool) -> None:
-    """Exit 1 if the model no longer matches the head schema (a CI gate)."""
+    """Exit 1 if the model no longer matches the head schema (a CI gate).
+
+    Also exit 1 if a downgrade does not undo its upgrade, or if an upgrade
+    discards trained values without intended=True.
+    """
     command.check(_config(ctx), roundtrip=not no_roundtrip)
 
 

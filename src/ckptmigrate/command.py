@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from .formats.checkpoint import Checkpoint
     from .runtime.migration import MigrationStep
+    from .runtime.symbolic import RevisionAudit
     from .schema import Schema
 
 
@@ -135,11 +136,12 @@ def revision(
         downgrades=generated.downgrades if generated else None,
         imports=generated.imports if generated else (),
     )
+    discards = []
     if generated is not None and generated.ops:
         from .autogenerate.verify import verify_generated
 
         try:
-            verify_generated(script, generated)
+            discards = verify_generated(script, generated)
         except Exception:
             script.path.unlink()
             raise
@@ -147,7 +149,16 @@ def revision(
     if generated is not None and generated.ops:
         reviews = sum(1 for line in generated.upgrades if "# review:" in line)
         if reviews:
-            config.log(f"Review the {reviews} line(s) marked '# review:' before committing it")
+            lines = "line" if reviews == 1 else "lines"
+            config.log(f"Review the {reviews} {lines} marked '# review:' before committing it")
+    if discards:
+        # a warning, shown even with -q: the user must decide about these values
+        print(
+            "Warning: this revision discards trained values: "
+            + ", ".join(map(str, discards))
+            + f"; {KEEP_OR_MARK} ('ckptmigrate check' fails until then)",
+            file=config.stderr,
+        )
     return script
 
 
@@ -696,11 +707,12 @@ def _model_or_none(config: Config) -> tuple[Schema, object, str] | None:
 
 
 def check(config: Config, *, roundtrip: bool = True) -> bool:
-    """CI gate: the model matches the head schema, and every downgrade inverts its upgrade.
+    """CI gate: the model matches the head schema, every downgrade inverts its upgrade, and
+    no upgrade discards trained values unless the revision marks that intended.
 
     Prints what is wrong and raises :class:`CheckFailed` (exit 1) on failure.
     """
-    from .runtime.symbolic import check_round_trips, load_base_schema, schema_at
+    from .runtime.symbolic import audit_revisions, load_base_schema, schema_at
     from .schema import compare, format_table
 
     script_dir = ScriptDirectory.from_config(config)
@@ -728,12 +740,13 @@ def check(config: Config, *, roundtrip: bool = True) -> bool:
                 'migration with: ckptmigrate revision --autogenerate -m "..."'
             )
         problems.extend(_versioned_class_problems(config, script_dir))
+    audits = audit_revisions(script_dir, base, round_trips=roundtrip)
     if roundtrip:
-        bad = check_round_trips(script_dir, base)
+        bad = [a for a in audits if a.round_trip is not None]
         for item in bad:
             config.print_stdout(
                 f"Round trip broken in {item.script.revision} "
-                f"({display_path(item.script.path)}): {item.message}"
+                f"({display_path(item.script.path)}): {item.round_trip}"
             )
         if bad:
             problems.append(
@@ -741,10 +754,50 @@ def check(config: Config, *, roundtrip: bool = True) -> bool:
                 + ", ".join(i.script.revision for i in bad)
             )
         else:
-            config.print_stdout(f"OK: downgrade() undoes upgrade() in all {len(rmap)} revisions")
+            config.print_stdout(f"OK: downgrade() undoes upgrade() in {_all_revisions(len(rmap))}")
+    problems.extend(_discard_problems(config, audits))
     if problems:
         raise CheckFailed("; ".join(problems))
     return True
+
+
+KEEP_OR_MARK = (
+    "edit the revision to keep them (rename_*, split, concat, resize), or pass intended=True "
+    "to each drop_key, drop_prefix or shrinking resize that is meant"
+)
+
+
+def _all_revisions(n: int) -> str:
+    return "the 1 revision" if n == 1 else f"all {n} revisions"
+
+
+def _discard_problems(config: Config, audits: Sequence[RevisionAudit]) -> list[str]:
+    """Revisions whose upgrade() loses trained values without saying it means to."""
+    from .plan.discards import summary
+
+    lossy = []
+    meant = []
+    for audit in audits:
+        accidents = [d for d in audit.discards if not d.intended]
+        if accidents:
+            lossy.append(audit.script.revision)
+            config.print_stdout(
+                f"Discards trained values in {audit.script.revision} "
+                f"({display_path(audit.script.path)}): " + ", ".join(map(str, accidents))
+            )
+        if audit.discards and not accidents:
+            meant.append(f"{audit.script.revision} discards {summary(audit.discards)}")
+    if lossy:
+        noun = "revision discards" if len(lossy) == 1 else "revisions discard"
+        return [
+            f"{len(lossy)} {noun} trained values without intended=True: {', '.join(lossy)}; "
+            + KEEP_OR_MARK
+        ]
+    suffix = " unless marked intended" if meant else ""
+    config.print_stdout(f"OK: no upgrade() discards trained values{suffix}")
+    for line in meant:
+        config.print_stdout(f"  {line}, marked intended")
+    return []
 
 
 def _versioned_class_problems(config: Config, script_dir: ScriptDirectory) -> list[str]:

@@ -57,14 +57,18 @@ def rename_regex(pattern: str, repl: str) -> None:
     current("rename_regex").rename_regex(pattern, repl)
 
 
-def drop_key(key: str) -> None:
-    """Remove one entry."""
-    current("drop_key").drop_key(key)
+def drop_key(key: str, *, intended: bool = False) -> None:
+    """Remove one entry.
+
+    Dropping a tensor of the input throws its trained values away; ``check``
+    reports that unless ``intended=True`` says it is meant.
+    """
+    current("drop_key").drop_key(key, intended=intended)
 
 
-def drop_prefix(prefix: str) -> None:
-    """Remove every entry whose key starts with ``prefix``."""
-    current("drop_prefix").drop_prefix(prefix)
+def drop_prefix(prefix: str, *, intended: bool = False) -> None:
+    """Remove every entry whose key starts with ``prefix`` (``intended`` as for drop_key)."""
+    current("drop_prefix").drop_prefix(prefix, intended=intended)
 
 
 def add_tensor(
@@ -118,10 +122,14 @@ def resize(
     shape: Sequence[int] | int,
     *,
     init: str | Callable[..., Any] = "zeros",
+    intended: bool = False,
     **init_args: Any,
 ) -> None:
-    """Grow (new part initialised) or shrink (sliced) along any dimension."""
-    current("resize").resize(key, shape, init=init, **init_args)
+    """Grow (new part initialised) or shrink (sliced) along any dimension.
+
+    A shrink cuts trained values; ``check`` reports it unless ``intended=True``.
+    """
+    current("resize").resize(key, shape, init=init, intended=intended, **init_args)
 
 
 def split(

@@ -260,20 +260,31 @@ class Operations:
 
     # ------------------------------------------------------------------ drops
 
-    def drop_key(self, key: str) -> None:
-        call = self._call("drop_key", key)
-        self._need(call, key, tensor=False)
+    def _intended(self, call: str, intended: Any) -> bool:
+        if not isinstance(intended, bool):
+            raise self.fail(call, f"intended= is True or False, not {intended!r}")
+        return intended
+
+    def drop_key(self, key: str, *, intended: bool = False) -> None:
+        call = self._call("drop_key", key, **({"intended": intended} if intended else {}))
+        mark = self._intended(call, intended)
+        node = self._need(call, key, tensor=False)
         del self.state.entries[key]
+        if mark:
+            self.state.intended.append(node)
         self._record(call, removed=[key])
 
-    def drop_prefix(self, prefix: str) -> None:
-        call = self._call("drop_prefix", prefix)
+    def drop_prefix(self, prefix: str, *, intended: bool = False) -> None:
+        call = self._call("drop_prefix", prefix, **({"intended": intended} if intended else {}))
+        mark = self._intended(call, intended)
         if not isinstance(prefix, str) or not prefix:
             raise self.fail(call, "a prefix is a non-empty string")
         gone = self.state.keys(prefix)
         if not gone:
             raise self.fail(call, f"no key starts with {prefix!r}", near=prefix)
         for key in gone:
+            if mark:
+                self.state.intended.append(self.state.entries[key])
             del self.state.entries[key]
         self.state.rename_metadata(lambda p: None if p.startswith(prefix) else p)
         self._record(call, removed=gone)
@@ -396,11 +407,18 @@ class Operations:
         shape: Sequence[int] | int,
         *,
         init: str | Callable[..., Any] = "zeros",
+        intended: bool = False,
         **init_args: Any,
     ) -> None:
         call = self._call(
-            "resize", key, shape, **({"init": init} if init != "zeros" else {}), **init_args
+            "resize",
+            key,
+            shape,
+            **({"init": init} if init != "zeros" else {}),
+            **({"intended": intended} if intended else {}),
+            **init_args,
         )
+        mark = self._intended(call, intended)
         spec = self._need(call, key).spec
         assert spec is not None
         target = self._shape(call, shape)
@@ -426,6 +444,8 @@ class Operations:
             init_args=dict(init_args),
             seed=self._seed(key, "resize"),
         )
+        if mark:  # a shrink the script means: its cut is not a silent loss
+            self.state.intended.append(self.state.entries[key])
 
     def map_tensor(
         self,

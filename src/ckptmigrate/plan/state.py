@@ -20,6 +20,8 @@ class PlanState:
     ) -> None:
         self.entries: dict[str, Node] = dict(entries or {})
         self.metadata: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (metadata or {}).items()}
+        # what a script dropped or cut on purpose (intended=True): not a silent loss
+        self.intended: list[Node] = []
 
     @classmethod
     def from_schema(
@@ -30,7 +32,9 @@ class PlanState:
         return cls({k: Source(k, spec) for k, spec in schema.items()}, metadata)
 
     def copy(self) -> PlanState:
-        return PlanState(self.entries, copy.deepcopy(self.metadata))
+        out = PlanState(self.entries, copy.deepcopy(self.metadata))
+        out.intended = list(self.intended)
+        return out
 
     def __contains__(self, key: object) -> bool:
         return key in self.entries

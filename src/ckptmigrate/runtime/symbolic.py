@@ -8,10 +8,11 @@ schema of every revision of a long history costs no tensor memory at all.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import CkptMigrateError, ConfigError
 from ..paths import display_path
+from ..plan.discards import Discard, find_discards
 from ..plan.state import PlanState
 from ..schema import Entry, Schema, base_schema_path, read_base_schema
 from ..script.directory import Script, ScriptDirectory
@@ -99,39 +100,56 @@ def iter_revision_schemas(script_dir: ScriptDirectory, base: Schema) -> Iterator
 
 
 @dataclass
-class RoundTripProblem:
+class RevisionAudit:
+    """What ``check`` learns about one revision from running it on shapes."""
+
     script: Script
-    message: str
+    round_trip: str | None = None  # why downgrade() does not undo upgrade(), if it does not
+    discards: list[Discard] = field(default_factory=list)  # trained values upgrade() loses
 
 
-def check_round_trips(script_dir: ScriptDirectory, base: Schema) -> list[RoundTripProblem]:
-    """Revisions whose downgrade does not give back the schema their upgrade started from."""
+def audit_revisions(
+    script_dir: ScriptDirectory, base: Schema, *, round_trips: bool = True
+) -> list[RevisionAudit]:
+    """Every revision, oldest first: what its upgrade() throws away, and its round trip.
+
+    Each upgrade starts from the schema its parents produce, as fresh source
+    tensors, so the plan tells which of *its* inputs no output keeps.
+    """
     rmap = script_dir.revision_map
-    problems: list[RoundTripProblem] = []
+    audits: list[RevisionAudit] = []
     for script in reversed(rmap.walk()):
         assert isinstance(script, Script)
+        audit = RevisionAudit(script)
+        audits.append(audit)
         try:
-            before = state_at(script_dir, base, script.normalized_down_revisions)
-            expected = schema_of(before, base)
-            run_step(MigrationStep(script, True), before, symbolic=True)
-            run_step(MigrationStep(script, False), before, symbolic=True)
+            expected = schema_of(state_at(script_dir, base, script.normalized_down_revisions), base)
+            state = PlanState.from_schema(expected.specs())
+            run_step(MigrationStep(script, True), state, symbolic=True)
+            audit.discards = find_discards(expected.specs(), state)
+            if round_trips:
+                run_step(MigrationStep(script, False), state, symbolic=True)
         except CkptMigrateError as exc:
-            problems.append(RoundTripProblem(script, exc.one_line()))
+            audit.round_trip = exc.one_line()
             continue
-        got = schema_of(before, base)
+        got = schema_of(state, expected) if round_trips else expected
         if not got.same_layout(expected):
-            from ..schema import compare
+            audit.round_trip = _round_trip_difference(got, expected)
+    return audits
 
-            diff = compare(got, expected)
-            detail = []
-            if diff.missing:
-                detail.append("downgrade loses " + ", ".join(diff.missing[:5]))
-            if diff.unexpected:
-                detail.append("downgrade leaves " + ", ".join(diff.unexpected[:5]))
-            if diff.mismatched:
-                detail.append(
-                    "downgrade changes "
-                    + ", ".join(f"{k} ({got[k]} != {expected[k]})" for k in diff.mismatched[:5])
-                )
-            problems.append(RoundTripProblem(script, "; ".join(detail)))
-    return problems
+
+def _round_trip_difference(got: Schema, expected: Schema) -> str:
+    from ..schema import compare
+
+    diff = compare(got, expected)
+    detail = []
+    if diff.missing:
+        detail.append("downgrade loses " + ", ".join(diff.missing[:5]))
+    if diff.unexpected:
+        detail.append("downgrade leaves " + ", ".join(diff.unexpected[:5]))
+    if diff.mismatched:
+        detail.append(
+            "downgrade changes "
+            + ", ".join(f"{k} ({got[k]} != {expected[k]})" for k in diff.mismatched[:5])
+        )
+    return "; ".join(detail)
