@@ -67,6 +67,17 @@ def run() -> Run:
     return _run
 
 
+def init_with_model(root: Path, monkeypatch: pytest.MonkeyPatch, run: Run) -> None:
+    """`ckptmigrate init migrations` in ``root`` (made current), with `model = models:build`."""
+    monkeypatch.chdir(root)
+    monkeypatch.syspath_prepend(str(root))
+    run("init", "migrations")
+    ini = root / "alembic_style.ini"
+    ini.write_text(
+        ini.read_text().replace("# model = mypackage.models:build_model", "model = models:build")
+    )
+
+
 def v1_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     from examples.simple_model import SimpleModelV1
 

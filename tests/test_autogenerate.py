@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import ADD_FC3, INITIAL, Run
+from tests.conftest import ADD_FC3, INITIAL, Run, init_with_model
 
 MODELS = """
 import torch
@@ -44,13 +44,7 @@ def write_models(root: Path, variants: str, variant: str) -> None:
 @pytest.fixture
 def lineage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run) -> Path:
     """A lineage started from the Base model with `revision --autogenerate`."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    run("init", "migrations")
-    ini = tmp_path / "alembic_style.ini"
-    ini.write_text(
-        ini.read_text().replace("# model = mypackage.models:build_model", "model = models:build")
-    )
+    init_with_model(tmp_path, monkeypatch, run)
     write_models(tmp_path, "", "base")
     out = run("revision", "--autogenerate", "-m", "initial", "--rev-id", "a0000001")
     assert "Recorded the base schema (4 keys)" in out.stderr
