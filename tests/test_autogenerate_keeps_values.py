@@ -383,5 +383,17 @@ def test_rename_guesses_weigh_names_and_names_that_cannot_tell_get_no_guess(
     assert "Warning: this revision discards trained values: attn.in_proj_weight" in result.stderr
 
 
-def test_check_pluralises_the_round_trip_line(fused: Path, run: Run) -> None:
-    assert "OK: downgrade() undoes upgrade() in the 1 revision\n" in run("check").stdout
+def test_check_pluralises_the_round_trip_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run
+) -> None:
+    init_with_model(tmp_path, monkeypatch, run)
+    _use(tmp_path, "fused")
+    run("schema", "--record")
+    assert run("check").stdout.splitlines()[1:] == [
+        "OK: no revisions yet, so no round trip to check"
+    ]
+    run("revision", "--autogenerate", "-m", "initial", "--allow-empty")
+    assert run("check").stdout.splitlines()[1:] == [
+        "OK: downgrade() undoes upgrade() in the 1 revision",
+        "OK: no upgrade() discards trained values",
+    ]

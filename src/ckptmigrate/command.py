@@ -754,7 +754,7 @@ def check(config: Config, *, roundtrip: bool = True) -> bool:
                 + ", ".join(i.script.revision for i in bad)
             )
         else:
-            config.print_stdout(f"OK: downgrade() undoes upgrade() in {_all_revisions(len(rmap))}")
+            config.print_stdout(_round_trips_ok(len(rmap)))
     problems.extend(_discard_problems(config, audits))
     if problems:
         raise CheckFailed("; ".join(problems))
@@ -767,8 +767,11 @@ KEEP_OR_MARK = (
 )
 
 
-def _all_revisions(n: int) -> str:
-    return "the 1 revision" if n == 1 else f"all {n} revisions"
+def _round_trips_ok(n: int) -> str:
+    if n == 0:
+        return "OK: no revisions yet, so no round trip to check"
+    where = "the 1 revision" if n == 1 else f"all {n} revisions"
+    return f"OK: downgrade() undoes upgrade() in {where}"
 
 
 def _discard_problems(config: Config, audits: Sequence[RevisionAudit]) -> list[str]:
@@ -794,7 +797,8 @@ def _discard_problems(config: Config, audits: Sequence[RevisionAudit]) -> list[s
             + KEEP_OR_MARK
         ]
     suffix = " unless marked intended" if meant else ""
-    config.print_stdout(f"OK: no upgrade() discards trained values{suffix}")
+    if audits:
+        config.print_stdout(f"OK: no upgrade() discards trained values{suffix}")
     for line in meant:
         config.print_stdout(f"  {line}, marked intended")
     return []
