@@ -105,8 +105,8 @@ def init(ctx: click.Context, directory: str) -> None:
 @click.option(
     "--splice", is_flag=True, help="Allow --head to be a non-head revision (starts a branch)."
 )
-@click.option("--branch-label", multiple=True, help="Label for a new branch.")
-@click.option("--rev-id", help="Use this revision id instead of a random one.")
+@click.option("--branch-label", multiple=True, help="Label for a new branch (letters, digits, _).")
+@click.option("--rev-id", help="Use this revision id (letters, digits, _) instead of a random one.")
 @click.option("--depends-on", multiple=True, help="Revision(s) this one depends on.")
 @click.option(
     "--allow-empty",
@@ -143,7 +143,7 @@ def revision(
 @click.argument("revisions", nargs=-1, required=True)
 @click.option("-m", "--message", help="Message of the merge revision.")
 @click.option("--branch-label", multiple=True, help="Label for the merged branch.")
-@click.option("--rev-id", help="Use this revision id instead of a random one.")
+@click.option("--rev-id", help="Use this revision id (letters, digits, _) instead of a random one.")
 @click.pass_context
 def merge(
     ctx: click.Context,

@@ -115,15 +115,7 @@ def revision(
             )
             if not allow_empty:
                 return None
-    elif not len(script_dir.revision_map):
-        from .schema import base_schema_path
-
-        if not base_schema_path(script_dir.dir).exists():
-            config.log(
-                "Note: no base schema is recorded yet; record it with 'ckptmigrate schema "
-                "--record' (from the model) or 'ckptmigrate schema --record CKPT' to enable "
-                "check, diff, autogenerate and identification of unstamped checkpoints"
-            )
+    first = not len(script_dir.revision_map)
     script = script_dir.generate_revision(
         rev_id,
         message,
@@ -144,6 +136,15 @@ def revision(
             script.path.unlink()
             raise
     config.print_stdout(f"Generating {display_path(script.path)} ... done")
+    if first and generated is None:
+        from .schema import base_schema_path
+
+        if not base_schema_path(script_dir.dir).exists():
+            config.log(
+                "Note: no base schema is recorded yet; record it with 'ckptmigrate schema "
+                "--record' (from the model) or 'ckptmigrate schema --record CKPT' to enable "
+                "check, diff, autogenerate and identification of unstamped checkpoints"
+            )
     if generated is not None and generated.ops:
         reviews = sum(1 for line in generated.upgrades if "# review:" in line)
         if reviews:
