@@ -398,9 +398,16 @@ def diff(
     flag_value="",
     default=None,
     metavar="[CKPT]",
-    help="Record the base schema from the model, or from CKPT (a checkpoint at a known revision).",
+    help="Record the base schema from the model, or from CKPT (a checkpoint at a known "
+    "revision), running the downgrades symbolically back to base.",
 )
-@click.option("--from", "from_revision", metavar="REV", help="With --record CKPT: CKPT is at REV.")
+@click.option(
+    "--from",
+    "from_revision",
+    metavar="REV",
+    help="With --record: the checkpoint (or the model) is at REV (default: its stamp; the "
+    "model's head or pinned revision).",
+)
 @_checkpoint_options
 @click.pass_context
 def schema_cmd(

@@ -141,9 +141,8 @@ def revision(
 
         if not base_schema_path(script_dir.dir).exists():
             config.log(
-                "Note: no base schema is recorded yet; record it with 'ckptmigrate schema "
-                "--record' (from the model) or 'ckptmigrate schema --record CKPT' to enable "
-                "check, diff, autogenerate and identification of unstamped checkpoints"
+                "Note: no base schema is recorded yet (check, diff, autogenerate and "
+                f"identifying unstamped checkpoints need it); {_record_base_hint(config)}"
             )
     if generated is not None and generated.ops:
         reviews = sum(1 for line in generated.upgrades if "# review:" in line)
@@ -701,12 +700,12 @@ def check(config: Config, *, roundtrip: bool = True) -> bool:
 
     Prints what is wrong and raises :class:`CheckFailed` (exit 1) on failure.
     """
-    from .runtime.symbolic import check_round_trips, load_base_schema, schema_at
+    from .runtime.symbolic import check_round_trips, schema_at
     from .schema import compare, format_table
 
     script_dir = ScriptDirectory.from_config(config)
     rmap = script_dir.revision_map
-    base = load_base_schema(script_dir)
+    base = _base_schema(config, script_dir)
     problems: list[str] = []
     found = _model_or_none(config)
     heads = rmap.heads
@@ -780,11 +779,11 @@ def diff(
     try:
         have = Schema.from_specs(ckpt.schema)
         if revision is not None:
-            from .runtime.symbolic import load_base_schema, schema_at
+            from .runtime.symbolic import schema_at
 
             script_dir = ScriptDirectory.from_config(config)
             ids = _resolve_ids(script_dir, revision)
-            want = schema_at(script_dir, load_base_schema(script_dir), ids)
+            want = schema_at(script_dir, _base_schema(config, script_dir), ids)
             want_name = f"at {format_ids(ids) or 'base'}"
         else:
             found = _model_or_none(config)
@@ -828,13 +827,12 @@ def schema(
 ) -> object:
     """Print the schema at a revision, or record the lineage's base schema.
 
-    Recording from a checkpoint runs its downgrades symbolically back to base,
-    so any checkpoint at a known revision can seed the base schema.
+    Recording runs the downgrades symbolically from where the source is
+    (a checkpoint at a known revision, or the configured model, which is at
+    the head unless ``from_revision`` says otherwise) back to base.
     """
-    from .plan.state import PlanState
-    from .runtime.migration import downgrade_steps, run_steps
-    from .runtime.symbolic import load_base_schema, schema_at
-    from .schema import Schema, write_base_schema
+    from .runtime.symbolic import schema_at
+    from .schema import write_base_schema
 
     script_dir = ScriptDirectory.from_config(config)
     if not record:
@@ -843,37 +841,163 @@ def schema(
             if revision is not None
             else script_dir.revision_map.heads
         )
-        result = schema_at(script_dir, load_base_schema(script_dir), ids)
+        result = schema_at(script_dir, _base_schema(config, script_dir), ids)
         config.print_stdout(
             result.to_text(f"the state dict at {format_ids(ids) or 'base'}").rstrip()
         )
         return result
     if checkpoint is None:
-        found = _model_or_none(config)
-        if found is None:
-            raise CommandError(
-                "no model configured to record the base schema from",
-                hint="add 'model = ...' to the ini file, or pass a checkpoint: "
-                "ckptmigrate schema --record CKPT",
-            )
-        base, _model, source = found
-        if len(script_dir.revision_map):
-            raise CommandError(
-                "the lineage already has revisions; the model describes the head, not base",
-                hint="record from a checkpoint instead: ckptmigrate schema --record CKPT",
-            )
+        base, source = _base_from_model(config, script_dir, from_revision)
     else:
-        ckpt = _open(config, checkpoint, trust_pickle, state_dict_key, key_prefix)
-        try:
-            heads, _identified = starting_heads(config, script_dir, ckpt, from_revision)
-            state = PlanState.from_schema(ckpt.schema)
-            if heads:
-                steps = downgrade_steps(script_dir, heads, "base")
-                run_steps(steps, state, heads, script_dir.revision_map, symbolic=True)
-            base = Schema.from_specs(state.schema())
-            source = f"{display_path(checkpoint)} at {format_ids(heads) or 'base'}"
-        finally:
-            ckpt.close()
+        base, source = _base_from_checkpoint(
+            config, script_dir, checkpoint, from_revision, trust_pickle, state_dict_key, key_prefix
+        )
     path = write_base_schema(script_dir.dir, base, source)
     config.print_stdout(f"Recorded the base schema ({len(base)} keys) in {display_path(path)}")
     return base
+
+
+def _record_base_hint(config: Config) -> str:
+    """How to record a missing base schema, with what this configuration allows."""
+    if config.get("model"):
+        return "record it from the configured model with 'ckptmigrate schema --record'"
+    where = display_path(config.file) if config.file else "the configuration"
+    return (
+        "record it from a checkpoint at a known revision with "
+        f"'ckptmigrate schema --record CKPT --from REV', or set 'model = ...' in {where} "
+        "and run 'ckptmigrate schema --record'"
+    )
+
+
+def _base_schema(config: Config, script_dir: ScriptDirectory) -> Schema:
+    from .runtime.symbolic import load_base_schema
+
+    return load_base_schema(script_dir, hint=_record_base_hint(config))
+
+
+def _at_base(script_dir: ScriptDirectory, schema: Schema, heads: tuple[str, ...]) -> Schema:
+    """``schema``, taken to be at ``heads``, with every downgrade run symbolically to base."""
+    from .plan.state import PlanState
+    from .runtime.migration import downgrade_steps, run_steps
+    from .runtime.symbolic import schema_of
+
+    state = PlanState.from_schema(schema.specs())
+    if heads:
+        steps = downgrade_steps(script_dir, heads, "base")
+        run_steps(steps, state, heads, script_dir.revision_map, symbolic=True)
+    return schema_of(state, schema)
+
+
+def _base_from_checkpoint(
+    config: Config,
+    script_dir: ScriptDirectory,
+    checkpoint: str | os.PathLike[str],
+    from_revision: str | None,
+    trust_pickle: bool,
+    state_dict_key: str | None,
+    key_prefix: str | None,
+) -> tuple[Schema, str]:
+    from .schema import Schema, read_base_schema
+
+    where = display_path(checkpoint)
+    ckpt = _open(config, checkpoint, trust_pickle, state_dict_key, key_prefix)
+    try:
+        unknown = ckpt.stamp is None and read_base_schema(script_dir.dir) is None
+        if from_revision is None and unknown:
+            tips = format_ids(script_dir.revision_map.heads) or "none yet"
+            raise StampError(
+                f"{where} has no ckptmigrate stamp, so the revision it was saved at is unknown",
+                hint=f"say which with 'ckptmigrate schema --record {where} --from REV' "
+                f"(the lineage's head: {tips}; all revisions: 'ckptmigrate history')",
+            )
+        heads, _identified = starting_heads(config, script_dir, ckpt, from_revision)
+        base = _at_base(script_dir, Schema.from_specs(ckpt.schema), heads)
+    finally:
+        ckpt.close()
+    return base, f"{where} at {format_ids(heads) or 'base'}"
+
+
+def _base_from_model(
+    config: Config, script_dir: ScriptDirectory, from_revision: str | None
+) -> tuple[Schema, str]:
+    """The base schema the configured model implies, checked to lead back to the model."""
+    from .runtime.symbolic import check_round_trips, schema_at
+    from .schema import compare
+
+    found = _model_or_none(config)
+    if found is None:
+        raise CommandError(
+            "no model configured to record the base schema from",
+            hint="add 'model = ...' to the ini file, or record it from a checkpoint at a "
+            "known revision: 'ckptmigrate schema --record CKPT --from REV'",
+        )
+    target, model, spec = found
+    if not len(script_dir.revision_map) and from_revision is None:
+        return target, spec
+    heads, why = _model_revision(script_dir, model, from_revision)
+    at = f"{format_ids(heads) or 'base'} ({why})"
+    config.log(
+        f"Deriving the base schema from the model {spec}, taken to be at {at}: "
+        "running the downgrades symbolically"
+    )
+    try:
+        base = _at_base(script_dir, target, heads)
+    except CkptMigrateError as exc:
+        raise CommandError(
+            f"cannot derive the base schema from the model ({spec}, taken to be at {at}): "
+            f"{exc.one_line()}",
+            hint="if the model is at an older revision, say which with "
+            "'ckptmigrate schema --record --from REV'; otherwise fix that downgrade(), or "
+            "record from a checkpoint: 'ckptmigrate schema --record CKPT --from REV'",
+        ) from exc
+    back = schema_at(script_dir, base, heads)
+    if not back.same_layout(target):
+        broken = check_round_trips(script_dir, base)
+        culprits = "; ".join(f"{p.script.revision}: {p.message}" for p in broken)
+        raise CommandError(
+            f"the base schema derived from the model ({spec}, at {at}) does not upgrade back "
+            f"to it ({compare(back, target).summary()})"
+            + (f": downgrade() does not undo upgrade() in {culprits}" if culprits else ""),
+            hint="fix those revisions' downgrade(), or record from a checkpoint: "
+            "'ckptmigrate schema --record CKPT --from REV'",
+        )
+    return base, f"the model {spec} at {format_ids(heads) or 'base'}"
+
+
+def _model_revision(
+    script_dir: ScriptDirectory, model: object, from_revision: str | None
+) -> tuple[tuple[str, ...], str]:
+    """(the revisions the configured model is at, why we think so)."""
+    if from_revision is not None:
+        return _resolve_ids(script_dir, from_revision), "--from"
+    pinned = _pinned_revision(script_dir, model)
+    if pinned is not None:
+        return pinned
+    heads = script_dir.revision_map.heads
+    if len(heads) > 1:
+        raise CommandError(
+            f"the lineage has several heads ({format_ids(heads)}), so the revision the model "
+            "is at is unknown",
+            hint="say which with 'ckptmigrate schema --record --from REV' (a head, or 'heads' "
+            "when the model has every branch's changes)",
+        )
+    return heads, "the head"
+
+
+def _pinned_revision(
+    script_dir: ScriptDirectory, model: object
+) -> tuple[tuple[str, ...], str] | None:
+    """A versioned model class of this lineage pinned to a revision: that revision."""
+    from .integration.versioning import lineage_of
+
+    lineage = lineage_of(type(model))
+    if lineage is None or lineage.pinned is None:
+        return None
+    try:
+        same = lineage.script_dir.dir.resolve() == script_dir.dir.resolve()
+        revision = lineage.revision
+    except CkptMigrateError:
+        return None
+    if not same:
+        return None
+    return (revision,), f"the revision {type(model).__qualname__} is pinned to"

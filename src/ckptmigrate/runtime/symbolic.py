@@ -18,14 +18,16 @@ from ..script.directory import Script, ScriptDirectory
 from .migration import MigrationStep, run_step, run_steps
 
 
-def load_base_schema(script_dir: ScriptDirectory) -> Schema:
+def load_base_schema(script_dir: ScriptDirectory, *, hint: str | None = None) -> Schema:
+    """The recorded base schema; ``hint`` says how to record it when it is missing."""
     base = read_base_schema(script_dir.dir)
     if base is None:
         raise ConfigError(
             "no base schema recorded for this lineage "
             f"({display_path(base_schema_path(script_dir.dir))})",
-            hint="record it with 'ckptmigrate schema --record' (from the configured model) or "
-            "'ckptmigrate schema --record CKPT' (from a checkpoint at a known revision)",
+            hint=hint
+            or "record it with 'ckptmigrate schema --record' (from the configured model) or "
+            "'ckptmigrate schema --record CKPT --from REV' (from a checkpoint at revision REV)",
         )
     return base
 
