@@ -361,7 +361,7 @@ def _writing(
         yield
         return
     from .formats.lock import locked
-    from .formats.sharded import index_path
+    from .formats.probe import index_path
 
     path = Path(output) if output else Path(checkpoint)
     path = index_path(path) or path
@@ -386,12 +386,13 @@ def _migrate(
     durable: bool | None = None,
 ) -> MigrationResult:
     from .formats import write_checkpoint
-    from .runtime.migration import downgrade_steps, run_steps, upgrade_steps
 
     script_dir = ScriptDirectory.from_config(config)
     rmap = script_dir.revision_map
     ckpt = _open(config, checkpoint, trust_pickle, state_dict_key, key_prefix)
     try:
+        from .runtime.migration import downgrade_steps, run_steps, upgrade_steps
+
         current, identified = starting_heads(config, script_dir, ckpt, from_revision)
         direction = "upgrade" if upgrade else "downgrade"
         try:
@@ -773,10 +774,10 @@ def diff(
 
     Returns True when there is no difference.
     """
-    from .schema import Schema, compare, format_table
-
     ckpt = _open(config, checkpoint, trust_pickle, state_dict_key, key_prefix)
     try:
+        from .schema import Schema, compare, format_table
+
         have = Schema.from_specs(ckpt.schema)
         if revision is not None:
             from .runtime.symbolic import schema_at
@@ -831,11 +832,10 @@ def schema(
     (a checkpoint at a known revision, or the configured model, which is at
     the head unless ``from_revision`` says otherwise) back to base.
     """
-    from .runtime.symbolic import schema_at
-    from .schema import write_base_schema
-
     script_dir = ScriptDirectory.from_config(config)
     if not record:
+        from .runtime.symbolic import schema_at
+
         ids = (
             _resolve_ids(script_dir, revision)
             if revision is not None
@@ -852,6 +852,8 @@ def schema(
         base, source = _base_from_checkpoint(
             config, script_dir, checkpoint, from_revision, trust_pickle, state_dict_key, key_prefix
         )
+    from .schema import write_base_schema
+
     path = write_base_schema(script_dir.dir, base, source)
     config.print_stdout(f"Recorded the base schema ({len(base)} keys) in {display_path(path)}")
     return base
@@ -897,11 +899,11 @@ def _base_from_checkpoint(
     state_dict_key: str | None,
     key_prefix: str | None,
 ) -> tuple[Schema, str]:
-    from .schema import Schema, read_base_schema
-
     where = display_path(checkpoint)
     ckpt = _open(config, checkpoint, trust_pickle, state_dict_key, key_prefix)
     try:
+        from .schema import Schema, read_base_schema
+
         unknown = ckpt.stamp is None and read_base_schema(script_dir.dir) is None
         if from_revision is None and unknown:
             tips = format_ids(script_dir.revision_map.heads) or "none yet"
