@@ -13,9 +13,14 @@ from collections.abc import Iterable, Sequence
 class CkptMigrateError(Exception):
     """Base of every error ckptmigrate raises on purpose."""
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, hint: str | None = None, traceback_helps: bool = False
+    ) -> None:
         self.message = message
         self.hint = hint
+        # The Python traceback says more (an exception inside a revision script):
+        # the command line then offers --traceback, unless it was given.
+        self.traceback_helps = traceback_helps
         super().__init__(self.one_line())
 
     def one_line(self) -> str:

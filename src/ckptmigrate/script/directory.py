@@ -93,7 +93,8 @@ def _import_script(path: Path) -> ModuleType:
     except Exception as exc:
         raise ScriptError(
             f"importing revision file {path} failed: {type(exc).__name__}: {exc}",
-            hint="fix the file (run with --traceback for details); nothing was changed",
+            hint="fix the file; nothing was changed",
+            traceback_helps=True,
         ) from exc
     return module
 
