@@ -169,3 +169,10 @@ def test_every_real_layout_is_still_read(project: Path, run: Run) -> None:
         assert result.stdout == f"{INITIAL} (identified by schema)\n", name
     head = Path("st.bin").read_bytes()[:9]
     assert struct.unpack("<Q", head[:8])[0] > 0 and head[8:9] == b"{"
+
+
+def test_an_index_under_another_name_is_told_the_naming_rule(project: Path, run: Run) -> None:
+    Path("index.json").write_text(json.dumps({"metadata": {}, "weight_map": {"a": "x.bin"}}))
+    err = run("current", "index.json", code=1).stderr
+    assert err.startswith("Error: index.json is not a checkpoint (it looks like JSON)")
+    assert "must be named *.index.json" in err

@@ -877,19 +877,6 @@ def _base_schema(config: Config, script_dir: ScriptDirectory) -> Schema:
     return load_base_schema(script_dir, hint=_record_base_hint(config))
 
 
-def _at_base(script_dir: ScriptDirectory, schema: Schema, heads: tuple[str, ...]) -> Schema:
-    """``schema``, taken to be at ``heads``, with every downgrade run symbolically to base."""
-    from .plan.state import PlanState
-    from .runtime.migration import downgrade_steps, run_steps
-    from .runtime.symbolic import schema_of
-
-    state = PlanState.from_schema(schema.specs())
-    if heads:
-        steps = downgrade_steps(script_dir, heads, "base")
-        run_steps(steps, state, heads, script_dir.revision_map, symbolic=True)
-    return schema_of(state, schema)
-
-
 def _base_from_checkpoint(
     config: Config,
     script_dir: ScriptDirectory,
@@ -912,8 +899,10 @@ def _base_from_checkpoint(
                 hint=f"say which with 'ckptmigrate schema --record {where} --from REV' "
                 f"(the lineage's head: {tips}; all revisions: 'ckptmigrate history')",
             )
+        from .runtime.symbolic import base_of
+
         heads, _identified = starting_heads(config, script_dir, ckpt, from_revision)
-        base = _at_base(script_dir, Schema.from_specs(ckpt.schema), heads)
+        base = base_of(script_dir, Schema.from_specs(ckpt.schema), heads)
     finally:
         ckpt.close()
     return base, f"{where} at {format_ids(heads) or 'base'}"
@@ -923,7 +912,7 @@ def _base_from_model(
     config: Config, script_dir: ScriptDirectory, from_revision: str | None
 ) -> tuple[Schema, str]:
     """The base schema the configured model implies, checked to lead back to the model."""
-    from .runtime.symbolic import check_round_trips, schema_at
+    from .runtime.symbolic import base_of, check_round_trips, schema_at
     from .schema import compare
 
     found = _model_or_none(config)
@@ -943,7 +932,7 @@ def _base_from_model(
         "running the downgrades symbolically"
     )
     try:
-        base = _at_base(script_dir, target, heads)
+        base = base_of(script_dir, target, heads)
     except CkptMigrateError as exc:
         raise CommandError(
             f"cannot derive the base schema from the model ({spec}, taken to be at {at}): "

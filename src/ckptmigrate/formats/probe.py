@@ -30,7 +30,7 @@ _MAGIC = (
     (b"GGUF", "a GGUF file"),
     (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
 )
-_PYTHON = re.compile(r"^(?:import |from \S+ import |def |class |@|if __name__)", re.MULTILINE)
+_PYTHON = re.compile(r"^(?:import |from \S+ import |def |class |if __name__)", re.MULTILINE)
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,21 @@ def schema_at(script_dir: ScriptDirectory, base: Schema, heads: Sequence[str]) -
     return schema_of(state_at(script_dir, base, heads), base)
 
 
+def base_of(script_dir: ScriptDirectory, schema: Schema, heads: Sequence[str]) -> Schema:
+    """The base schema implied by ``schema`` at ``heads``: every downgrade run to base.
+
+    The inverse of :func:`schema_at`, for recording a lineage's base schema
+    from a checkpoint or a model whose revision is known.
+    """
+    from .migration import downgrade_steps
+
+    state = _initial_state(schema)
+    if heads:
+        steps = downgrade_steps(script_dir, heads, "base")
+        run_steps(steps, state, heads, script_dir.revision_map, symbolic=True)
+    return schema_of(state, schema)
+
+
 @dataclass
 class RevisionSchema:
     script: Script
