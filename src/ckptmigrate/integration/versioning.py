@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import os
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
@@ -36,6 +36,8 @@ ModuleT = TypeVar("ModuleT", bound=type[torch.nn.Module])
 _LINEAGE_ATTR = "__ckptmigrate_lineage__"
 # Set while a load that already migrated the whole tree is running.
 _TREE_DONE: ContextVar[bool] = ContextVar("ckptmigrate_tree_done", default=False)
+# Set while ckptmigrate reads a module's own schema (no stamp, no warning).
+_INTROSPECTING: ContextVar[bool] = ContextVar("ckptmigrate_introspecting", default=False)
 # Collects what was migrated, for ckptmigrate.load's report.
 _RECORDS: ContextVar[list[LineageRecord] | None] = ContextVar("ckptmigrate_records", default=None)
 
@@ -58,12 +60,16 @@ def lineage_of(cls: type) -> Lineage | None:
 
 
 class _SchemaRevision:
-    """``cls.__schema_revision__``: resolved on first access, through the MRO."""
+    """``cls.__schema_revision__``: resolved on first access, through the MRO.
 
-    def __get__(self, obj: object, owner: type) -> str:
+    None while the lineage cannot name it (see :class:`LineageWarning`), so
+    introspection never raises.
+    """
+
+    def __get__(self, obj: object, owner: type) -> str | None:
         lineage = lineage_of(owner)
         assert lineage is not None
-        return lineage.revision
+        return lineage.resolve()
 
 
 def versioned(
@@ -75,7 +81,7 @@ def versioned(
     paths are tried relative to the defining module first). ``revision``
     pins the class to a revision; by default it follows the lineage's head.
     """
-    caller = inspect.stack()[1].filename
+    caller = sys._getframe(1).f_code.co_filename  # not inspect.stack(): it reads every source
     origin = Path(caller).resolve().parent if caller and not caller.startswith("<") else None
 
     def decorate(cls: ModuleT) -> ModuleT:
@@ -96,6 +102,9 @@ def _wrap_init(cls: type[torch.nn.Module]) -> None:
     @functools.wraps(original)
     def __init__(self: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
+        lineage = lineage_of(type(self))
+        if lineage is not None:
+            lineage.report_built()
         if not self.__dict__.get("_ckptmigrate_hooks", False):
             self.register_state_dict_post_hook(_stamp_hook)  # type: ignore[no-untyped-call]
             self.register_load_state_dict_pre_hook(_load_pre_hook)  # type: ignore[no-untyped-call]
@@ -108,8 +117,13 @@ def _stamp_hook(
     module: torch.nn.Module, state_dict: Any, prefix: str, local_metadata: dict[str, Any]
 ) -> None:
     lineage = lineage_of(type(module))
-    if lineage is not None:
-        write_stamp(local_metadata, (lineage.revision,))
+    if lineage is None or _INTROSPECTING.get():
+        return
+    revision = lineage.resolve()
+    if revision is None:
+        lineage.report_unstamped()  # saving never fails because of the lineage
+    else:
+        write_stamp(local_metadata, (revision,))
 
 
 def _load_pre_hook(
@@ -142,16 +156,20 @@ def _migrate_at(
     prefix: str,
 ) -> LineageRecord | None:
     """Bring the entries under ``prefix`` to the lineage's revision, in place."""
-    from ..runtime.memory import migrate_state_dict
+    from ..runtime.memory import migrate_state_dict, specs_of
 
     root = prefix[:-1]
-    target = lineage.revision
+    target = lineage.resolve()
     stamp = (metadata.get(root) or {}).get("ckptmigrate.revision")
-    if stamp == target:
+    if stamp is not None and stamp == target:
         return None  # the common case: already at the class's revision
     where = _describe(module, prefix)
     keys = [k for k in sd if k.startswith(prefix)] if prefix else list(sd)
     sub = {k[len(prefix) :]: sd[k] for k in keys} if prefix else dict(sd)
+    if target is None:
+        if stamp is None and Schema.from_specs(specs_of(sub)).same_layout(own_schema(module)):
+            return None  # e.g. an EMA copy of a model saved unstamped: nothing to migrate
+        raise lineage.load_error(where, stamp)
     current = lineage.current(sub, metadata.get(root), where)
     if current is None or current == (target,):
         return None  # unknown (no stamp, no base schema): the strict load decides
@@ -202,6 +220,15 @@ def _sub_metadata(
         elif name.startswith(root + "."):
             out[name[len(root) + 1 :]] = dict(meta)
     return out
+
+
+def own_schema(module: torch.nn.Module) -> Schema:
+    """The module's own state-dict schema, read without stamping or warning."""
+    token = _INTROSPECTING.set(True)
+    try:
+        return Schema.from_module(module)
+    finally:
+        _INTROSPECTING.reset(token)
 
 
 def migrate_tree(
@@ -261,7 +288,7 @@ def load_error(model: torch.nn.Module, migrated: Mapping[str, Any]) -> LoadError
     from ..runtime.memory import specs_of
 
     have = Schema.from_specs(specs_of(migrated))
-    want = Schema.from_module(model)
+    want = own_schema(model)
     diff = compare(have, want)
     parts = []
     if diff.missing:

@@ -1,0 +1,241 @@
+"""A versioned model's everyday path survives lineage problems and wrapper prefixes.
+
+Saving never fails because of the lineage (two heads, a missing folder, no
+revisions): the state dict is written unstamped with one warning per class,
+and the problem is reported when the class is first built. Loading a dict
+that needs migrating then fails with a LoadError naming the fix. State dicts
+saved through ``DataParallel`` or ``torch.compile`` load into the plain
+versioned class with the wrapper prefix stripped.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from tests.conftest import make_lineage
+from torch import nn
+
+import ckptmigrate
+from ckptmigrate.errors import LoadError
+
+# The everyday lineage: at b1, Block has ln1/fc/ln_f; b2 renames fc to proj.
+BLOCK_BASE = (
+    "ln1.weight float32 [8]\nln1.bias float32 [8]\nfc.weight float32 [8,8]\n"
+    "fc.bias float32 [8]\nln_f.weight float32 [8]\nln_f.bias float32 [8]\n"
+)
+RENAME_FC = [
+    ("b1000001", None, "pass", "pass"),
+    (
+        "b2000002",
+        "b1000001",
+        'op.rename_prefix("fc.", "proj.")',
+        'op.rename_prefix("proj.", "fc.")',
+    ),
+]
+# Two feature branches off one base: fa adds `a`, fb adds `b`.
+TWO_HEADS = [
+    ("base0001", None, "pass", "pass"),
+    ("fa000001", "base0001", 'op.add_tensor("a", (1,))', 'op.drop_key("a")'),
+    ("fb000001", "base0001", 'op.add_tensor("b", (1,))', 'op.drop_key("b")'),
+]
+
+
+class V1Layout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 8)
+        self.ln_f = nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_f(self.fc(self.ln1(x)))  # type: ignore[no-any-return]
+
+
+class V2Layout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(8)
+        self.proj = nn.Linear(8, 8)
+        self.ln_f = nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_f(self.proj(self.ln1(x)))  # type: ignore[no-any-return]
+
+
+class FeatureA(nn.Module):
+    """The layout on branch fa: w plus a."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(2))
+        self.a = nn.Parameter(torch.zeros(1))
+
+
+def _trained(module: nn.Module) -> nn.Module:
+    """Distinct, non-default values in every tensor, as after training."""
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p))
+    return module
+
+
+@pytest.fixture
+def blocks(tmp_path: Path) -> tuple[type[nn.Module], type[nn.Module]]:
+    """(OldBlock pinned to b1, Block following the head b2) on one lineage."""
+    folder = make_lineage(tmp_path, "blk", BLOCK_BASE, RENAME_FC)
+
+    @ckptmigrate.versioned(folder, revision="b1000001")
+    class OldBlock(V1Layout):
+        pass
+
+    @ckptmigrate.versioned(folder)
+    class Block(V2Layout):
+        pass
+
+    return OldBlock, Block
+
+
+def _lineage_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, ckptmigrate.LineageWarning)]
+
+
+@pytest.fixture
+def caught() -> Iterator[list[warnings.WarningMessage]]:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        yield record
+
+
+# ----------------------------------------------------------------------------- item 3: saving
+
+
+@pytest.fixture
+def two_heads(tmp_path: Path) -> str:
+    return make_lineage(tmp_path, "two", "w float32 [2]\n", TWO_HEADS)
+
+
+def test_two_heads_state_dict_saves_unstamped_and_warns_once_per_class(
+    two_heads: str, tmp_path: Path, caught: list[warnings.WarningMessage]
+) -> None:
+    @ckptmigrate.versioned(two_heads)
+    class Model(FeatureA):
+        pass
+
+    assert _lineage_warnings(caught) == []  # decorating reads nothing
+    model = _trained(Model())
+    Model()  # a second instance: no second report
+    [built] = _lineage_warnings(caught)
+    assert "Model" in built and "2 heads" in built and "fa000001" in built
+    assert "fb000001" in built
+    assert "ckptmigrate merge heads" in built and "revision=" in built
+    [entry] = [w for w in caught if w.category is ckptmigrate.LineageWarning]
+    assert entry.filename == __file__  # points at the user's line, not into torch or ours
+
+    torch.save(model.state_dict(), tmp_path / "ckpt.pth")  # the training job's checkpoint
+    model.state_dict()
+    [_, saved] = _lineage_warnings(caught)
+    assert "saved without a ckptmigrate stamp" in saved and "ckptmigrate merge heads" in saved
+    sd = torch.load(tmp_path / "ckpt.pth", weights_only=True)
+    assert "ckptmigrate.revision" not in sd._metadata[""]
+    assert torch.equal(sd["w"], model.w) and torch.equal(sd["a"], model.a)
+    assert Model.__schema_revision__ is None
+
+
+def test_two_heads_own_state_dict_still_loads(
+    two_heads: str, caught: list[warnings.WarningMessage]
+) -> None:
+    """An EMA copy or a resume from the job's own unstamped save must not crash."""
+
+    @ckptmigrate.versioned(two_heads)
+    class Model(FeatureA):
+        pass
+
+    model, ema = _trained(Model()), Model()
+    ema.load_state_dict(model.state_dict())
+    assert torch.equal(ema.w, model.w) and torch.equal(ema.a, model.a)
+
+
+def test_two_heads_load_that_needs_migration_raises_load_error(two_heads: str) -> None:
+    @ckptmigrate.versioned(two_heads, revision="base0001")
+    class Base(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(2))
+
+    @ckptmigrate.versioned(two_heads)
+    class Model(FeatureA):
+        pass
+
+    stamped = Base().state_dict()
+    assert stamped._metadata[""]["ckptmigrate.revision"] == "base0001"
+    with pytest.warns(ckptmigrate.LineageWarning):
+        model = Model()
+    for sd in (stamped, OrderedDict(w=torch.ones(2))):  # stamped, and unstamped but not fitting
+        with pytest.raises(LoadError) as info:
+            model.load_state_dict(sd)
+        message = str(info.value)
+        assert "Error(s) in loading" not in message
+        assert "2 heads" in message and "ckptmigrate merge heads" in message
+        assert "revision=" in message
+    assert torch.equal(model.w, torch.zeros(2))  # nothing half-loaded
+
+
+def test_pinning_a_head_fixes_it(two_heads: str, caught: list[warnings.WarningMessage]) -> None:
+    @ckptmigrate.versioned(two_heads, revision="fa000001")
+    class Model(FeatureA):
+        pass
+
+    sd = Model().state_dict()
+    assert sd._metadata[""]["ckptmigrate.revision"] == "fa000001"
+    assert _lineage_warnings(caught) == []
+
+
+def test_missing_migrations_folder(tmp_path: Path, caught: list[warnings.WarningMessage]) -> None:
+    @ckptmigrate.versioned(tmp_path / "nowhere")
+    class Model(FeatureA):
+        pass
+
+    assert _lineage_warnings(caught) == []
+    model = Model()
+    sd = model.state_dict()
+    assert "ckptmigrate.revision" not in sd._metadata[""]
+    built, saved = _lineage_warnings(caught)
+    assert "does not exist" in built and f"ckptmigrate init {tmp_path / 'nowhere'}" in built
+    assert "saved without a ckptmigrate stamp" in saved and "ckptmigrate init" in saved
+    sd._metadata[""]["ckptmigrate.revision"] = "0123456789ab"
+    with pytest.raises(LoadError, match="ckptmigrate init"):
+        Model().load_state_dict(sd)
+
+
+def test_lineage_without_revisions(tmp_path: Path, caught: list[warnings.WarningMessage]) -> None:
+    (tmp_path / "fresh" / "versions").mkdir(parents=True)
+
+    @ckptmigrate.versioned(tmp_path / "fresh")
+    class Model(FeatureA):
+        pass
+
+    sd = Model().state_dict()
+    assert "ckptmigrate.revision" not in sd._metadata[""]
+    [built, _saved] = _lineage_warnings(caught)
+    assert "no revisions yet" in built and "ckptmigrate revision -m" in built
+
+
+def test_broken_revision_file_does_not_break_saving(
+    tmp_path: Path, caught: list[warnings.WarningMessage]
+) -> None:
+    folder = make_lineage(tmp_path, "broken", "w float32 [2]\n", TWO_HEADS[:1])
+    (Path(folder) / "versions" / "oops.py").write_text("revision = 'oops'\ndown_revision = (\n")
+
+    @ckptmigrate.versioned(folder)
+    class Model(FeatureA):
+        pass
+
+    assert list(Model().state_dict()) == ["w", "a"]
+    [built, _saved] = _lineage_warnings(caught)
+    assert "oops.py" in built
