@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import make_lineage
+from tests.conftest import Run, make_lineage, write_revision
 from torch import nn
 
 import ckptmigrate
@@ -239,3 +239,78 @@ def test_broken_revision_file_does_not_break_saving(
     assert list(Model().state_dict()) == ["w", "a"]
     [built, _saved] = _lineage_warnings(caught)
     assert "oops.py" in built
+
+
+# ----------------------------------------------------------------------------- item 3: the CLI
+
+
+def _feature_project(project_dir: Path, run: Run) -> None:
+    run("init", "migrations")
+    (project_dir / "migrations" / "base_schema.txt").write_text("w float32 [2]\n")
+    for rev, down, up, down_body in TWO_HEADS:
+        write_revision(project_dir / "migrations" / "versions", rev, down, up, down_body)
+    (project_dir / "feature_model.py").write_text(
+        "import torch\nimport ckptmigrate\nfrom torch import nn\n\n"
+        "@ckptmigrate.versioned('migrations')\n"
+        "class FeatureModel(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.w = nn.Parameter(torch.zeros(2))\n"
+        "        self.a = nn.Parameter(torch.zeros(1))\n"
+        "        self.c = nn.Parameter(torch.zeros(3))\n\n"
+        "def build():\n    return FeatureModel()\n"
+    )
+    ini = project_dir / "alembic_style.ini"
+    lines = [
+        "model = feature_model:build" if line.lstrip("# ").startswith("model =") else line
+        for line in ini.read_text().splitlines()
+    ]
+    ini.write_text("\n".join(lines) + "\n")
+
+
+def test_autogenerate_on_a_lineage_with_two_heads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _feature_project(tmp_path, run)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        err = run("revision", "--autogenerate", "-m", "add c", code=1).stderr
+        assert err.splitlines() == [
+            "Error: multiple heads are present: fa000001, fb000001; pass --head REV to choose "
+            "the parent, or join them with 'ckptmigrate merge heads -m ...'"
+        ]
+        run("revision", "--autogenerate", "--head", "fa000001", "-m", "add c", "--rev-id", "c1")
+    assert _lineage_warnings(caught) == []  # the CLI speaks for itself, not in Python warnings
+    [script] = (tmp_path / "migrations" / "versions").glob("c1_*.py")
+    text = script.read_text()
+    assert 'down_revision = "fa000001"' in text
+    upgrade = text.split("def upgrade()")[1].split("def downgrade()")[0]
+    assert '"c"' in upgrade and '"b"' not in upgrade and '"a"' not in upgrade
+    assert set(run("heads").stdout.split()) == {"c1", "(head)", "fb000001"}
+
+    sd = OrderedDict(w=torch.tensor([1.0, 2.0]), a=torch.tensor([3.0]))
+    sd._metadata = {"": {"ckptmigrate.revision": "fa000001"}}  # type: ignore[attr-defined]
+    torch.save(sd, tmp_path / "fa.pth")
+    run("upgrade", "fa.pth", "c1")
+    out = torch.load(tmp_path / "fa.pth", weights_only=True)
+    assert list(out) == ["w", "a", "c"] and out["c"].shape == (3,)
+    assert torch.equal(out["w"], sd["w"]) and torch.equal(out["a"], sd["a"])
+
+
+def test_fresh_lineage_records_its_base_schema_from_a_versioned_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run
+) -> None:
+    """Building the model for the CLI must not fail because the lineage has no revisions."""
+    monkeypatch.chdir(tmp_path)
+    _feature_project(tmp_path, run)
+    (tmp_path / "migrations" / "base_schema.txt").unlink()
+    for script in (tmp_path / "migrations" / "versions").glob("*.py"):
+        script.unlink()
+    run("schema", "--record")
+    text = (tmp_path / "migrations" / "base_schema.txt").read_text()
+    assert [line.split()[0] for line in text.splitlines() if not line.startswith("#")] == [
+        "w",
+        "a",
+        "c",
+    ]
