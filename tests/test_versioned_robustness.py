@@ -186,6 +186,52 @@ def test_two_heads_load_that_needs_migration_raises_load_error(two_heads: str) -
     assert torch.equal(model.w, torch.zeros(2))  # nothing half-loaded
 
 
+def test_checkpoint_saved_during_two_heads_loads_after_the_merge(
+    tmp_path: Path, caught: list[warnings.WarningMessage]
+) -> None:
+    """Branches that left this class's layout alone: any of them gives the same tensors."""
+    branches = [
+        ("base0001", None, "pass", "pass"),
+        ("fa000001", "base0001", "pass", "pass"),
+        ("fb000001", "base0001", "pass", "pass"),
+    ]
+    during = make_lineage(tmp_path, "during", "w float32 [2]\n", branches)
+    after = make_lineage(
+        tmp_path,
+        "after",
+        "w float32 [2]\n",
+        [*branches, ("m0000001", ("fa000001", "fb000001"), "pass", "pass")],
+    )
+    scaled = make_lineage(
+        tmp_path,
+        "scaled",  # the same graph, but fb changes values without changing the schema
+        "w float32 [2]\n",
+        [
+            *branches[:2],
+            ("fb000001", "base0001", 'op.map_tensor("w", lambda t: t * 2)', "pass"),
+            ("m0000001", ("fa000001", "fb000001"), "pass", "pass"),
+        ],
+    )
+
+    class Layout(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([1.0, 2.0]))
+
+    saved = ckptmigrate.versioned(during)(type("Model", (Layout,), {}))().state_dict()
+    assert "ckptmigrate.revision" not in saved._metadata[""]
+
+    merged = ckptmigrate.versioned(after)(type("Model", (Layout,), {}))()
+    with torch.no_grad():
+        merged.w.zero_()
+    merged.load_state_dict(saved)
+    assert torch.equal(merged.w, torch.tensor([1.0, 2.0]))
+
+    ambiguous = ckptmigrate.versioned(scaled)(type("Model", (Layout,), {}))()
+    with pytest.raises(LoadError, match="matches several revisions"):
+        ambiguous.load_state_dict(saved)
+
+
 def test_pinning_a_head_fixes_it(two_heads: str, caught: list[warnings.WarningMessage]) -> None:
     @ckptmigrate.versioned(two_heads, revision="fa000001")
     class Model(FeatureA):

@@ -17,6 +17,8 @@ from ..config import Config
 from ..errors import CkptMigrateError, LineageWarning, LoadError, MultipleHeads
 from ..formats.stamp import read_stamp
 from ..paths import display_path
+from ..plan.nodes import Source, TensorSpec
+from ..plan.state import PlanState
 from ..schema import Schema
 from ..script.directory import ScriptDirectory
 
@@ -218,9 +220,25 @@ class Lineage:
         from ..identify import exact_matches
         from ..runtime.memory import specs_of
 
-        matches = exact_matches(self.script_dir, Schema.from_specs(specs_of(sub)))
+        specs = specs_of(sub)
+        matches = exact_matches(self.script_dir, Schema.from_specs(specs))
         if not matches:
             return None
+        target = self.resolve()
+        if (
+            len(matches) > 1
+            and target is not None
+            and target in matches
+            and all(self._changes_nothing(specs, m, target) for m in matches if m != target)
+        ):
+            log.info(
+                "%s has no stamp; its schema is that of %s, and migrating from any of them "
+                "to %s changes no tensor",
+                where,
+                ", ".join(m or "base" for m in matches),
+                target,
+            )
+            return (target,)
         if len(matches) > 1:
             names = ", ".join(m or "base" for m in matches)
             raise LoadError(
@@ -232,3 +250,23 @@ class Lineage:
         log.info("%s has no stamp; identified by schema as %s", where, found or "base")
         return (found,) if found else ()
 
+    def _changes_nothing(
+        self, specs: Mapping[str, TensorSpec | None], start: str | None, target: str
+    ) -> bool:
+        """Whether bringing ``specs`` from ``start`` to ``target`` leaves every tensor as is."""
+        from ..runtime.memory import direction
+        from ..runtime.migration import downgrade_steps, run_steps, upgrade_steps
+
+        rmap = self.script_dir.revision_map
+        current = (start,) if start else ()
+        way = direction(rmap, current, target)
+        if way not in ("upgrade", "downgrade"):
+            return way == "none"
+        steps = (upgrade_steps if way == "upgrade" else downgrade_steps)(
+            self.script_dir, current, target
+        )
+        state = PlanState.from_schema(specs)
+        run_steps(steps, state, current, rmap, symbolic=True)
+        return set(state.entries) == set(specs) and all(
+            isinstance(node, Source) and node.key == key for key, node in state.entries.items()
+        )
