@@ -19,6 +19,7 @@ import pytest
 import torch
 from tests.conftest import Run, make_lineage, write_revision
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 import ckptmigrate
 from ckptmigrate.errors import LoadError
@@ -360,3 +361,130 @@ def test_fresh_lineage_records_its_base_schema_from_a_versioned_model(
         "a",
         "c",
     ]
+
+
+# ----------------------------------------------------------------------------- item 4: wrappers
+
+
+def _assert_loaded(model: nn.Module, saved_from: nn.Module) -> None:
+    theirs = {k.replace("fc.", "proj."): v for k, v in saved_from.state_dict().items()}
+    ours = model.state_dict()
+    assert list(ours) == list(theirs)
+    for key, value in ours.items():
+        assert torch.equal(value, theirs[key]), key
+    x = torch.randn(3, 8)
+    assert torch.equal(model(x), saved_from(x))
+
+
+@pytest.mark.parametrize("stamped", [True, False], ids=["stamped", "identified"])
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        pytest.param(nn.DataParallel, id="DataParallel"),
+        pytest.param(torch.compile, id="torch.compile"),
+        pytest.param(lambda m: nn.DataParallel(torch.compile(m)), id="DataParallel+compile"),
+    ],
+)
+def test_wrapped_old_state_dict_loads_into_the_versioned_class(
+    blocks: tuple[type[nn.Module], type[nn.Module]], wrap: object, stamped: bool, tmp_path: Path
+) -> None:
+    OldBlock, Block = blocks
+    old = _trained(OldBlock() if stamped else V1Layout())
+    wrapped = wrap(old)  # type: ignore[operator]
+    torch.save(wrapped.state_dict(), tmp_path / "wrapped_v1.pth")
+    sd = torch.load(tmp_path / "wrapped_v1.pth", weights_only=True)
+    assert next(iter(sd)).startswith(("module.", "_orig_mod."))
+    model = Block()
+    model.load_state_dict(sd)  # strict
+    _assert_loaded(model, old)
+    rewrapped = Block()
+    wrap(rewrapped).load_state_dict(sd)  # type: ignore[operator]  # the hook runs at its prefix
+    _assert_loaded(rewrapped, old)
+
+
+def test_compiled_model_trained_one_step_then_loaded(
+    blocks: tuple[type[nn.Module], type[nn.Module]], tmp_path: Path
+) -> None:
+    OldBlock, Block = blocks
+    old = OldBlock()
+    compiled = torch.compile(old, backend="eager")
+    opt = torch.optim.SGD(compiled.parameters(), lr=0.1)
+    compiled(torch.randn(4, 8)).pow(2).sum().backward()
+    opt.step()
+    torch.save(compiled.state_dict(), tmp_path / "compiled.pth")
+    model = Block()
+    model.load_state_dict(torch.load(tmp_path / "compiled.pth", weights_only=True))
+    _assert_loaded(model, old)
+
+
+def test_versioned_part_of_a_plain_model_behind_wrappers(
+    blocks: tuple[type[nn.Module], type[nn.Module]],
+) -> None:
+    OldBlock, Block = blocks
+
+    class OldNet(nn.Module):
+        def __init__(self, compiled: bool) -> None:
+            super().__init__()
+            self.head = nn.Linear(8, 2)
+            block = OldBlock()
+            self.block = torch.compile(block) if compiled else block
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(8, 2)
+            self.block = Block()
+
+    old = _trained(OldNet(compiled=False))
+    dp_sd = nn.DataParallel(old).state_dict()  # keys module.block.fc.weight, ...
+
+    into_dp = nn.DataParallel(Net())  # the block's hook runs at prefix module.block.
+    into_dp.load_state_dict(dp_sd)
+    _assert_loaded(into_dp.module.block, old.block)
+
+    plain = Net()  # PyTorch's own way to drop the prefix, then plain load_state_dict
+    consume_prefix_in_state_dict_if_present(dp_sd, "module.")
+    plain.load_state_dict(dp_sd)
+    _assert_loaded(plain.block, old.block)
+
+    inner = _trained(OldNet(compiled=True))  # keys block._orig_mod.fc.weight, ...
+    assert "block._orig_mod.fc.weight" in inner.state_dict()
+    net = Net()
+    net.load_state_dict(inner.state_dict())
+    _assert_loaded(net.block, inner.block._orig_mod)
+    assert torch.equal(net.head.weight, inner.head.weight)
+
+
+def test_load_error_never_proposes_a_wrapper_prefix_as_a_rename(
+    blocks: tuple[type[nn.Module], type[nn.Module]],
+) -> None:
+    _OldBlock, Block = blocks
+
+    class Unmigrated(V2Layout):  # a change nobody wrote a revision for: ln_f -> norm
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = self.ln_f
+            del self.ln_f
+
+    sd = nn.DataParallel(Unmigrated()).state_dict()
+    with pytest.raises(LoadError) as info:
+        Block().load_state_dict(sd)
+    message = str(info.value)
+    assert "module." not in message
+    assert "likely renames: norm.weight -> ln_f.weight" in message
+    assert "missing ln_f.weight" in message and "unexpected norm.weight" in message
+
+
+def test_load_error_names_a_wrapper_inside_the_dict_instead_of_renames(
+    blocks: tuple[type[nn.Module], type[nn.Module]],
+) -> None:
+    _OldBlock, Block = blocks
+    saved = V2Layout()
+    saved.ln1 = nn.DataParallel(saved.ln1)  # type: ignore[assignment]
+    with pytest.raises(LoadError) as info:
+        Block().load_state_dict(saved.state_dict())
+    message = str(info.value)
+    assert "likely renames" not in message
+    assert "wrapper: ln1.module.weight for ln1.weight, ln1.module.bias for ln1.bias" in message
+    assert "save the unwrapped module's state_dict()" in message
+    assert "revision --autogenerate" not in message  # no migration would fix this

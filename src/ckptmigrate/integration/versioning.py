@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..errors import CkptMigrateError, LoadError
+from ..formats.checkpoint import WRAPPER_PREFIXES, strip_metadata_prefix, wrapper_prefix
 from ..formats.stamp import write_stamp
 from ..schema import Schema, compare
 from .lineage import Lineage, log
@@ -163,6 +164,8 @@ def _migrate_at(
     stamp = (metadata.get(root) or {}).get("ckptmigrate.revision")
     if stamp is not None and stamp == target:
         return None  # the common case: already at the class's revision
+    _unwrap_at(module, sd, metadata, prefix)
+    stamp = (metadata.get(root) or {}).get("ckptmigrate.revision")
     where = _describe(module, prefix)
     keys = [k for k in sd if k.startswith(prefix)] if prefix else list(sd)
     sub = {k[len(prefix) :]: sd[k] for k in keys} if prefix else dict(sd)
@@ -170,6 +173,8 @@ def _migrate_at(
         if stamp is None and Schema.from_specs(specs_of(sub)).same_layout(own_schema(module)):
             return None  # e.g. an EMA copy of a model saved unstamped: nothing to migrate
         raise lineage.load_error(where, stamp)
+    if stamp == target:
+        return None
     current = lineage.current(sub, metadata.get(root), where)
     if current is None or current == (target,):
         return None  # unknown (no stamp, no base schema): the strict load decides
@@ -220,6 +225,37 @@ def _sub_metadata(
         elif name.startswith(root + "."):
             out[name[len(root) + 1 :]] = dict(meta)
     return out
+
+
+def _unwrap_at(
+    module: torch.nn.Module,
+    sd: dict[str, Any],
+    metadata: dict[str, dict[str, Any]],
+    prefix: str,
+) -> None:
+    """Drop a ``module.``/``_orig_mod.`` run the entries under ``prefix`` carry, in place.
+
+    DataParallel and torch.compile put it there when they saved; the
+    module's own keys decide what is a wrapper (a module whose only child is
+    called ``module`` keeps it).
+    """
+    keys = [k for k in sd if k.startswith(prefix)]
+    carried = wrapper_prefix([k[len(prefix) :] for k in keys])
+    if not carried:
+        return
+    own = wrapper_prefix(list(own_schema(module)))
+    if carried == own or not carried.endswith(own):
+        return
+    strip = carried[: len(carried) - len(own)]
+    for key in keys:
+        sd[prefix + key[len(prefix) + len(strip) :]] = sd.pop(key)
+    root = prefix[:-1]
+    inner = _sub_metadata(metadata, root)
+    for name in [n for n in metadata if n == root or n.startswith(prefix)]:
+        del metadata[name]
+    for name, meta in strip_metadata_prefix(inner, strip).items():
+        metadata[(prefix + name) if name else root] = meta
+    log.info("stripped wrapper prefix %r from %s", strip, _describe(module, prefix))
 
 
 def own_schema(module: torch.nn.Module) -> Schema:
@@ -299,20 +335,46 @@ def load_error(model: torch.nn.Module, migrated: Mapping[str, Any]) -> LoadError
         parts.append(f"{key} is {have[key]} in the checkpoint but {want[key]} in the model")
     if len(diff.mismatched) > 3:
         parts.append(f"{len(diff.mismatched) - 3} more shape/dtype mismatches")
-    if diff.renames:
-        parts.append("likely renames: " + ", ".join(f"{o} -> {n}" for o, n in diff.renames[:5]))
+    wrapped = _behind_wrappers(diff.unexpected, diff.missing)
+    if wrapped:
+        parts.append(
+            "keys behind a DataParallel/torch.compile wrapper: "
+            + _few([f"{key} for {plain}" for key, plain in wrapped.items()])
+        )
+    renames = [(o, n) for o, n in diff.renames if o not in wrapped and n not in wrapped.values()]
+    if renames:
+        parts.append("likely renames: " + ", ".join(f"{o} -> {n}" for o, n in renames[:5]))
     name = type(model).__name__
     versioned_cls = lineage_of(type(model)) is not None
-    fix = (
-        "write the missing migration with 'ckptmigrate revision --autogenerate -m \"...\"'"
-        if versioned_cls
-        else "version the model with @ckptmigrate.versioned and write a migration "
-        "('ckptmigrate revision --autogenerate -m \"...\"')"
+    only_wrappers = set(wrapped) == set(diff.unexpected) and set(wrapped.values()) == set(
+        diff.missing
     )
+    if wrapped and only_wrappers and not diff.mismatched:
+        fix = (
+            "remove the wrapper's part of those keys, or save the unwrapped module's "
+            "state_dict() (its .module or ._orig_mod)"
+        )
+    elif versioned_cls:
+        fix = "write the missing migration with 'ckptmigrate revision --autogenerate -m \"...\"'"
+    else:
+        fix = (
+            "version the model with @ckptmigrate.versioned and write a migration "
+            "('ckptmigrate revision --autogenerate -m \"...\"')"
+        )
     return LoadError(
         f"{name} cannot load the state dict even after migration: " + "; ".join(parts),
         hint=fix,
     )
+
+
+def _behind_wrappers(unexpected: list[str], missing: list[str]) -> dict[str, str]:
+    """Unexpected keys that are missing ones plus a ``module``/``_orig_mod`` segment."""
+
+    def plain(key: str) -> str:
+        return ".".join(p for p in key.split(".") if p + "." not in WRAPPER_PREFIXES)
+
+    wanted = {plain(k): k for k in missing}
+    return {k: wanted[plain(k)] for k in unexpected if plain(k) != k and plain(k) in wanted}
 
 
 def _few(keys: list[str]) -> str:
