@@ -488,3 +488,32 @@ def test_load_error_names_a_wrapper_inside_the_dict_instead_of_renames(
     assert "wrapper: ln1.module.weight for ln1.weight, ln1.module.bias for ln1.bias" in message
     assert "save the unwrapped module's state_dict()" in message
     assert "revision --autogenerate" not in message  # no migration would fix this
+
+
+def test_a_child_named_module_is_not_a_wrapper(tmp_path: Path) -> None:
+    folder = make_lineage(
+        tmp_path,
+        "holder",
+        "module.w float32 [2]\nmodule.v float32 [2]\n",
+        [("h1000001", None, "pass", "pass")],
+    )
+
+    class Inner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(2))
+            self.v = nn.Parameter(torch.zeros(2))
+
+    @ckptmigrate.versioned(folder)
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = Inner()
+
+    saved = _trained(Holder())
+    for sd in (saved.state_dict(), nn.DataParallel(saved).state_dict()):  # module.module.w
+        sd = OrderedDict(sd)  # unstamped: identified by schema, which needs the right keys
+        fresh = Holder()
+        fresh.load_state_dict(sd)
+        assert torch.equal(fresh.module.w, saved.module.w)
+        assert torch.equal(fresh.module.v, saved.module.v)

@@ -164,10 +164,10 @@ def _migrate_at(
     stamp = (metadata.get(root) or {}).get("ckptmigrate.revision")
     if stamp is not None and stamp == target:
         return None  # the common case: already at the class's revision
-    _unwrap_at(module, sd, metadata, prefix)
+    keys = [k for k in sd if k.startswith(prefix)] if prefix else list(sd)
+    keys = _unwrap_at(module, sd, metadata, prefix, keys)
     stamp = (metadata.get(root) or {}).get("ckptmigrate.revision")
     where = _describe(module, prefix)
-    keys = [k for k in sd if k.startswith(prefix)] if prefix else list(sd)
     sub = {k[len(prefix) :]: sd[k] for k in keys} if prefix else dict(sd)
     if target is None:
         if stamp is None and Schema.from_specs(specs_of(sub)).same_layout(own_schema(module)):
@@ -232,23 +232,25 @@ def _unwrap_at(
     sd: dict[str, Any],
     metadata: dict[str, dict[str, Any]],
     prefix: str,
-) -> None:
-    """Drop a ``module.``/``_orig_mod.`` run the entries under ``prefix`` carry, in place.
+    keys: list[str],
+) -> list[str]:
+    """Drop a ``module.``/``_orig_mod.`` run the entries ``keys`` carry after ``prefix``.
 
     DataParallel and torch.compile put it there when they saved; the
     module's own keys decide what is a wrapper (a module whose only child is
-    called ``module`` keeps it).
+    called ``module`` keeps it). Changes ``sd`` and ``metadata`` in place and
+    returns the keys as they are now.
     """
-    keys = [k for k in sd if k.startswith(prefix)]
     carried = wrapper_prefix([k[len(prefix) :] for k in keys])
     if not carried:
-        return
+        return keys
     own = wrapper_prefix(list(own_schema(module)))
     if carried == own or not carried.endswith(own):
-        return
+        return keys
     strip = carried[: len(carried) - len(own)]
-    for key in keys:
-        sd[prefix + key[len(prefix) + len(strip) :]] = sd.pop(key)
+    renamed = [prefix + key[len(prefix) + len(strip) :] for key in keys]
+    values = [sd.pop(key) for key in keys]  # all out first: a new key may be an old one
+    sd.update(zip(renamed, values))
     root = prefix[:-1]
     inner = _sub_metadata(metadata, root)
     for name in [n for n in metadata if n == root or n.startswith(prefix)]:
@@ -256,6 +258,7 @@ def _unwrap_at(
     for name, meta in strip_metadata_prefix(inner, strip).items():
         metadata[(prefix + name) if name else root] = meta
     log.info("stripped wrapper prefix %r from %s", strip, _describe(module, prefix))
+    return renamed
 
 
 def own_schema(module: torch.nn.Module) -> Schema:
