@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ import click
 from . import command
 from ._version import __version__
 from .config import DEFAULT_SECTION, Config
-from .errors import CkptMigrateError
+from .errors import CkptMigrateError, LineageWarning
 
 _TRACE_HINT = "(--traceback shows the full trace)"
 
@@ -86,7 +87,11 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                # Building the model for check/diff/autogenerate: the commands report
+                # lineage problems in their own words, not as Python warnings.
+                warnings.simplefilter("ignore", LineageWarning)
+                return super().invoke(ctx)
         except CkptMigrateError as exc:
             _fail(ctx, exc.one_line(), exc, exc.traceback_helps)
         except KeyboardInterrupt:

@@ -148,3 +148,11 @@ class LoadError(CkptMigrateError, RuntimeError):
     Also a RuntimeError, like PyTorch's own load_state_dict failures, so
     existing ``except RuntimeError`` handlers keep working.
     """
+
+
+class LineageWarning(UserWarning):
+    """A versioned class's lineage cannot name its revision (two heads, no folder, ...).
+
+    A warning, not an error: saving goes on (unstamped), so a training job is
+    never stopped at its checkpoint by the state of its migrations folder.
+    """

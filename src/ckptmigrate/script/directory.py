@@ -286,6 +286,19 @@ class ScriptDirectory:
 
     # ----------------------------------------------------------------- writing
 
+    def parents_for(self, head: str | Sequence[str]) -> list[Revision]:
+        """The revisions a new revision on ``head`` revises (none on base)."""
+        rmap = self.revision_map
+        try:
+            heads = rmap.get_revisions(head)
+        except MultipleHeads as exc:
+            raise CommandError(
+                "multiple heads are present: " + ", ".join(rmap.heads),
+                hint="pass --head REV to choose the parent, or join them with "
+                "'ckptmigrate merge heads -m ...'",
+            ) from exc
+        return [h for h in heads if h is not None]
+
     def generate_revision(
         self,
         rev_id: str | None,
@@ -309,17 +322,7 @@ class ScriptDirectory:
                 f"revision id {rev_id} already exists ({self.script(rev_id).path})",
                 hint="pick another --rev-id",
             )
-        try:
-            heads = rmap.get_revisions(head)
-        except RevisionError as exc:
-            if isinstance(exc, MultipleHeads):
-                raise CommandError(
-                    "multiple heads are present: " + ", ".join(rmap.heads),
-                    hint="pass --head REV to choose the parent, or join them with "
-                    "'ckptmigrate merge heads -m ...'",
-                ) from exc
-            raise
-        parents = [h for h in heads if h is not None]
+        parents = self.parents_for(head)
         if len({p.revision for p in parents}) != len(parents):
             raise CommandError("duplicate head revisions specified", hint="name each head once")
         if not splice:
