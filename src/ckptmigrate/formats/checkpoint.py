@@ -124,7 +124,7 @@ class Checkpoint:
         """Where the state dict sits, for messages."""
         return "/".join(self.state_path) if self.state_path else "top level"
 
-    def notes(self) -> list[str]:
+    def notes(self, *, keep_wrapper_prefix: bool = False) -> list[str]:
         out: list[str] = []
         if self.state_path:
             out.append(f"state dict found under {'/'.join(repr(p) for p in self.state_path)}")
@@ -136,7 +136,12 @@ class Checkpoint:
             )
             out.append(
                 f"stripped wrapper prefix {self.wrapper_prefix!r} ({what}) from "
-                f"{len(self.schema)} keys; output keys are written without it"
+                f"{len(self.schema)} keys; "
+                + (
+                    "output keys are written back with it"
+                    if keep_wrapper_prefix
+                    else "output keys are written without it (--keep-wrapper-prefix keeps it)"
+                )
             )
         if self.legacy:
             out.append("input is in PyTorch's legacy (pre-1.6) format; output uses the zip format")
