@@ -63,6 +63,17 @@ def test_current_says_the_dtype_it_matched_in(project: Path, run: Run, dtype: to
     )
 
 
+def test_claims_are_checked_up_to_the_dtype(project: Path, run: Run) -> None:
+    _save_as(v1_state_dict(), torch.float16, "v1_half.pth")
+    err = run("upgrade", "v1_half.pth", "--from", ADD_FC3, "-o", "x.pth", code=1).stderr
+    assert f"v1_half.pth is not at {ADD_FC3}" in err
+    assert f"it matches {INITIAL} (as float16); pass --from {INITIAL}" in err
+    run("stamp", "v1_half.pth", INITIAL)
+    run("stamp", "v1_half.pth", ADD_FC3, code=1)
+    run("upgrade", "v1_half.pth")
+    assert {t.dtype for t in tensors(Path("v1_half.pth")).values()} == {torch.float16}
+
+
 def test_a_mixed_copy_is_not_a_uniform_match(project: Path, run: Run) -> None:
     sd = v1_state_dict()
     sd["fc1.weight"] = sd["fc1.weight"].half()  # one tensor cast, the others not
