@@ -113,10 +113,9 @@ class Observed:
 
     def replay_base(self, base: Schema) -> Schema | None:
         """The base schema in this checkpoint's floating dtype, if that differs."""
-        if self.dtype is None:
+        if self.dtype is None or set(base.floating_dtypes()) <= {self.dtype}:
             return None
-        cast = base.with_floating_dtype(self.dtype)
-        return None if cast.same_layout(base) else cast
+        return base.with_floating_dtype(self.dtype)
 
     def fit(self, want: Schema, replayed: Schema | None = None) -> Fit:
         """The closest of: ``want`` as is, cast to the file's uniform dtype, or ``replayed``."""
