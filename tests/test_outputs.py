@@ -49,6 +49,8 @@ def test_keep_wrapper_prefix_writes_keys_the_wrapped_model_loads(
 
 def test_without_the_option_keys_are_written_plain(project: Path, run: Run) -> None:
     torch.save(torch.nn.DataParallel(SimpleModelV1()).state_dict(), "dp_v1.pth")
+    read_only = run("current", "dp_v1.pth").stderr  # writes nothing: no word about output keys
+    assert "stripped wrapper prefix 'module.'" in read_only and "output" not in read_only
     result = run("upgrade", "dp_v1.pth", "--from", INITIAL)
     assert "output keys are written without it (--keep-wrapper-prefix keeps it)" in result.stderr
     sd = torch.load("dp_v1.pth", weights_only=True)

@@ -290,8 +290,9 @@ def _open(
     state_dict_key: str | None,
     key_prefix: str | None = None,
     *,
-    keep_wrapper_prefix: bool = False,
+    keep_wrapper_prefix: bool | None = None,
 ) -> Checkpoint:
+    """Read the checkpoint, with notes; ``keep_wrapper_prefix`` is None when nothing is written."""
     from .formats import read_checkpoint
 
     if trust_pickle:
