@@ -112,6 +112,18 @@ def write_revision(
     return path
 
 
+def make_lineage(
+    root: Path, name: str, base: str, revisions: list[tuple[str, object, str, str]]
+) -> str:
+    """A migrations folder: its base schema text and (rev, down, upgrade, downgrade) files."""
+    folder = root / name
+    (folder / "versions").mkdir(parents=True)
+    (folder / "base_schema.txt").write_text(base)
+    for rev, down, up, down_body in revisions:
+        write_revision(folder / "versions", rev, down, up, down_body)
+    return str(folder)
+
+
 # A revision file with one upgrade() body, for tests that run a single step.
 REVISION_TEMPLATE = '''"""test revision
 

@@ -152,7 +152,7 @@ def test_trust_pickle_warns(project: Path, run: Run) -> None:
     "content, message",
     [
         (b"", "is empty"),
-        (b"not a checkpoint at all", "not a readable PyTorch checkpoint"),
+        (b"not a checkpoint at all", "is not a checkpoint (it looks like text)"),
     ],
 )
 def test_bad_files(project: Path, run: Run, content: bytes, message: str) -> None:

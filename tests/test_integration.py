@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from examples.simple_model import SimpleModel, SimpleModelV1
-from tests.conftest import ADD_FC3, INITIAL, REPO, Run, v1_state_dict, write_revision
+from tests.conftest import ADD_FC3, INITIAL, REPO, Run, make_lineage, v1_state_dict
 from torch import nn
 
 import ckptmigrate
@@ -176,7 +176,7 @@ def test_caller_rng_untouched_by_load_time_migration() -> None:
 
 
 def test_checkpoint_on_another_branch_is_refused(tmp_path: Path) -> None:
-    folder = _lineage(
+    folder = make_lineage(
         tmp_path,
         "br",
         "w float32 [2]\n",
@@ -203,21 +203,10 @@ def test_checkpoint_on_another_branch_is_refused(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- nested lineages
 
 
-def _lineage(
-    root: Path, name: str, base: str, revisions: list[tuple[str, object, str, str]]
-) -> str:
-    folder = root / name
-    (folder / "versions").mkdir(parents=True)
-    (folder / "base_schema.txt").write_text(base)
-    for rev, down, up, down_body in revisions:
-        write_revision(folder / "versions", rev, down, up, down_body)
-    return str(folder)
-
-
 @pytest.fixture
 def nested(tmp_path: Path) -> dict[str, type[nn.Module]]:
     """Encoder (own lineage: proj -> linear), Seq2Seq (own lineage: enc. -> encoder.)."""
-    enc = _lineage(
+    enc = make_lineage(
         tmp_path,
         "enc",
         "proj.weight float32 [8,4]\nproj.bias float32 [8]\n",
@@ -231,7 +220,7 @@ def nested(tmp_path: Path) -> dict[str, type[nn.Module]]:
             ),
         ],
     )
-    s2s = _lineage(
+    s2s = make_lineage(
         tmp_path,
         "s2s",
         "enc.proj.weight float32 [8,4]\nenc.proj.bias float32 [8]\nhead.weight float32 [2,8]\n",
@@ -309,7 +298,7 @@ def test_versioned_modules_inside_plain_containers(nested: dict[str, type[nn.Mod
 
 
 def test_batchnorm_version_upgrade_still_runs(tmp_path: Path) -> None:
-    folder = _lineage(
+    folder = make_lineage(
         tmp_path,
         "bn",
         "bn.weight float32 [3]\nbn.bias float32 [3]\n"

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .errors import CkptMigrateError
+from .errors import CkptMigrateError, LineageWarning
 
 if TYPE_CHECKING:
     from . import op
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CkptMigrateError",
     "Config",
+    "LineageWarning",
     "LoadReport",
     "__version__",
     "current",

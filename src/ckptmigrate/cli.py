@@ -6,9 +6,11 @@ exit status 1 (usage errors exit 2); ``--traceback`` adds the Python trace.
 
 from __future__ import annotations
 
+import re
 import sys
 import traceback
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
@@ -16,33 +18,103 @@ import click
 from . import command
 from ._version import __version__
 from .config import DEFAULT_SECTION, Config
-from .errors import CkptMigrateError
+from .errors import CkptMigrateError, LineageWarning
+
+_TRACE_HINT = "(--traceback shows the full trace)"
+
+
+class _Command(click.Command):
+    """A command that also takes ``-q``/``--quiet`` and ``--traceback`` after its name.
+
+    People type ``upgrade CKPT -q``. Those two flags mean the same here as
+    before the command; ``-c``/``-n`` after the command are explained instead
+    (they choose the configuration, so they belong in front).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.extend(
+            [
+                click.Option(
+                    ["-q", "--quiet", "late_quiet"],
+                    is_flag=True,
+                    expose_value=False,
+                    callback=_set_flag("quiet"),
+                    help="Only print results; no progress or notes (also before the command).",
+                ),
+                click.Option(
+                    ["--traceback", "late_traceback"],
+                    is_flag=True,
+                    expose_value=False,
+                    callback=_set_flag("traceback"),
+                    help="Show the Python traceback on error (also before the command).",
+                ),
+                *(
+                    click.Option(
+                        [flag, f"misplaced_{i}"],
+                        expose_value=False,
+                        hidden=True,
+                        callback=_misplaced,
+                    )
+                    for i, flag in enumerate(("-c", "--config", "-n", "--name"))
+                ),
+            ]
+        )
+
+
+def _set_flag(name: str) -> Callable[[click.Context, click.Parameter, bool], None]:
+    def callback(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+        if value:
+            ctx.find_root().obj[name] = True
+
+    return callback
+
+
+def _misplaced(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        flag = param.opts[0]
+        raise click.UsageError(
+            f"{flag} is a global option: put it before the command, "
+            f"e.g. ckptmigrate {flag} {value} {ctx.info_name} ...",
+            ctx,
+        )
 
 
 class _Group(click.Group):
     """Turns our errors into ``Error:`` lines instead of tracebacks."""
 
+    command_class = _Command
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                # Building the model for check/diff/autogenerate: the commands report
+                # lineage problems in their own words, not as Python warnings.
+                warnings.simplefilter("ignore", LineageWarning)
+                return super().invoke(ctx)
         except CkptMigrateError as exc:
-            _fail(ctx, exc.one_line(), exc)
+            _fail(ctx, exc.one_line(), exc, exc.traceback_helps)
         except KeyboardInterrupt:
             click.echo("Error: interrupted; the checkpoint was not changed", err=True)
             ctx.exit(130)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as exc:  # a bug: still one line, trace on request
-            _fail(
-                ctx,
-                f"internal error: {type(exc).__name__}: {exc} (run with --traceback and report it)",
-                exc,
-            )
+            ask = "please report it" if _traced(ctx) else "run with --traceback and report it"
+            _fail(ctx, f"internal error: {type(exc).__name__}: {exc} ({ask})", exc)
 
 
-def _fail(ctx: click.Context, message: str, exc: BaseException) -> None:
-    if ctx.obj and ctx.obj.get("traceback"):
+def _traced(ctx: click.Context) -> bool:
+    return bool(ctx.obj and ctx.obj.get("traceback"))
+
+
+def _fail(
+    ctx: click.Context, message: str, exc: BaseException, traceback_helps: bool = False
+) -> None:
+    if _traced(ctx):
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    elif traceback_helps:
+        message = f"{message} {_TRACE_HINT}"
     click.echo(f"Error: {' '.join(message.split())}", err=True)
     ctx.exit(1)
 
@@ -86,7 +158,7 @@ def cli(
 # ----------------------------------------------------------------------------- graph
 
 
-@cli.command()
+@cli.command(short_help="Create a migrations folder and alembic_style.ini.")
 @click.argument("directory")
 @click.pass_context
 def init(ctx: click.Context, directory: str) -> None:
@@ -94,7 +166,7 @@ def init(ctx: click.Context, directory: str) -> None:
     command.init(_config(ctx, must_exist=False), directory)
 
 
-@cli.command()
+@cli.command(short_help="Write a new revision file.")
 @click.option("-m", "--message", help='What changed, e.g. "add fc3".')
 @click.option(
     "--autogenerate",
@@ -105,8 +177,8 @@ def init(ctx: click.Context, directory: str) -> None:
 @click.option(
     "--splice", is_flag=True, help="Allow --head to be a non-head revision (starts a branch)."
 )
-@click.option("--branch-label", multiple=True, help="Label for a new branch.")
-@click.option("--rev-id", help="Use this revision id instead of a random one.")
+@click.option("--branch-label", multiple=True, help="Label for a new branch (letters, digits, _).")
+@click.option("--rev-id", help="Use this revision id (letters, digits, _) instead of a random one.")
 @click.option("--depends-on", multiple=True, help="Revision(s) this one depends on.")
 @click.option(
     "--allow-empty",
@@ -139,11 +211,11 @@ def revision(
     )
 
 
-@cli.command()
+@cli.command(short_help="Join several heads with a merge revision.")
 @click.argument("revisions", nargs=-1, required=True)
 @click.option("-m", "--message", help="Message of the merge revision.")
 @click.option("--branch-label", multiple=True, help="Label for the merged branch.")
-@click.option("--rev-id", help="Use this revision id instead of a random one.")
+@click.option("--rev-id", help="Use this revision id (letters, digits, _) instead of a random one.")
 @click.pass_context
 def merge(
     ctx: click.Context,
@@ -158,8 +230,10 @@ def merge(
     )
 
 
-@cli.command()
-@click.option("-v", "--verbose", is_flag=True)
+@cli.command(short_help="Show the current head revisions.")
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Show each head in full: parents, file, message."
+)
 @click.option("--resolve-dependencies", is_flag=True, help="Treat depends_on like down_revision.")
 @click.pass_context
 def heads(ctx: click.Context, verbose: bool, resolve_dependencies: bool) -> None:
@@ -167,17 +241,21 @@ def heads(ctx: click.Context, verbose: bool, resolve_dependencies: bool) -> None
     command.heads(_config(ctx), verbose=verbose, resolve_dependencies=resolve_dependencies)
 
 
-@cli.command()
-@click.option("-v", "--verbose", is_flag=True)
+@cli.command(short_help="Show branch points.")
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Show each branch point in full: parents, file, message."
+)
 @click.pass_context
 def branches(ctx: click.Context, verbose: bool) -> None:
     """Show branch points."""
     command.branches(_config(ctx), verbose=verbose)
 
 
-@cli.command()
+@cli.command(short_help="List revisions, newest first.")
 @click.option("-r", "--rev-range", metavar="[START]:[END]", help="Only this range.")
-@click.option("-v", "--verbose", is_flag=True)
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Show each revision in full: parents, file, message."
+)
 @click.option("--graph", is_flag=True, help="Draw the revision graph, like git log --graph.")
 @click.pass_context
 def history(ctx: click.Context, rev_range: str | None, verbose: bool, graph: bool) -> None:
@@ -185,7 +263,7 @@ def history(ctx: click.Context, rev_range: str | None, verbose: bool, graph: boo
     command.history(_config(ctx), rev_range, verbose=verbose, graph=graph)
 
 
-@cli.command()
+@cli.command(short_help="Show the revision(s) REV stands for.")
 @click.argument("rev")
 @click.pass_context
 def show(ctx: click.Context, rev: str) -> None:
@@ -266,12 +344,22 @@ def _writing_options(fn: Any) -> Any:
     return fn
 
 
-def _check_target(target: str) -> None:
-    if target.startswith("--"):
-        raise click.UsageError(f"no such option: {target}")
+_TARGETS = (
+    "TARGET is a revision id or a unique prefix of one (4+ characters), head, heads "
+    "(every head), base, LABEL@head (a branch's head) or LABEL@REV, or relative: +N or -N "
+    "(N steps from the checkpoint's revision; 'downgrade CKPT -1' as in Alembic), REV+N or "
+    "REV-N (N steps from REV)."
+)
+_RELATIVE_STEPS = re.compile(r"-\d+")
 
 
-def _migration_command(name: str, target_default: str | None, doc: str) -> None:
+def _check_target(ctx: click.Context, target: str) -> None:
+    """An unknown option reaches TARGET (so that -1 can): tell the two apart."""
+    if target.startswith("-") and not _RELATIVE_STEPS.fullmatch(target):
+        raise click.NoSuchOption(target, ctx=ctx)
+
+
+def _migration_command(name: str, target_default: str | None, summary: str, doc: str) -> None:
     """``upgrade`` and ``downgrade``: one shape, one direction each."""
     run = command.upgrade if name == "upgrade" else command.downgrade
 
@@ -285,10 +373,10 @@ def _migration_command(name: str, target_default: str | None, doc: str) -> None:
         fsync: bool | None,
         **options: Any,
     ) -> None:
-        _check_target(target)
+        _check_target(ctx, target)
         run(_config(ctx), checkpoint, target, verify=not no_verify, durable=fsync, **options)
 
-    cmd.__doc__ = doc
+    cmd.__doc__ = f"{doc}\n\n{_TARGETS}"
     cmd = _migration_options(cmd)
     target = (
         click.argument("target", default=target_default)
@@ -297,22 +385,28 @@ def _migration_command(name: str, target_default: str | None, doc: str) -> None:
     )
     cmd = target(cmd)
     cmd = click.argument("checkpoint")(cmd)
-    cli.command(name=name, context_settings=_RELATIVE_OK)(cmd)
+    cli.command(name=name, short_help=summary, context_settings=_RELATIVE_OK)(cmd)
 
 
 _migration_command(
-    "upgrade", "head", "Upgrade CHECKPOINT to TARGET (default: head), in place unless -o."
+    "upgrade",
+    "head",
+    "Upgrade CHECKPOINT to TARGET (default: head).",
+    "Upgrade CHECKPOINT to TARGET (default: head), in place unless -o.",
 )
 _migration_command(
     "downgrade",
     None,
+    "Downgrade CHECKPOINT to TARGET (e.g. -1, base).",
     "Downgrade CHECKPOINT to TARGET (e.g. -1, base, a revision), in place unless -o.",
 )
 
 
-@cli.command()
+@cli.command(short_help="Print the revision(s) CHECKPOINT is at.")
 @click.argument("checkpoint")
-@click.option("-v", "--verbose", is_flag=True)
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Show each revision in full: parents, file, message."
+)
 @_checkpoint_options
 @click.pass_context
 def current(
@@ -334,7 +428,7 @@ def current(
     )
 
 
-@cli.command()
+@cli.command(short_help="Record a revision in CHECKPOINT without migrating.")
 @click.argument("checkpoint")
 @click.argument("revisions", nargs=-1, required=True)
 @click.option("--purge", is_flag=True, help="Ignore (replace) whatever stamp the file has.")
@@ -376,7 +470,7 @@ def stamp(
 # ----------------------------------------------------------------------------- schemas
 
 
-@cli.command()
+@cli.command(short_help="Exit 1 if the model no longer matches (a CI gate).")
 @click.option(
     "--no-roundtrip", is_flag=True, help="Skip checking that each downgrade undoes its upgrade."
 )
@@ -386,7 +480,7 @@ def check(ctx: click.Context, no_roundtrip: bool) -> None:
     command.check(_config(ctx), roundtrip=not no_roundtrip)
 
 
-@cli.command()
+@cli.command(short_help="Show how CHECKPOINT differs from the model.")
 @click.argument("checkpoint")
 @click.option(
     "--rev", "revision", metavar="REV", help="Compare with the schema at REV instead of the model."
@@ -416,7 +510,7 @@ def diff(
         ctx.exit(1)
 
 
-@cli.command(name="schema")
+@cli.command(name="schema", short_help="Print a revision's schema, or record the base one.")
 @click.argument("revision", required=False)
 @click.option(
     "--record",
@@ -425,9 +519,16 @@ def diff(
     flag_value="",
     default=None,
     metavar="[CKPT]",
-    help="Record the base schema from the model, or from CKPT (a checkpoint at a known revision).",
+    help="Record the base schema from the model, or from CKPT (a checkpoint at a known "
+    "revision), running the downgrades symbolically back to base.",
 )
-@click.option("--from", "from_revision", metavar="REV", help="With --record CKPT: CKPT is at REV.")
+@click.option(
+    "--from",
+    "from_revision",
+    metavar="REV",
+    help="With --record: the checkpoint (or the model) is at REV (default: its stamp; the "
+    "model's head or pinned revision).",
+)
 @_checkpoint_options
 @click.pass_context
 def schema_cmd(

@@ -118,15 +118,7 @@ def revision(
             )
             if not allow_empty:
                 return None
-    elif not len(script_dir.revision_map):
-        from .schema import base_schema_path
-
-        if not base_schema_path(script_dir.dir).exists():
-            config.log(
-                "Note: no base schema is recorded yet; record it with 'ckptmigrate schema "
-                "--record' (from the model) or 'ckptmigrate schema --record CKPT' to enable "
-                "check, diff, autogenerate and identification of unstamped checkpoints"
-            )
+    first = not len(script_dir.revision_map)
     script = script_dir.generate_revision(
         rev_id,
         message,
@@ -147,6 +139,14 @@ def revision(
             script.path.unlink()
             raise
     config.print_stdout(f"Generating {display_path(script.path)} ... done")
+    if first and generated is None:
+        from .schema import base_schema_path
+
+        if not base_schema_path(script_dir.dir).exists():
+            config.log(
+                "Note: no base schema is recorded yet (check, diff, autogenerate and "
+                f"identifying unstamped checkpoints need it); {_record_base_hint(config)}"
+            )
     if generated is not None and generated.ops:
         reviews = sum(1 for line in generated.upgrades if "# review:" in line)
         if reviews:
@@ -352,7 +352,7 @@ def _check_output_path(
     if output is None:
         return
     from .formats.atomic import check_target
-    from .formats.sharded import index_path
+    from .formats.probe import index_path
 
     if index_path(Path(checkpoint)) is None:  # a sharded checkpoint may go to a folder
         check_target(Path(output))
@@ -416,7 +416,7 @@ def _writing(
         yield
         return
     from .formats.lock import locked
-    from .formats.sharded import index_path
+    from .formats.probe import index_path
 
     path = Path(output) if output else Path(checkpoint)
     path = index_path(path) or path
@@ -442,9 +442,7 @@ def _migrate(
     force: bool = False,
     keep_wrapper_prefix: bool = False,
 ) -> MigrationResult:
-    from .claims import FROM, STAMPED, check_result, check_start
     from .formats import write_checkpoint
-    from .runtime.migration import run_steps
 
     script_dir = ScriptDirectory.from_config(config)
     rmap = script_dir.revision_map
@@ -452,6 +450,9 @@ def _migrate(
         config, checkpoint, output, trust_pickle, state_dict_key, key_prefix, keep_wrapper_prefix
     )
     try:
+        from .claims import FROM, STAMPED, check_result, check_start
+        from .runtime.migration import run_steps
+
         where = display_path(checkpoint)
         current, identified = starting_heads(config, script_dir, ckpt, from_revision)
         steps = _steps(script_dir, current, target, upgrade, where)
@@ -785,7 +786,6 @@ def stamp(
     """
     _check_output_path(checkpoint, output)
     with _writing(config, checkpoint, output, False):
-        from .claims import STAMP, check_start
         from .formats import write_checkpoint
 
         script_dir = ScriptDirectory.from_config(config)
@@ -800,6 +800,8 @@ def stamp(
             keep_wrapper_prefix,
         )
         try:
+            from .claims import STAMP, check_start
+
             if purge or ckpt.stamp is None:
                 before: tuple[str, ...] = ()
             else:
@@ -845,12 +847,12 @@ def check(config: Config, *, roundtrip: bool = True) -> bool:
 
     Prints what is wrong and raises :class:`CheckFailed` (exit 1) on failure.
     """
-    from .runtime.symbolic import check_round_trips, load_base_schema, schema_at
+    from .runtime.symbolic import check_round_trips, schema_at
     from .schema import compare, format_table
 
     script_dir = ScriptDirectory.from_config(config)
     rmap = script_dir.revision_map
-    base = load_base_schema(script_dir)
+    base = _base_schema(config, script_dir)
     problems: list[str] = []
     found = _model_or_none(config)
     heads = rmap.heads
@@ -919,18 +921,18 @@ def diff(
     Ends with the revision the file is at and the command that brings it to
     the compared schema. Returns True when there is no difference.
     """
-    from .schema import Schema, compare, format_table
-
     ckpt = _open(config, checkpoint, trust_pickle, state_dict_key, key_prefix)
     try:
+        from .schema import Schema, compare, format_table
+
         have = Schema.from_specs(ckpt.schema)
         script_dir: ScriptDirectory | None = None
         if revision is not None:
-            from .runtime.symbolic import load_base_schema, schema_at
+            from .runtime.symbolic import schema_at
 
             script_dir = ScriptDirectory.from_config(config)
             ids = _resolve_ids(script_dir, revision)
-            want = schema_at(script_dir, load_base_schema(script_dir), ids)
+            want = schema_at(script_dir, _base_schema(config, script_dir), ids)
             want_name = f"at {format_ids(ids) or 'base'}"
             matched = f"the schema {want_name}"
         else:
@@ -1039,52 +1041,167 @@ def schema(
 ) -> object:
     """Print the schema at a revision, or record the lineage's base schema.
 
-    Recording from a checkpoint runs its downgrades symbolically back to base,
-    so any checkpoint at a known revision can seed the base schema.
+    Recording runs the downgrades symbolically from where the source is
+    (a checkpoint at a known revision, or the configured model, which is at
+    the head unless ``from_revision`` says otherwise) back to base.
     """
-    from .plan.state import PlanState
-    from .runtime.migration import downgrade_steps, run_steps
-    from .runtime.symbolic import load_base_schema, schema_at
-    from .schema import Schema, write_base_schema
-
     script_dir = ScriptDirectory.from_config(config)
     if not record:
+        from .runtime.symbolic import schema_at
+
         ids = (
             _resolve_ids(script_dir, revision)
             if revision is not None
             else script_dir.revision_map.heads
         )
-        result = schema_at(script_dir, load_base_schema(script_dir), ids)
+        result = schema_at(script_dir, _base_schema(config, script_dir), ids)
         config.print_stdout(
             result.to_text(f"the state dict at {format_ids(ids) or 'base'}").rstrip()
         )
         return result
     if checkpoint is None:
-        found = _model_or_none(config)
-        if found is None:
-            raise CommandError(
-                "no model configured to record the base schema from",
-                hint="add 'model = ...' to the ini file, or pass a checkpoint: "
-                "ckptmigrate schema --record CKPT",
-            )
-        base, _model, source = found
-        if len(script_dir.revision_map):
-            raise CommandError(
-                "the lineage already has revisions; the model describes the head, not base",
-                hint="record from a checkpoint instead: ckptmigrate schema --record CKPT",
-            )
+        base, source = _base_from_model(config, script_dir, from_revision)
     else:
-        ckpt = _open(config, checkpoint, trust_pickle, state_dict_key, key_prefix)
-        try:
-            heads, _identified = starting_heads(config, script_dir, ckpt, from_revision)
-            state = PlanState.from_schema(ckpt.schema)
-            if heads:
-                steps = downgrade_steps(script_dir, heads, "base")
-                run_steps(steps, state, heads, script_dir.revision_map, symbolic=True)
-            base = Schema.from_specs(state.schema())
-            source = f"{display_path(checkpoint)} at {format_ids(heads) or 'base'}"
-        finally:
-            ckpt.close()
+        base, source = _base_from_checkpoint(
+            config, script_dir, checkpoint, from_revision, trust_pickle, state_dict_key, key_prefix
+        )
+    from .schema import write_base_schema
+
     path = write_base_schema(script_dir.dir, base, source)
     config.print_stdout(f"Recorded the base schema ({len(base)} keys) in {display_path(path)}")
     return base
+
+
+def _record_base_hint(config: Config) -> str:
+    """How to record a missing base schema, with what this configuration allows."""
+    if config.get("model"):
+        return "record it from the configured model with 'ckptmigrate schema --record'"
+    where = display_path(config.file) if config.file else "the configuration"
+    return (
+        "record it from a checkpoint at a known revision with "
+        f"'ckptmigrate schema --record CKPT --from REV', or set 'model = ...' in {where} "
+        "and run 'ckptmigrate schema --record'"
+    )
+
+
+def _base_schema(config: Config, script_dir: ScriptDirectory) -> Schema:
+    from .runtime.symbolic import load_base_schema
+
+    return load_base_schema(script_dir, hint=_record_base_hint(config))
+
+
+def _base_from_checkpoint(
+    config: Config,
+    script_dir: ScriptDirectory,
+    checkpoint: str | os.PathLike[str],
+    from_revision: str | None,
+    trust_pickle: bool,
+    state_dict_key: str | None,
+    key_prefix: str | None,
+) -> tuple[Schema, str]:
+    where = display_path(checkpoint)
+    ckpt = _open(config, checkpoint, trust_pickle, state_dict_key, key_prefix)
+    try:
+        from .schema import Schema, read_base_schema
+
+        unknown = ckpt.stamp is None and read_base_schema(script_dir.dir) is None
+        if from_revision is None and unknown:
+            tips = format_ids(script_dir.revision_map.heads) or "none yet"
+            raise StampError(
+                f"{where} has no ckptmigrate stamp, so the revision it was saved at is unknown",
+                hint=f"say which with 'ckptmigrate schema --record {where} --from REV' "
+                f"(the lineage's head: {tips}; all revisions: 'ckptmigrate history')",
+            )
+        from .runtime.symbolic import base_of
+
+        heads, _identified = starting_heads(config, script_dir, ckpt, from_revision)
+        base = base_of(script_dir, Schema.from_specs(ckpt.schema), heads)
+    finally:
+        ckpt.close()
+    return base, f"{where} at {format_ids(heads) or 'base'}"
+
+
+def _base_from_model(
+    config: Config, script_dir: ScriptDirectory, from_revision: str | None
+) -> tuple[Schema, str]:
+    """The base schema the configured model implies, checked to lead back to the model."""
+    from .runtime.symbolic import base_of, check_round_trips, schema_at
+    from .schema import compare
+
+    found = _model_or_none(config)
+    if found is None:
+        raise CommandError(
+            "no model configured to record the base schema from",
+            hint="add 'model = ...' to the ini file, or record it from a checkpoint at a "
+            "known revision: 'ckptmigrate schema --record CKPT --from REV'",
+        )
+    target, model, spec = found
+    if not len(script_dir.revision_map) and from_revision is None:
+        return target, spec
+    heads, why = _model_revision(script_dir, model, from_revision)
+    at = f"{format_ids(heads) or 'base'} ({why})"
+    config.log(
+        f"Deriving the base schema from the model {spec}, taken to be at {at}: "
+        "running the downgrades symbolically"
+    )
+    try:
+        base = base_of(script_dir, target, heads)
+    except CkptMigrateError as exc:
+        raise CommandError(
+            f"cannot derive the base schema from the model ({spec}, taken to be at {at}): "
+            f"{exc.one_line()}",
+            hint="if the model is at an older revision, say which with "
+            "'ckptmigrate schema --record --from REV'; otherwise fix that downgrade(), or "
+            "record from a checkpoint: 'ckptmigrate schema --record CKPT --from REV'",
+        ) from exc
+    back = schema_at(script_dir, base, heads)
+    if not back.same_layout(target):
+        broken = check_round_trips(script_dir, base)
+        culprits = "; ".join(f"{p.script.revision}: {p.message}" for p in broken)
+        raise CommandError(
+            f"the base schema derived from the model ({spec}, at {at}) does not upgrade back "
+            f"to it ({compare(back, target).summary()})"
+            + (f": downgrade() does not undo upgrade() in {culprits}" if culprits else ""),
+            hint="fix those revisions' downgrade(), or record from a checkpoint: "
+            "'ckptmigrate schema --record CKPT --from REV'",
+        )
+    return base, f"the model {spec} at {format_ids(heads) or 'base'}"
+
+
+def _model_revision(
+    script_dir: ScriptDirectory, model: object, from_revision: str | None
+) -> tuple[tuple[str, ...], str]:
+    """(the revisions the configured model is at, why we think so)."""
+    if from_revision is not None:
+        return _resolve_ids(script_dir, from_revision), "--from"
+    pinned = _pinned_revision(script_dir, model)
+    if pinned is not None:
+        return pinned
+    heads = script_dir.revision_map.heads
+    if len(heads) > 1:
+        raise CommandError(
+            f"the lineage has several heads ({format_ids(heads)}), so the revision the model "
+            "is at is unknown",
+            hint="say which with 'ckptmigrate schema --record --from REV' (a head, or 'heads' "
+            "when the model has every branch's changes)",
+        )
+    return heads, "the head"
+
+
+def _pinned_revision(
+    script_dir: ScriptDirectory, model: object
+) -> tuple[tuple[str, ...], str] | None:
+    """A versioned model class of this lineage pinned to a revision: that revision."""
+    from .integration.versioning import lineage_of
+
+    lineage = lineage_of(type(model))
+    if lineage is None or lineage.pinned is None:
+        return None
+    try:
+        same = lineage.script_dir.dir.resolve() == script_dir.dir.resolve()
+        revision = lineage.revision
+    except CkptMigrateError:
+        return None
+    if not same:
+        return None
+    return (revision,), f"the revision {type(model).__qualname__} is pinned to"

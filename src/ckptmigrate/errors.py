@@ -13,9 +13,14 @@ from collections.abc import Iterable, Sequence
 class CkptMigrateError(Exception):
     """Base of every error ckptmigrate raises on purpose."""
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, hint: str | None = None, traceback_helps: bool = False
+    ) -> None:
         self.message = message
         self.hint = hint
+        # The Python traceback says more (an exception inside a revision script):
+        # the command line then offers --traceback, unless it was given.
+        self.traceback_helps = traceback_helps
         super().__init__(self.one_line())
 
     def one_line(self) -> str:
@@ -150,4 +155,12 @@ class LoadError(CkptMigrateError, RuntimeError):
 
     Also a RuntimeError, like PyTorch's own load_state_dict failures, so
     existing ``except RuntimeError`` handlers keep working.
+    """
+
+
+class LineageWarning(UserWarning):
+    """A versioned class's lineage cannot name its revision (two heads, no folder, ...).
+
+    A warning, not an error: saving goes on (unstamped), so a training job is
+    never stopped at its checkpoint by the state of its migrations folder.
     """

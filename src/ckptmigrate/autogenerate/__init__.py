@@ -44,6 +44,7 @@ def autogenerate_ops(config: Config, script_dir: ScriptDirectory, head: str) -> 
     """The ops for a new revision on ``head``; None when nothing changed."""
     from ..runtime.symbolic import load_base_schema, schema_at
 
+    heads = tuple(r.revision for r in script_dir.parents_for(head))  # before the model builds
     target, model, spec = model_schema(config)
     rmap = script_dir.revision_map
     if not len(rmap) and read_base_schema(script_dir.dir) is None:
@@ -51,7 +52,6 @@ def autogenerate_ops(config: Config, script_dir: ScriptDirectory, head: str) -> 
         config.log(f"Recorded the base schema ({len(target)} keys) in {display_path(path)}")
         return Generated([], [], [], [], target, target)
     base = load_base_schema(script_dir)
-    heads = tuple(r.revision for r in rmap.get_revisions(head) if r is not None)
     current = schema_at(script_dir, base, heads)
     import torch
 

@@ -1,34 +1,29 @@
-"""Checkpoint files: read lazily into a :class:`Checkpoint`, write atomically."""
+"""Checkpoint files: read lazily into a :class:`Checkpoint`, write atomically.
+
+Importing this package does not import torch: paths are checked (``probe``)
+before any reader that needs it is loaded.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError, CkptMigrateError
-from ..plan.state import Evaluator, PlanState
 from .atomic import atomic_output, write_error
-from .checkpoint import Checkpoint
+from .probe import probe
 from .stamp import write_stamp
 
-__all__ = ["Checkpoint", "check_output", "format_for", "read_checkpoint", "write_checkpoint"]
+if TYPE_CHECKING:
+    from ..plan.state import PlanState
+    from .checkpoint import Checkpoint
+
+__all__ = ["check_output", "format_for", "read_checkpoint", "write_checkpoint"]
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
-
-
-def _sniff(path: Path) -> str:
-    with open(path, "rb") as fh:
-        head = fh.read(16)
-    from .safetensors_file import looks_like_safetensors
-
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        return "torch"
-    if looks_like_safetensors(head):
-        return "safetensors"
-    return "torch"
 
 
 def read_checkpoint(
@@ -38,34 +33,18 @@ def read_checkpoint(
     state_dict_key: str | None = None,
 ) -> Checkpoint:
     """Open a checkpoint of any supported format without reading tensor data."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such file", hint="check the checkpoint path")
-    from .sharded import index_path, read_sharded
+    found = probe(Path(path))
+    if found.kind == "sharded":
+        from .sharded import read_sharded
 
-    index = index_path(p)
-    if index is not None:
-        return read_sharded(index, trust_pickle=trust_pickle)
-    if p.is_dir():
-        raise CheckpointError(
-            f"{p} is a directory, not a checkpoint file", hint="pass the file itself"
-        )
-    try:
-        size = p.stat().st_size
-        if size == 0:
-            raise CheckpointError(
-                f"{p} is empty (0 bytes)", hint="the save was probably interrupted"
-            )
-        kind = "safetensors" if p.suffix == ".safetensors" else _sniff(p)
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {p}: {exc.strerror}", hint="check permissions") from exc
-    if kind == "safetensors":
+        return read_sharded(found.path, trust_pickle=trust_pickle)
+    if found.kind == "safetensors":
         from .safetensors_file import read_safetensors
 
-        return read_safetensors(p)
+        return read_safetensors(found.path)
     from .torch_file import read_torch
 
-    return read_torch(p, trust_pickle=trust_pickle, state_dict_key=state_dict_key)
+    return read_torch(found.path, trust_pickle=trust_pickle, state_dict_key=state_dict_key)
 
 
 def format_for(target: Path, default: str) -> str:
@@ -145,6 +124,8 @@ def write_checkpoint(
             durable=durable,
         )
         return
+    from ..plan.state import Evaluator
+
     entries = {wrapper + k: node for k, node in full.entries.items()}
     if wrapper:
         metadata = {(wrapper + name if name else wrapper[:-1]): m for name, m in metadata.items()}

@@ -49,20 +49,6 @@ NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors package's own limit
 
 
-def looks_like_safetensors(head: bytes) -> bool:
-    """An 8-byte length, then a JSON object.
-
-    The length is not checked here: a file whose header length lies (2**63)
-    is still recognised, so that :func:`read_header` says what is wrong with
-    it instead of a torch reader failing on it. No torch file has ``{`` at
-    offset 8 (zip files start ``PK``, legacy pickles ``\x80``).
-    """
-    if len(head) < 10:
-        return False
-    (n,) = struct.unpack("<Q", head[:8])
-    return n >= 2 and head[8:9] == b"{"
-
-
 def _bad(path: Path, what: str) -> CheckpointError:
     return CheckpointError(
         f"{path} is not a valid safetensors file: {what}",

@@ -26,22 +26,8 @@ from ..plan.nodes import Node, Source, TensorSpec, sources_of
 from ..plan.state import Evaluator, PlanState
 from .atomic import atomic_output, fsync_dir, write_error
 from .checkpoint import Checkpoint
+from .probe import index_path
 from .stamp import read_stamp
-
-INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-
-
-def index_path(path: Path) -> Path | None:
-    """The index file a path names (itself, or the one inside a folder)."""
-    if path.is_dir():
-        for name in INDEX_NAMES:
-            if (path / name).exists():
-                return path / name
-        found = sorted(path.glob("*.index.json"))
-        return found[0] if len(found) == 1 else None
-    if path.name.endswith(".index.json"):
-        return path
-    return None
 
 
 @dataclass

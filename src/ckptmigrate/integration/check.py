@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..config import Config
-from ..errors import CkptMigrateError
 from ..schema import build_on_meta
 from ..script.directory import ScriptDirectory
 from .versioning import lineage_of
@@ -22,12 +21,12 @@ def versioned_class_problems(config: Config, script_dir: ScriptDirectory) -> lis
         if lineage is None or id(lineage) in seen:
             continue
         seen.add(id(lineage))
-        try:
-            revision = lineage.revision
-            heads = lineage.script_dir.revision_map.heads
-        except CkptMigrateError as exc:
-            problems.append(exc.one_line())
+        revision = lineage.resolve()
+        if revision is None:
+            assert lineage.problem is not None
+            problems.append(lineage.problem.one_line())
             continue
+        heads = lineage.script_dir.revision_map.heads
         if revision not in heads:
             problems.append(
                 f"{cls.__qualname__} is pinned to revision {revision}, but its lineage's head is "

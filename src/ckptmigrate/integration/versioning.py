@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import os
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..errors import CkptMigrateError, LoadError
+from ..formats.checkpoint import WRAPPER_PREFIXES, strip_metadata_prefix, wrapper_prefix
 from ..formats.stamp import write_stamp
 from ..schema import Schema, compare
 from .lineage import Lineage, log
@@ -36,6 +37,8 @@ ModuleT = TypeVar("ModuleT", bound=type[torch.nn.Module])
 _LINEAGE_ATTR = "__ckptmigrate_lineage__"
 # Set while a load that already migrated the whole tree is running.
 _TREE_DONE: ContextVar[bool] = ContextVar("ckptmigrate_tree_done", default=False)
+# Set while ckptmigrate reads a module's own schema (no stamp, no warning).
+_INTROSPECTING: ContextVar[bool] = ContextVar("ckptmigrate_introspecting", default=False)
 # Collects what was migrated, for ckptmigrate.load's report.
 _RECORDS: ContextVar[list[LineageRecord] | None] = ContextVar("ckptmigrate_records", default=None)
 
@@ -58,12 +61,16 @@ def lineage_of(cls: type) -> Lineage | None:
 
 
 class _SchemaRevision:
-    """``cls.__schema_revision__``: resolved on first access, through the MRO."""
+    """``cls.__schema_revision__``: resolved on first access, through the MRO.
 
-    def __get__(self, obj: object, owner: type) -> str:
+    None while the lineage cannot name it (see :class:`LineageWarning`), so
+    introspection never raises.
+    """
+
+    def __get__(self, obj: object, owner: type) -> str | None:
         lineage = lineage_of(owner)
         assert lineage is not None
-        return lineage.revision
+        return lineage.resolve()
 
 
 def versioned(
@@ -75,7 +82,7 @@ def versioned(
     paths are tried relative to the defining module first). ``revision``
     pins the class to a revision; by default it follows the lineage's head.
     """
-    caller = inspect.stack()[1].filename
+    caller = sys._getframe(1).f_code.co_filename  # not inspect.stack(): it reads every source
     origin = Path(caller).resolve().parent if caller and not caller.startswith("<") else None
 
     def decorate(cls: ModuleT) -> ModuleT:
@@ -96,6 +103,9 @@ def _wrap_init(cls: type[torch.nn.Module]) -> None:
     @functools.wraps(original)
     def __init__(self: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
+        lineage = lineage_of(type(self))
+        if lineage is not None:
+            lineage.report_built()
         if not self.__dict__.get("_ckptmigrate_hooks", False):
             self.register_state_dict_post_hook(_stamp_hook)  # type: ignore[no-untyped-call]
             self.register_load_state_dict_pre_hook(_load_pre_hook)  # type: ignore[no-untyped-call]
@@ -108,8 +118,13 @@ def _stamp_hook(
     module: torch.nn.Module, state_dict: Any, prefix: str, local_metadata: dict[str, Any]
 ) -> None:
     lineage = lineage_of(type(module))
-    if lineage is not None:
-        write_stamp(local_metadata, (lineage.revision,))
+    if lineage is None or _INTROSPECTING.get():
+        return
+    revision = lineage.resolve()
+    if revision is None:
+        lineage.report_unstamped()  # saving never fails because of the lineage
+    else:
+        write_stamp(local_metadata, (revision,))
 
 
 def _load_pre_hook(
@@ -142,16 +157,24 @@ def _migrate_at(
     prefix: str,
 ) -> LineageRecord | None:
     """Bring the entries under ``prefix`` to the lineage's revision, in place."""
-    from ..runtime.memory import migrate_state_dict
+    from ..runtime.memory import migrate_state_dict, specs_of
 
     root = prefix[:-1]
-    target = lineage.revision
+    target = lineage.resolve()
     stamp = (metadata.get(root) or {}).get("ckptmigrate.revision")
-    if stamp == target:
+    if stamp is not None and stamp == target:
         return None  # the common case: already at the class's revision
-    where = _describe(module, prefix)
     keys = [k for k in sd if k.startswith(prefix)] if prefix else list(sd)
+    keys = _unwrap_at(module, sd, metadata, prefix, keys)
+    stamp = (metadata.get(root) or {}).get("ckptmigrate.revision")
+    where = _describe(module, prefix)
     sub = {k[len(prefix) :]: sd[k] for k in keys} if prefix else dict(sd)
+    if target is None:
+        if stamp is None and Schema.from_specs(specs_of(sub)).same_layout(own_schema(module)):
+            return None  # e.g. an EMA copy of a model saved unstamped: nothing to migrate
+        raise lineage.load_error(where, stamp)
+    if stamp == target:
+        return None
     current = lineage.current(sub, metadata.get(root), where)
     if current is None or current == (target,):
         return None  # unknown (no stamp, no base schema): the strict load decides
@@ -202,6 +225,49 @@ def _sub_metadata(
         elif name.startswith(root + "."):
             out[name[len(root) + 1 :]] = dict(meta)
     return out
+
+
+def _unwrap_at(
+    module: torch.nn.Module,
+    sd: dict[str, Any],
+    metadata: dict[str, dict[str, Any]],
+    prefix: str,
+    keys: list[str],
+) -> list[str]:
+    """Drop a ``module.``/``_orig_mod.`` run the entries ``keys`` carry after ``prefix``.
+
+    DataParallel and torch.compile put it there when they saved; the
+    module's own keys decide what is a wrapper (a module whose only child is
+    called ``module`` keeps it). Changes ``sd`` and ``metadata`` in place and
+    returns the keys as they are now.
+    """
+    carried = wrapper_prefix([k[len(prefix) :] for k in keys])
+    if not carried:
+        return keys
+    own = wrapper_prefix(list(own_schema(module)))
+    if carried == own or not carried.endswith(own):
+        return keys
+    strip = carried[: len(carried) - len(own)]
+    renamed = [prefix + key[len(prefix) + len(strip) :] for key in keys]
+    values = [sd.pop(key) for key in keys]  # all out first: a new key may be an old one
+    sd.update(zip(renamed, values))
+    root = prefix[:-1]
+    inner = _sub_metadata(metadata, root)
+    for name in [n for n in metadata if n == root or n.startswith(prefix)]:
+        del metadata[name]
+    for name, meta in strip_metadata_prefix(inner, strip).items():
+        metadata[(prefix + name) if name else root] = meta
+    log.info("stripped wrapper prefix %r from %s", strip, _describe(module, prefix))
+    return renamed
+
+
+def own_schema(module: torch.nn.Module) -> Schema:
+    """The module's own state-dict schema, read without stamping or warning."""
+    token = _INTROSPECTING.set(True)
+    try:
+        return Schema.from_module(module)
+    finally:
+        _INTROSPECTING.reset(token)
 
 
 def migrate_tree(
@@ -261,7 +327,7 @@ def load_error(model: torch.nn.Module, migrated: Mapping[str, Any]) -> LoadError
     from ..runtime.memory import specs_of
 
     have = Schema.from_specs(specs_of(migrated))
-    want = Schema.from_module(model)
+    want = own_schema(model)
     diff = compare(have, want)
     parts = []
     if diff.missing:
@@ -272,20 +338,46 @@ def load_error(model: torch.nn.Module, migrated: Mapping[str, Any]) -> LoadError
         parts.append(f"{key} is {have[key]} in the checkpoint but {want[key]} in the model")
     if len(diff.mismatched) > 3:
         parts.append(f"{len(diff.mismatched) - 3} more shape/dtype mismatches")
-    if diff.renames:
-        parts.append("likely renames: " + ", ".join(f"{o} -> {n}" for o, n in diff.renames[:5]))
+    wrapped = _behind_wrappers(diff.unexpected, diff.missing)
+    if wrapped:
+        parts.append(
+            "keys behind a DataParallel/torch.compile wrapper: "
+            + _few([f"{key} for {plain}" for key, plain in wrapped.items()])
+        )
+    renames = [(o, n) for o, n in diff.renames if o not in wrapped and n not in wrapped.values()]
+    if renames:
+        parts.append("likely renames: " + ", ".join(f"{o} -> {n}" for o, n in renames[:5]))
     name = type(model).__name__
     versioned_cls = lineage_of(type(model)) is not None
-    fix = (
-        "write the missing migration with 'ckptmigrate revision --autogenerate -m \"...\"'"
-        if versioned_cls
-        else "version the model with @ckptmigrate.versioned and write a migration "
-        "('ckptmigrate revision --autogenerate -m \"...\"')"
+    only_wrappers = set(wrapped) == set(diff.unexpected) and set(wrapped.values()) == set(
+        diff.missing
     )
+    if wrapped and only_wrappers and not diff.mismatched:
+        fix = (
+            "remove the wrapper's part of those keys, or save the unwrapped module's "
+            "state_dict() (its .module or ._orig_mod)"
+        )
+    elif versioned_cls:
+        fix = "write the missing migration with 'ckptmigrate revision --autogenerate -m \"...\"'"
+    else:
+        fix = (
+            "version the model with @ckptmigrate.versioned and write a migration "
+            "('ckptmigrate revision --autogenerate -m \"...\"')"
+        )
     return LoadError(
         f"{name} cannot load the state dict even after migration: " + "; ".join(parts),
         hint=fix,
     )
+
+
+def _behind_wrappers(unexpected: list[str], missing: list[str]) -> dict[str, str]:
+    """Unexpected keys that are missing ones plus a ``module``/``_orig_mod`` segment."""
+
+    def plain(key: str) -> str:
+        return ".".join(p for p in key.split(".") if p + "." not in WRAPPER_PREFIXES)
+
+    wanted = {plain(k): k for k in missing}
+    return {k: wanted[plain(k)] for k in unexpected if plain(k) != k and plain(k) in wanted}
 
 
 def _few(keys: list[str]) -> str:

@@ -100,7 +100,8 @@ def run_step(step: MigrationStep, state: PlanState, *, symbolic: bool) -> None:
         raise ScriptError(
             f"revision {script.revision} ({where}): {step.name}() raised "
             f"{type(exc).__name__}: {exc}",
-            hint="fix the revision script; nothing was written (--traceback shows the full trace)",
+            hint="fix the revision script; nothing was written",
+            traceback_helps=True,
         ) from exc
 
 

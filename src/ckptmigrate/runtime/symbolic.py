@@ -18,14 +18,16 @@ from ..script.directory import Script, ScriptDirectory
 from .migration import MigrationStep, run_step, run_steps
 
 
-def load_base_schema(script_dir: ScriptDirectory) -> Schema:
+def load_base_schema(script_dir: ScriptDirectory, *, hint: str | None = None) -> Schema:
+    """The recorded base schema; ``hint`` says how to record it when it is missing."""
     base = read_base_schema(script_dir.dir)
     if base is None:
         raise ConfigError(
             "no base schema recorded for this lineage "
             f"({display_path(base_schema_path(script_dir.dir))})",
-            hint="record it with 'ckptmigrate schema --record' (from the configured model) or "
-            "'ckptmigrate schema --record CKPT' (from a checkpoint at a known revision)",
+            hint=hint
+            or "record it with 'ckptmigrate schema --record' (from the configured model) or "
+            "'ckptmigrate schema --record CKPT --from REV' (from a checkpoint at revision REV)",
         )
     return base
 
@@ -61,6 +63,21 @@ def state_at(script_dir: ScriptDirectory, base: Schema, heads: Sequence[str]) ->
 
 def schema_at(script_dir: ScriptDirectory, base: Schema, heads: Sequence[str]) -> Schema:
     return schema_of(state_at(script_dir, base, heads), base)
+
+
+def base_of(script_dir: ScriptDirectory, schema: Schema, heads: Sequence[str]) -> Schema:
+    """The base schema implied by ``schema`` at ``heads``: every downgrade run to base.
+
+    The inverse of :func:`schema_at`, for recording a lineage's base schema
+    from a checkpoint or a model whose revision is known.
+    """
+    from .migration import downgrade_steps
+
+    state = _initial_state(schema)
+    if heads:
+        steps = downgrade_steps(script_dir, heads, "base")
+        run_steps(steps, state, heads, script_dir.revision_map, symbolic=True)
+    return schema_of(state, schema)
 
 
 @dataclass

@@ -24,7 +24,8 @@ from typing import Any
 
 from ..config import Config
 from ..errors import CommandError, ConfigError, MultipleHeads, RevisionError, ScriptError
-from .revision import Revision, RevisionMap, to_tuple, tuple_or_scalar, verify_rev_id
+from ..paths import display_path
+from .revision import Revision, RevisionMap, to_tuple, tuple_or_scalar, verify_new_name
 
 TEMPLATE_NAME = "script.py.tmpl"
 _SLUG = re.compile(r"\w+")
@@ -92,7 +93,8 @@ def _import_script(path: Path) -> ModuleType:
     except Exception as exc:
         raise ScriptError(
             f"importing revision file {path} failed: {type(exc).__name__}: {exc}",
-            hint="fix the file (run with --traceback for details); nothing was changed",
+            hint="fix the file; nothing was changed",
+            traceback_helps=True,
         ) from exc
     return module
 
@@ -284,6 +286,19 @@ class ScriptDirectory:
 
     # ----------------------------------------------------------------- writing
 
+    def parents_for(self, head: str | Sequence[str]) -> list[Revision]:
+        """The revisions a new revision on ``head`` revises (none on base)."""
+        rmap = self.revision_map
+        try:
+            heads = rmap.get_revisions(head)
+        except MultipleHeads as exc:
+            raise CommandError(
+                "multiple heads are present: " + ", ".join(rmap.heads),
+                hint="pass --head REV to choose the parent, or join them with "
+                "'ckptmigrate merge heads -m ...'",
+            ) from exc
+        return [h for h in heads if h is not None]
+
     def generate_revision(
         self,
         rev_id: str | None,
@@ -298,25 +313,16 @@ class ScriptDirectory:
         imports: Iterable[str] = (),
         create_date: _dt.datetime | None = None,
     ) -> Script:
-        rev_id = rev_id or new_rev_id()
-        verify_rev_id(rev_id)
+        if rev_id is None:
+            rev_id = new_rev_id()
+        verify_new_name("revision id", rev_id)
         rmap = self.revision_map
         if rev_id in rmap:
             raise CommandError(
                 f"revision id {rev_id} already exists ({self.script(rev_id).path})",
                 hint="pick another --rev-id",
             )
-        try:
-            heads = rmap.get_revisions(head)
-        except RevisionError as exc:
-            if isinstance(exc, MultipleHeads):
-                raise CommandError(
-                    "multiple heads are present: " + ", ".join(rmap.heads),
-                    hint="pass --head REV to choose the parent, or join them with "
-                    "'ckptmigrate merge heads -m ...'",
-                ) from exc
-            raise
-        parents = [h for h in heads if h is not None]
+        parents = self.parents_for(head)
         if len({p.revision for p in parents}) != len(parents):
             raise CommandError("duplicate head revisions specified", hint="name each head once")
         if not splice:
@@ -334,6 +340,7 @@ class ScriptDirectory:
             resolved_deps.append(dep if dep in target.branch_labels else target.revision)
         labels = to_tuple(branch_labels)
         for label in labels:
+            verify_new_name("branch label", label)
             if label in rmap.branch_labels or label in rmap:
                 raise CommandError(
                     f"branch label '{label}' is already in use",
@@ -341,8 +348,6 @@ class ScriptDirectory:
                 )
         create_date = create_date or _dt.datetime.now().replace(microsecond=0)
         path = self._rev_path(rev_id, message or "", create_date)
-        if path.exists():
-            raise CommandError(f"{path} already exists", hint="pick another message or --rev-id")
         down_ids = [p.revision for p in parents]
         text = self.render(
             message=message or "empty message",
@@ -355,8 +360,7 @@ class ScriptDirectory:
             downgrades=downgrades,
             imports=imports,
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        self._create(path, text)
         try:
             script = load_script(path)
         except Exception:
@@ -390,7 +394,49 @@ class ScriptDirectory:
                 f"bad file_template {self.file_template!r}: {exc}",
                 hint="use %(rev)s, %(slug)s, %(epoch)s, %(year)d ... (%%(rev)s in an ini file)",
             ) from None
-        return self.versions / f"{name}.py"
+        return self._inside_versions(name)
+
+    def _inside_versions(self, name: str) -> Path:
+        """``versions/<name>.py``, refused unless it lies directly in ``versions/``.
+
+        Only files directly in ``versions/`` are read back, so a name that
+        reaches a subfolder (or, with ``..`` or an absolute path, any other
+        folder) would write a revision the lineage never sees.
+        """
+        path = self.versions / f"{name}.py"
+        separators = {"/", os.sep, os.altsep or "/"}
+        inside = (
+            not any(sep in name for sep in separators)
+            and name not in ("", ".", "..")
+            and path.parent.resolve() == self.versions.resolve()
+        )
+        if not inside:
+            raise ConfigError(
+                f"file_template {self.file_template!r} makes the file name {name!r}, which is "
+                f"not a file directly inside {display_path(self.versions)}",
+                hint="file_template names a file, not a folder: no '/' and no '..' "
+                "(e.g. %(rev)s_%(slug)s, written %%(rev)s_%%(slug)s in an ini file)",
+            )
+        return path
+
+    def _create(self, path: Path, text: str) -> None:
+        """Write a new file; never over an existing one, never through a symbolic link."""
+        self.versions.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(path, "x", encoding="utf-8") as fh:  # O_EXCL: fails on any link too
+                fh.write(text)
+        except FileExistsError:
+            what = "a symbolic link" if path.is_symlink() else "a file"
+            raise CommandError(
+                f"{display_path(path)} already exists ({what}); nothing was written",
+                hint="pick another message or --rev-id",
+            ) from None
+        except OSError as exc:
+            path.unlink(missing_ok=True)  # ours: open("x") made it, the write failed
+            raise CommandError(
+                f"cannot write {display_path(path)}: {exc.strerror}; nothing was written",
+                hint="check the folder's permissions and free space",
+            ) from exc
 
     def render(
         self,

@@ -24,6 +24,8 @@ from ..errors import (
 # "[label@][symbol](+|-)N", e.g. "-1", "+2", "ae10+1", "branch@head-2"
 _RELATIVE = re.compile(r"(?:(.+?)@)?(\w+)?((?:\+|-)\d+)")
 _ILLEGAL_ID_CHARS = frozenset("@-+:")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+")
+_RESERVED_NAMES = frozenset({"head", "heads", "base", "current"})
 
 RevisionIds = Union[str, Sequence[str], None]
 
@@ -131,11 +133,32 @@ class Revision:
 
 
 def verify_rev_id(revision: str) -> None:
+    """Alembic's rule for ids read from revision files: no target syntax in them."""
     bad = sorted(_ILLEGAL_ID_CHARS.intersection(revision))
     if bad:
         raise RevisionError(
             f"character(s) '{', '.join(bad)}' not allowed in revision identifier '{revision}'",
             hint="use letters, digits and underscores",
+        )
+
+
+def verify_new_name(kind: str, name: str) -> None:
+    """The stricter rule for ids and labels this tool writes into new files.
+
+    A new id becomes part of a file name and a label becomes part of target
+    syntax (``label@head``), so both are plain names: no path separators, no
+    dots, none of the target characters, and not a word targets reserve.
+    """
+    if not _PLAIN_NAME.fullmatch(name):
+        raise RevisionError(
+            f"{kind} {name!r} is not allowed",
+            hint="use only letters, digits and underscores (ASCII); "
+            "'-', '+', '@' and ':' are target syntax",
+        )
+    if name in _RESERVED_NAMES:
+        raise RevisionError(
+            f"{kind} {name!r} is not allowed: it means something in a target",
+            hint="use another name made of letters, digits and underscores",
         )
 
 
