@@ -55,6 +55,8 @@ step grep '^model' alembic_style.ini
 step ckptmigrate check
 say "Unstamped files are now identified by their keys, shapes and dtypes:"
 step ckptmigrate current original.pth
+say "A claim the file contradicts is refused, naming the revision it does match:"
+step ckptmigrate upgrade original.pth --from 2b7f0c1d9e4a -o wrong.pth || true
 step ckptmigrate diff original.pth
 
 say "6. The class changes again (a LayerNorm before fc3); CI's 'ckptmigrate check' catches it."

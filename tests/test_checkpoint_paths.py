@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import ADD_FC3, INITIAL, Run, v1_state_dict
+from tests.conftest import INITIAL, Run, v1_state_dict
 
 # Runs the CLI, then reports whether torch got imported on the way.
 PROBE = """\
@@ -101,7 +101,7 @@ def test_every_checkpoint_command_answers_before_torch(project: Path, command: s
 def test_a_real_checkpoint_does_import_torch(project: Path) -> None:
     """The probe itself can tell: reading a checkpoint needs torch."""
     torch.save(v1_state_dict(), project / "model.pth")
-    result = _cli_in_subprocess(project, "stamp", "model.pth", ADD_FC3)
+    result = _cli_in_subprocess(project, "stamp", "model.pth", INITIAL)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().splitlines()[-1] == "torch imported"
 

@@ -70,7 +70,7 @@ def test_ddp_state_dict_metadata_is_rekeyed(project: Path, run: Run) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.BatchNorm1d(20))
     wrapped = torch.nn.DataParallel(model)
     torch.save(wrapped.state_dict(), "dp.pth")
-    run("stamp", "dp.pth", INITIAL)
+    run("stamp", "dp.pth", INITIAL, "--force")  # another model's layout: only metadata matters
     sd = torch.load("dp.pth", weights_only=True)
     assert "0.weight" in sd and sd._metadata["1"]["version"] == 2
     assert sd._metadata[""]["ckptmigrate.revision"] == INITIAL
@@ -81,7 +81,7 @@ def test_ddp_state_dict_metadata_is_rekeyed(project: Path, run: Run) -> None:
 def test_plain_torch_load_still_works_and_metadata_is_kept(project: Path, run: Run) -> None:
     bn = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
     torch.save(bn.state_dict(), "bn.pth")
-    run("stamp", "bn.pth", INITIAL)
+    run("stamp", "bn.pth", INITIAL, "--force")  # another model's layout: only metadata matters
     sd = torch.load("bn.pth", weights_only=True)
     assert sd._metadata["1"] == {"version": 2}
     assert sd._metadata[""]["ckptmigrate.revision"] == INITIAL
@@ -90,8 +90,8 @@ def test_plain_torch_load_still_works_and_metadata_is_kept(project: Path, run: R
 
 
 def test_stamp_base_removes_stamp_and_purge(project: Path, v1_checkpoint: Path, run: Run) -> None:
-    run("stamp", "model.pth", ADD_FC3)
-    assert run("current", "model.pth").stdout == f"{ADD_FC3} (head)\n"
+    run("stamp", "model.pth", INITIAL)
+    assert run("current", "model.pth").stdout == f"{INITIAL}\n"
     run("stamp", "model.pth", "base")
     (project / "migrations/base_schema.txt").unlink()  # nothing to identify it by
     result = run("current", "model.pth")
@@ -234,10 +234,8 @@ def test_unwritable_output_folder(project: Path, v1_checkpoint: Path, run: Run) 
 def test_unreachable_target(project: Path, v1_checkpoint: Path, run: Run) -> None:
     err = run("upgrade", "model.pth", "nope1234", "--from", INITIAL, code=1).stderr
     assert "no such revision or branch 'nope1234'" in err
-    result = run("upgrade", "model.pth", INITIAL, "--from", ADD_FC3)
-    assert "Nothing to upgrade" in result.stderr and "use 'downgrade'" in result.stderr
     err = run("downgrade", "model.pth", "+1", "--from", INITIAL, code=1).stderr
-    assert "downgrade takes -N" in err
+    assert "downgrade takes -N" in err and "run 'ckptmigrate upgrade model.pth +1'" in err
 
 
 def test_safetensors_round_trip_and_conversion(project: Path, run: Run) -> None:
@@ -274,7 +272,7 @@ def test_tied_weights_stay_shared(project: Path, run: Run) -> None:
     sd = v1_state_dict()
     sd["head.weight"] = sd["fc1.weight"]  # tied: the same tensor under two keys
     torch.save(sd, "tied.pth")
-    run("upgrade", "tied.pth", "--from", INITIAL)
+    run("upgrade", "tied.pth", "--from", INITIAL, "--force")  # head.weight: not in the lineage
     out = torch.load("tied.pth", weights_only=True)
     assert out["head.weight"].data_ptr() == out["fc1.weight"].data_ptr()
 

@@ -38,7 +38,7 @@ def upgrade(
 
     ``options`` are the command line's: ``output``, ``from_revision``,
     ``dry_run``, ``state_dict_key``, ``key_prefix``, ``verify``, ``jobs``,
-    ``durable``, ``trust_pickle``.
+    ``durable``, ``trust_pickle``, ``force``, ``keep_wrapper_prefix``.
     """
     return command.upgrade(_config(location, quiet), checkpoint, target, **options)
 
@@ -62,9 +62,22 @@ def stamp(
     location: PathLike | None = None,
     output: PathLike | None = None,
     quiet: bool = True,
+    force: bool = False,
+    keep_wrapper_prefix: bool = False,
 ) -> tuple[str, ...]:
-    """Record ``revision`` in the checkpoint without migrating it."""
-    return command.stamp(_config(location, quiet), checkpoint, [revision], output=output)
+    """Record ``revision`` in the checkpoint without migrating it.
+
+    Raises :class:`ckptmigrate.errors.ClaimError` when the file's schema is not
+    the schema at ``revision``, unless ``force``.
+    """
+    return command.stamp(
+        _config(location, quiet),
+        checkpoint,
+        [revision],
+        output=output,
+        force=force,
+        keep_wrapper_prefix=keep_wrapper_prefix,
+    )
 
 
 def current(checkpoint: PathLike, *, location: PathLike | None = None) -> tuple[str, ...]:

@@ -315,6 +315,7 @@ def _migration_options(fn: Any) -> Any:
         help="fsync the new file before the atomic switch (default: yes in place, no with "
         "-o). --no-fsync is faster, but a power cut just after can lose the checkpoint.",
     )(fn)
+    fn = _writing_options(fn)
     fn = click.option(
         "-j",
         "--jobs",
@@ -324,6 +325,23 @@ def _migration_options(fn: Any) -> Any:
         help="Shards written in parallel (sharded checkpoints).",
     )(fn)
     return _checkpoint_options(fn)
+
+
+def _writing_options(fn: Any) -> Any:
+    """What upgrade, downgrade and stamp share about the file they write."""
+    fn = click.option(
+        "--force",
+        is_flag=True,
+        help="Go ahead even where the file's keys, shapes or dtypes contradict the revision "
+        "it is said to be at (--from, its stamp, the revision stamped).",
+    )(fn)
+    fn = click.option(
+        "--keep-wrapper-prefix",
+        is_flag=True,
+        help="Write keys back behind the input's 'module.'/'_orig_mod.' prefix, so the "
+        "DataParallel/DDP or torch.compile model that saved it loads the result.",
+    )(fn)
+    return fn
 
 
 _TARGETS = (
@@ -415,6 +433,7 @@ def current(
 @click.argument("revisions", nargs=-1, required=True)
 @click.option("--purge", is_flag=True, help="Ignore (replace) whatever stamp the file has.")
 @click.option("-o", "--output", metavar="OUT", help="Write here and leave the input untouched.")
+@_writing_options
 @_checkpoint_options
 @click.pass_context
 def stamp(
@@ -423,11 +442,17 @@ def stamp(
     revisions: Sequence[str],
     purge: bool,
     output: str | None,
+    force: bool,
+    keep_wrapper_prefix: bool,
     state_dict_key: str | None,
     trust_pickle: bool,
     key_prefix: str | None,
 ) -> None:
-    """Record REVISIONS in CHECKPOINT without running migrations ('base' removes it)."""
+    """Record REVISIONS in CHECKPOINT without running migrations ('base' removes it).
+
+    The file must have the schema of those revisions (where the lineage's base
+    schema tells); --force records them anyway.
+    """
     command.stamp(
         _config(ctx),
         checkpoint,
@@ -437,6 +462,8 @@ def stamp(
         trust_pickle=trust_pickle,
         state_dict_key=state_dict_key,
         key_prefix=key_prefix,
+        force=force,
+        keep_wrapper_prefix=keep_wrapper_prefix,
     )
 
 

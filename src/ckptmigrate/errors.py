@@ -138,6 +138,14 @@ class StampError(CheckpointError):
     """The revision recorded in a checkpoint is missing, unknown or too new."""
 
 
+class ClaimError(StampError):
+    """A checkpoint's keys, shapes or dtypes contradict the revision claimed for it.
+
+    The claim is ``--from``, the revision given to ``stamp``, or the stamp the
+    file carries; ``--force`` overrides.
+    """
+
+
 class WriteError(CkptMigrateError):
     """Writing the output failed; the input is untouched."""
 

@@ -79,7 +79,10 @@ def add_tensor(
     init: str | Callable[..., Any] = "zeros",
     **init_args: Any,
 ) -> None:
-    """Add a new tensor (float32 unless ``dtype``), filled deterministically.
+    """Add a new tensor, filled deterministically.
+
+    Without ``dtype`` it is made in the checkpoint's floating dtype when all its
+    floating tensors share one (an fp16 file gets an fp16 tensor), else float32.
 
     ``init``: ``zeros``, ``ones``, ``eye``, ``constant`` (``value=``),
     ``normal`` (``mean=``, ``std=``), ``uniform`` (``a=``, ``b=``),
@@ -92,7 +95,9 @@ def add_module(prefix: str, module: torch.nn.Module) -> None:
     """Add every entry of a freshly built module under ``prefix``.
 
     The module's own initialiser runs on an RNG seeded from the revision, so
-    the result is the same on every upgrade.
+    the result is the same on every upgrade. Its float32 tensors take the
+    checkpoint's floating dtype (as ``add_tensor`` does); a module built in
+    another dtype keeps it.
     """
     current("add_module").add_module(prefix, module)
 

@@ -77,6 +77,31 @@ class Schema(dict[str, Entry]):
     def same_layout(self, other: Mapping[str, Entry]) -> bool:
         return set(self) == set(other) and all(self[k].same_layout(other[k]) for k in self)
 
+    # ----------------------------------------------------------------- floating dtypes
+
+    def floating_dtypes(self) -> dict[torch.dtype, int]:
+        """How many floating tensors have each floating dtype, in order of appearance."""
+        counts: dict[torch.dtype, int] = {}
+        for e in self.values():
+            if e.spec is not None and e.spec.dtype.is_floating_point:
+                counts[e.spec.dtype] = counts.get(e.spec.dtype, 0) + 1
+        return counts
+
+    def uniform_floating_dtype(self) -> torch.dtype | None:
+        """The one dtype every floating tensor has; None when there are none or several."""
+        counts = self.floating_dtypes()
+        return next(iter(counts)) if len(counts) == 1 else None
+
+    def with_floating_dtype(self, dtype: torch.dtype) -> Schema:
+        """Every floating tensor in ``dtype``, as ``model.to(dtype)`` leaves a state dict."""
+        out = Schema()
+        for key, e in self.items():
+            if e.spec is not None and e.spec.dtype.is_floating_point:
+                out[key] = Entry(TensorSpec(e.spec.shape, dtype), e.kind)
+            else:
+                out[key] = e
+        return out
+
     # ----------------------------------------------------------------- text form
 
     def to_text(self, note: str) -> str:

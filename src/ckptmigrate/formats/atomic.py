@@ -112,6 +112,24 @@ def _switch(tmp: Path, target: Path, durable: bool) -> None:
     os.replace(tmp, target)
 
 
+def check_target(target: Path) -> None:
+    """A file can be written at ``target``: it is no directory and its folder exists.
+
+    Checked before any work is done, and again when the file is written.
+    """
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise WriteError(
+            f"cannot write {target}: it is a directory",
+            hint="give a file path with -o, or move the directory away",
+        )
+    if not parent.is_dir():
+        raise WriteError(
+            f"cannot write {target}: folder {parent} does not exist",
+            hint="create it first or choose another -o path",
+        )
+
+
 @contextlib.contextmanager
 def atomic_output(target: Path, *, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it replaces ``target``.
@@ -125,16 +143,7 @@ def atomic_output(target: Path, *, durable: bool = True) -> Iterator[Path]:
     """
     target = Path(target)
     parent = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise WriteError(
-            f"cannot write {target}: it is a directory",
-            hint="give a file path with -o, or move the directory away",
-        )
-    if not parent.is_dir():
-        raise WriteError(
-            f"cannot write {target}: folder {parent} does not exist",
-            hint="create it first or choose another -o path",
-        )
+    check_target(target)
     clean_stale(target)
     try:
         tmp = temp_path(target)

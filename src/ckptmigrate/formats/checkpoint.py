@@ -124,7 +124,12 @@ class Checkpoint:
         """Where the state dict sits, for messages."""
         return "/".join(self.state_path) if self.state_path else "top level"
 
-    def notes(self) -> list[str]:
+    def notes(self, *, keep_wrapper_prefix: bool | None = None) -> list[str]:
+        """What a user should know about how the file was read.
+
+        ``keep_wrapper_prefix`` is None for commands that write nothing, else
+        whether the output keeps the wrapper prefix.
+        """
         out: list[str] = []
         if self.state_path:
             out.append(f"state dict found under {'/'.join(repr(p) for p in self.state_path)}")
@@ -134,9 +139,14 @@ class Checkpoint:
                 for p in self.wrapper_prefix.rstrip(".").split(".")
                 if p + "." in WRAPPER_PREFIXES
             )
+            output = {
+                None: "",
+                True: "; output keys are written back with it",
+                False: "; output keys are written without it (--keep-wrapper-prefix keeps it)",
+            }[keep_wrapper_prefix]
             out.append(
                 f"stripped wrapper prefix {self.wrapper_prefix!r} ({what}) from "
-                f"{len(self.schema)} keys; output keys are written without it"
+                f"{len(self.schema)} keys{output}"
             )
         if self.legacy:
             out.append("input is in PyTorch's legacy (pre-1.6) format; output uses the zip format")

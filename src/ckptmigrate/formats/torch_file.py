@@ -102,6 +102,12 @@ def load_object(
         raise _damaged(where, exc) from exc
     except RecursionError as exc:
         raise _damaged(where, exc) from exc
+    except ModuleNotFoundError as exc:  # only a trusted pickle imports anything
+        raise CheckpointError(
+            f"{where}: its pickle needs the module {exc.name!r}, which cannot be imported",
+            hint="add the folder that holds it to prepend_sys_path in the configuration, "
+            "or install its package",
+        ) from exc
     except Exception as exc:  # MemoryError, RuntimeError, EOFError, ... from a damaged file
         raise _damaged(where, exc) from exc
     return obj, legacy, None

@@ -17,10 +17,12 @@ def verify_written(
     key_prefix: str,
     revisions: tuple[str, ...] | None,
     state_dict_key: str | None,
+    wrapper_prefix: str = "",
 ) -> None:
     """The file at ``path`` has exactly the planned keys, shapes, dtypes and stamp.
 
-    Runs on the temporary file, before it replaces ``target``.
+    Runs on the temporary file, before it replaces ``target``. Keys are
+    compared as written, ``wrapper_prefix`` (kept on request) included.
     """
     from . import read_checkpoint
 
@@ -34,7 +36,8 @@ def verify_written(
 
         ckpt = read_torch(path, state_dict_key=state_dict_key, opaque=True)
     try:
-        _same(target, ckpt.schema, full.schema())
+        got = {ckpt.wrapper_prefix + k: spec for k, spec in ckpt.schema.items()}
+        _same(target, got, {wrapper_prefix + k: spec for k, spec in full.schema().items()})
         focused = ckpt.focus(key_prefix) if lineage.entries else ckpt
         stamped = focused.stamp.revisions if focused.stamp else None
         if stamped != revisions:

@@ -68,6 +68,19 @@ def _fmt(value: Any) -> str:
     return repr(value)
 
 
+def _uniform_floating_dtype(state: PlanState) -> torch.dtype | None:
+    """The dtype all floating tensors of ``state`` share; None when none or several."""
+    found: torch.dtype | None = None
+    for node in state.entries.values():
+        spec = node.spec
+        if spec is None or not spec.dtype.is_floating_point:
+            continue
+        if found is not None and spec.dtype != found:
+            return None
+        found = spec.dtype
+    return found
+
+
 class Operations:
     """The ``op`` namespace bound to one revision's run over one plan."""
 
@@ -85,6 +98,9 @@ class Operations:
         self.direction = direction
         self.path = path
         self.records = records if records is not None else []
+        # New tensors for which a script names no dtype are made in the checkpoint's
+        # own floating dtype (as the step finds it), so an fp16 file stays fp16.
+        self.new_float = _uniform_floating_dtype(state) or torch.float32
 
     # ------------------------------------------------------------------ helpers
 
@@ -309,7 +325,8 @@ class Operations:
             **init_args,
         )
         self._free(call, key)
-        spec = TensorSpec(self._shape(call, shape), self._dtype(call, dtype or torch.float32))
+        made_in = self._dtype(call, dtype) if dtype is not None else self.new_float
+        spec = TensorSpec(self._shape(call, shape), made_in)
         problem = check_init(init, init_args, spec)
         if problem:
             raise self.fail(call, problem)
@@ -330,7 +347,12 @@ class Operations:
             self._free(call, key)
         for key, value in sd.items():
             if isinstance(value, torch.Tensor):
-                self.state.entries[key] = Constant(value.detach().clone())
+                # float32 is what a module is built in unless told otherwise: it follows
+                # the checkpoint; a module built in another dtype keeps it
+                follow = value.dtype == torch.float32 and self.new_float != torch.float32
+                tensor = value.detach()
+                tensor = tensor.to(self.new_float) if follow else tensor.clone()
+                self.state.entries[key] = Constant(tensor)
             else:
                 self.state.entries[key] = Constant(value)
         # state_dict(prefix=...) already keys the module's metadata by full prefix

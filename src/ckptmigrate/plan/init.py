@@ -102,8 +102,9 @@ def make_tensor(
         return out
     if out.numel() == 0 and init in _RANDOM:
         return out  # nothing to fill; xavier would divide by a zero fan
-    if init in _RANDOM and spec.dtype.itemsize == 1:
-        # float8 has no random kernels: draw in float32, then round
+    if init in _RANDOM and spec.dtype.itemsize < 4:
+        # Draw in float32, then round: a half-precision checkpoint gets exactly the
+        # float32 upgrade's values, rounded (and float8 has no random kernels at all).
         wide = make_tensor(TensorSpec(spec.shape, torch.float32), init, init_args, seed)
         return wide.to(spec.dtype)
     gen = torch.Generator().manual_seed(seed)
