@@ -18,7 +18,7 @@ import torch
 from tests.conftest import REVISION_TEMPLATE
 
 from ckptmigrate import op
-from ckptmigrate.operations.base import Operations
+from ckptmigrate.operations.checks import OpContext
 from ckptmigrate.operations.context import activate
 from ckptmigrate.plan.nodes import Source, TensorSpec
 from ckptmigrate.plan.state import Evaluator, PlanState
@@ -52,7 +52,7 @@ def migrate(
     """Run ``fn`` as a migration over ``sd``; return the evaluated output and the plan."""
     schema = {k: TensorSpec.of(v) if isinstance(v, torch.Tensor) else None for k, v in sd.items()}
     state = PlanState.from_schema(schema, metadata)
-    with activate(Operations(state, revision=revision)):
+    with activate(OpContext(state, revision=revision)):
         fn()
 
     def read(key: str) -> Any:
@@ -67,7 +67,7 @@ def migrate(
 def symbolic(sd: dict[str, torch.Tensor], fn: Callable[[], None]) -> dict[str, TensorSpec | None]:
     """The schema ``fn`` produces, planned on meta tensors only."""
     state = PlanState.from_schema({k: TensorSpec.of(v) for k, v in sd.items()})
-    with activate(Operations(state, revision=REV)), torch.device("meta"):
+    with activate(OpContext(state, revision=REV)), torch.device("meta"):
         fn()
     return state.schema()
 
@@ -970,7 +970,7 @@ def test_plan_nodes_for_pure_renames_are_sources() -> None:
 
 def test_records_list_each_op() -> None:
     state = PlanState.from_schema({k: TensorSpec.of(v) for k, v in make_sd().items()})
-    ops = Operations(state, revision=REV)
+    ops = OpContext(state, revision=REV)
     with activate(ops):
         op.rename_key("fc1.bias", "b")
         op.add_tensor("n", (2,), dtype="float16", init="ones")
@@ -993,7 +993,7 @@ def test_reset_optimizer_state_leaves_the_tensor_and_follows_later_ops() -> None
 
     sd = make_sd()
     state = PlanState.from_schema({k: TensorSpec.of(v) for k, v in sd.items()})
-    ops = Operations(state, revision=REV)
+    ops = OpContext(state, revision=REV)
     with activate(ops):
         op.reset_optimizer_state("fc1.weight")
         op.rename_key("fc1.weight", "enc.weight")

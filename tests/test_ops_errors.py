@@ -18,7 +18,7 @@ from tests.conftest import REVISION_TEMPLATE
 
 from ckptmigrate import op
 from ckptmigrate.errors import CkptMigrateError, OperationError, ScriptError
-from ckptmigrate.operations.base import Operations
+from ckptmigrate.operations.checks import OpContext
 from ckptmigrate.operations.context import activate
 from ckptmigrate.paths import display_path
 from ckptmigrate.plan.nodes import TensorSpec
@@ -71,7 +71,7 @@ def fail_in_script(tmp_path: Path, body: str, schema: dict[str, TensorSpec] | No
 def fail_direct(fn: Any, schema: dict[str, TensorSpec] | None = None) -> OperationError:
     """The error ``fn`` raises when run as a migration outside any file."""
     state = PlanState.from_schema(schema if schema is not None else make_schema())
-    with pytest.raises(OperationError) as info, activate(Operations(state, revision=REV)):
+    with pytest.raises(OperationError) as info, activate(OpContext(state, revision=REV)):
         fn()
     return info.value
 
@@ -201,7 +201,7 @@ def test_rename_regex_to_an_empty_key(tmp_path: Path) -> None:
 def test_failed_rename_leaves_keys_and_metadata_alone() -> None:
     state = PlanState.from_schema(make_schema(), {"": {}, "fc1": {"version": 1}})
     before = (list(state.entries), dict(state.metadata))
-    with pytest.raises(OperationError), activate(Operations(state, revision=REV)):
+    with pytest.raises(OperationError), activate(OpContext(state, revision=REV)):
         op.rename_prefix("fc1.", "fc2.")
     assert (list(state.entries), dict(state.metadata)) == before
 
@@ -311,7 +311,7 @@ def test_resize_bad_shape(tmp_path: Path, shape: str, problem: str) -> None:
 def test_resize_bad_init(tmp_path: Path, call: str, problem: str | None) -> None:
     if problem is None:  # a 0-D resize to () is fine: nothing to grow
         state = PlanState.from_schema(make_schema())
-        with activate(Operations(state, revision=REV)):
+        with activate(OpContext(state, revision=REV)):
             op.resize("steps", ())
         return
     msg = fail_in_script(tmp_path, call + "  # <-")
@@ -453,7 +453,7 @@ def test_add_module_failure_adds_nothing() -> None:
     # fc1.bias is free but fc1.weight is not: no key of the module may land
     schema = {"fc1.weight": TensorSpec((20, 10), torch.float32)}
     state = PlanState.from_schema(schema)
-    with pytest.raises(OperationError), activate(Operations(state, revision=REV)):
+    with pytest.raises(OperationError), activate(OpContext(state, revision=REV)):
         op.add_module("fc1", torch.nn.Linear(10, 20))
     assert list(state.entries) == ["fc1.weight"]
     assert state.metadata == {}
@@ -489,7 +489,7 @@ def test_map_tensor_bad_explicit_shape_or_dtype(tmp_path: Path) -> None:
 def test_map_tensor_that_lies_about_its_shape_fails_when_written() -> None:
     sd = {"w": torch.arange(4.0)}
     state = PlanState.from_schema({"w": TensorSpec.of(sd["w"])})
-    with activate(Operations(state, revision=REV)):
+    with activate(OpContext(state, revision=REV)):
         op.map_tensor("w", lambda t: t[t > 1], shape=(3,))
     with pytest.raises(
         OperationError,
@@ -502,7 +502,7 @@ def test_map_tensor_that_lies_about_its_shape_fails_when_written() -> None:
 def test_map_tensor_returning_a_non_tensor_when_written() -> None:
     sd = {"w": torch.arange(4.0)}
     state = PlanState.from_schema({"w": TensorSpec.of(sd["w"])})
-    with activate(Operations(state, revision=REV)):
+    with activate(OpContext(state, revision=REV)):
         op.map_tensor("w", lambda t: t.tolist(), shape=(4,))
     with pytest.raises(OperationError, match="w: the migration produced list, not a tensor"):
         Evaluator(state.entries, sd.__getitem__)("w")
@@ -510,7 +510,7 @@ def test_map_tensor_returning_a_non_tensor_when_written() -> None:
 
 def test_callable_init_returning_the_wrong_shape_fails_when_written() -> None:
     state = PlanState()
-    with activate(Operations(state, revision=REV)):
+    with activate(OpContext(state, revision=REV)):
         op.add_tensor("w", (2, 2), init=lambda t: torch.ones(3))
     with pytest.raises(OperationError) as info:
         Evaluator(state.entries, lambda k: None)("w")
@@ -523,7 +523,7 @@ def test_callable_init_returning_the_wrong_shape_fails_when_written() -> None:
 def test_map_tensor_fn_failing_on_real_data_names_the_key() -> None:
     sd = {"w": torch.arange(4.0)}
     state = PlanState.from_schema({"w": TensorSpec.of(sd["w"])})
-    with activate(Operations(state, revision=REV)):
+    with activate(OpContext(state, revision=REV)):
         op.map_tensor("w", lambda t: t.reshape(3, -1), shape=(3, 1))
     with pytest.raises(
         OperationError, match=r"^w: computing it failed: map\(\) raised RuntimeError"

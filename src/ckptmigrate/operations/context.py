@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING
 from ..errors import CkptMigrateError
 
 if TYPE_CHECKING:
-    from .base import Operations
+    from .checks import OpContext
 
-_active: ContextVar[Operations | None] = ContextVar("ckptmigrate_operations", default=None)
+_active: ContextVar[OpContext | None] = ContextVar("ckptmigrate_operations", default=None)
 
 
 @contextmanager
-def activate(ops: Operations) -> Iterator[Operations]:
+def activate(ops: OpContext) -> Iterator[OpContext]:
     token = _active.set(ops)
     try:
         yield ops
@@ -24,7 +24,7 @@ def activate(ops: Operations) -> Iterator[Operations]:
         _active.reset(token)
 
 
-def current(name: str) -> Operations:
+def current(name: str) -> OpContext:
     ops = _active.get()
     if ops is None:
         raise CkptMigrateError(

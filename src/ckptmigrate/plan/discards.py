@@ -1,8 +1,10 @@
 """Which input values a plan throws away, read from the plan itself.
 
 A migration loses trained values in three ways: an input tensor no output
-depends on (dropped, or renamed and then dropped), a ``resize`` that shrinks,
-and a ``split`` whose parts are not all kept. All three are visible in the
+depends on (dropped, or renamed and then dropped), a node that cuts part of its
+input (a ``resize`` that shrinks), and an input kept only in parts that do not
+cover it (a ``split`` whose parts are not all kept); each op's
+definition says which of its nodes keep part of their input, or cut it. All three are visible in the
 symbolic plan, so ``check`` and autogenerate find them without reading the
 script's text. A drop or resize the script marks ``intended=True`` is still
 found, and reported as intended.
@@ -90,14 +92,14 @@ def _losses(
         for key, spec in inputs.items()
         if key not in used
     ]
-    # parts of a tensor: narrowed pieces that are kept, when nothing uses it whole
+    # parts of a tensor: the pieces (a split's, say) that are kept, when nothing uses it whole
     pieces: dict[int, list[tuple[int, int, int]]] = {}
     whole = {id(r) for r in roots}
     for node in nodes.values():
+        part = node.op.part_kept(node.params) if isinstance(node, Apply) else None
         for inp in node.inputs:
-            if isinstance(node, Apply) and node.kind == "narrow":
-                p = node.params
-                pieces.setdefault(id(inp), []).append((p["dim"], p["start"], p["length"]))
+            if part is not None:
+                pieces.setdefault(id(inp), []).append(part)
             else:
                 whole.add(id(inp))
     for nid, taken in pieces.items():
@@ -110,18 +112,16 @@ def _losses(
         if kept < size:
             per_row = node.spec.numel // size
             out += _attributed(node, node.spec, (size - kept) * per_row, "part not kept")
+    # values a node itself cuts away (a shrinking resize), unless the script meant it
     for node in nodes.values():
-        if not (isinstance(node, Apply) and node.kind == "resize") or id(node) in exempt:
+        if not isinstance(node, Apply) or id(node) in exempt or len(node.inputs) != 1:
             continue
         src = node.inputs[0].spec
         if src is None or node.spec is None:
             continue
-        kept = 1
-        for a, b in zip(src.shape, node.spec.shape):
-            kept *= min(a, b)
-        if src.numel > kept:
-            cut = f"cut to {_shape(node.spec.shape)}"
-            out += _attributed(node.inputs[0], src, src.numel - kept, cut)
+        cut = node.op.cut(src, node.spec, node.params)
+        if cut is not None:
+            out += _attributed(node.inputs[0], src, *cut)
     return out
 
 

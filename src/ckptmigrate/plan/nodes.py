@@ -14,9 +14,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from ..operations.registry import Operation
 
 
 @dataclass(frozen=True)
@@ -135,20 +138,24 @@ class Init(Node):
 
 @dataclass(eq=False)
 class Apply(Node):
-    """A transform of other nodes; ``kind`` and ``params`` say which."""
+    """A transform of other nodes: the op that made it, and the parameters it fixed.
 
-    kind: str
+    The op's definition computes it (``op.kernel``), and says how optimizer
+    state follows it and what of its input it keeps.
+    """
+
+    op: Operation
     inputs: tuple[Node, ...]
     params: dict[str, Any]
     spec: TensorSpec | None
 
     def compute(self, args: Sequence[Any]) -> torch.Tensor:
-        return KERNELS[self.kind](args, **self.params)
+        return self.op.kernel(args, **self.params)
 
     def describe(self) -> str:
         shown = {k: v for k, v in self.params.items() if k not in ("fn", "init_args", "seed")}
         inner = ", ".join(f"{k}={_short(v)}" for k, v in shown.items())
-        return f"{self.kind}({inner})"
+        return f"{self.op.node_label()}({inner})"
 
 
 def _short(value: Any) -> str:
@@ -176,86 +183,6 @@ class ResetOptimizerState(Node):
 
     def describe(self) -> str:
         return "reset_optimizer_state"
-
-
-# --------------------------------------------------------------------- kernels
-# Each kernel returns a new tensor or a view; none writes into its inputs.
-
-
-def _reshape(args: Sequence[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-    return args[0].reshape(shape)
-
-
-def _transpose(args: Sequence[torch.Tensor], dim0: int, dim1: int) -> torch.Tensor:
-    return args[0].transpose(dim0, dim1).contiguous()
-
-
-def _permute(args: Sequence[torch.Tensor], dims: tuple[int, ...]) -> torch.Tensor:
-    return args[0].permute(dims).contiguous()
-
-
-def _cast(args: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    return args[0].to(dtype)
-
-
-def _resize(
-    args: Sequence[torch.Tensor],
-    shape: tuple[int, ...],
-    init: str | Callable[..., Any],
-    init_args: dict[str, Any],
-    seed: int,
-) -> torch.Tensor:
-    from .init import make_tensor
-
-    src = args[0]
-    if any(n > o for n, o in zip(shape, src.shape)):
-        out = make_tensor(TensorSpec(shape, src.dtype), init, init_args, seed).to(src.device)
-    else:
-        out = torch.empty(shape, dtype=src.dtype, device=src.device)
-    common = tuple(slice(0, min(n, o)) for n, o in zip(shape, src.shape))
-    out[common] = src[common]
-    return out
-
-
-def _narrow(args: Sequence[torch.Tensor], dim: int, start: int, length: int) -> torch.Tensor:
-    # A copy, not a view: torch.save writes a view's whole storage, so a part
-    # kept after its siblings were dropped would carry the full fused tensor.
-    return args[0].narrow(dim, start, length).clone(memory_format=torch.contiguous_format)
-
-
-def _concat(args: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
-    return torch.cat(list(args), dim=dim)
-
-
-def _map(
-    args: Sequence[torch.Tensor],
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    seed: int | None = None,
-) -> torch.Tensor:
-    # The function gets its own copy: an in-place function must not be able
-    # to change the caller's tensor (or a memory-mapped input). Random numbers
-    # it draws come from a private generator, so the result is reproducible
-    # and the caller's RNG is left alone.
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        if seed is not None:
-            torch.default_generator.manual_seed(seed)
-        out = fn(args[0].clone())
-    strided = isinstance(out, torch.Tensor) and out.layout == torch.strided
-    if strided and out.untyped_storage().nbytes() > out.nbytes:
-        out = out.clone(memory_format=torch.contiguous_format)  # a slice: drop the rest
-    return out
-
-
-KERNELS: dict[str, Callable[..., torch.Tensor]] = {
-    "reshape": _reshape,
-    "transpose": _transpose,
-    "permute": _permute,
-    "cast": _cast,
-    "resize": _resize,
-    "narrow": _narrow,
-    "concat": _concat,
-    "map": _map,
-}
 
 
 def walk(node: Node) -> list[Node]:

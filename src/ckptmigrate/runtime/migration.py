@@ -18,7 +18,7 @@ from types import TracebackType
 import torch
 
 from ..errors import CkptMigrateError, ScriptError
-from ..operations.base import Operations, OpRecord
+from ..operations.checks import OpContext, OpRecord
 from ..operations.context import activate
 from ..paths import display_path
 from ..plan.nodes import seed_for
@@ -78,7 +78,7 @@ def run_step(step: MigrationStep, state: PlanState, *, symbolic: bool) -> None:
     """Run one script function against ``state`` (which it rewrites)."""
     script = step.script
     fn = script.migration_fn(step.name)
-    ops = Operations(
+    ops = OpContext(
         state,
         revision=script.revision,
         direction=step.name,

@@ -138,14 +138,12 @@ def migrate_container(
             "parameter order is taken from its key order (new keys last); set `model = ...` "
             "so that it follows the model"
         )
-    map_revisions = [
-        s.script.revision for s in steps if any(r.call.startswith("map_tensor(") for r in s.records)
-    ]
+    revisions = _revisions_by_op(steps)
 
     out = container
     for j, plan in enumerate(plans):
         new_value, lines = _rebuild(
-            j, plan, old, new, new_entries, membership, dry_run=dry_run, map_revisions=map_revisions
+            j, plan, old, new, new_entries, membership, dry_run=dry_run, revisions=revisions
         )
         if dry_run:
             for line in lines:
@@ -154,6 +152,17 @@ def migrate_container(
             config.log(lines[0])
         out = replace_path(out, plan.found.path, new_value)
     return None if dry_run else out
+
+
+def _revisions_by_op(steps: Sequence[MigrationStep]) -> dict[str, list[str]]:
+    """Op name -> the revisions whose step called it, each once, in step order."""
+    out: dict[str, list[str]] = {}
+    for step in steps:
+        for record in step.records:
+            revs = out.setdefault(record.name, [])
+            if step.script.revision not in revs:
+                revs.append(step.script.revision)
+    return out
 
 
 # --------------------------------------------------------------------- inputs
@@ -544,7 +553,7 @@ def _rebuild(
     membership: Mapping[str, tuple[int, int] | None],
     *,
     dry_run: bool,
-    map_revisions: Sequence[str],
+    revisions: Mapping[str, Sequence[str]],
 ) -> tuple[dict[str, Any], list[str]]:
     """This optimizer's new state dict, and report lines (the first is the summary)."""
     opt = plan.found
@@ -590,7 +599,7 @@ def _rebuild(
         label=opt.label,
         display=lambda k: k,
         certain=plan.names is not None,
-        map_revisions=map_revisions,
+        revisions=revisions,
     )
     new_state: dict[Any, dict[str, Any]] = {}
     carried: dict[str, Carried] = {}

@@ -35,8 +35,8 @@ from typing import Any
 import torch
 
 from ..errors import CkptMigrateError
+from ..operations.registry import CannotFollowState
 from ..plan.nodes import (
-    KERNELS,
     Apply,
     Constant,
     Init,
@@ -66,9 +66,6 @@ PER_PARAMETER_STATE = frozenset(
         "exp_inf",
     }
 )
-#: Transforms that move a state tensor exactly as they move the parameter.
-_SAME_AS_WEIGHTS = ("reshape", "transpose", "permute", "narrow", "concat")
-
 PathItem = str | int
 
 
@@ -268,14 +265,15 @@ class StateCarrier:
         label: str,
         display: Callable[[str], str],
         certain: bool,
-        map_revisions: Sequence[str] = (),
+        revisions: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.state_of = state_of
         self.meta = meta
         self.label = label
         self.display = display
         self.certain = certain
-        self.map_revisions = list(map_revisions)
+        # op name -> the revisions that call it, to say where a refused op comes from
+        self.revisions = dict(revisions or {})
 
     # .................................................................. structure
 
@@ -301,10 +299,8 @@ class StateCarrier:
         reset = any(isinstance(n, ResetOptimizerState) for n in nodes)
         transforms: list[str] = []
         for n in nodes:
-            if isinstance(n, Apply):
-                kind = "split" if n.kind == "narrow" else n.kind
-                if kind not in transforms:
-                    transforms.append(kind)
+            if isinstance(n, Apply) and n.op.name not in transforms:
+                transforms.append(n.op.name)
         stateful: list[tuple[Source, Mapping[str, Any]]] = []
         for src in self.stateful_sources(node):
             st = self.state_of(src.key)
@@ -396,31 +392,19 @@ class StateCarrier:
         return result
 
     def _apply(self, key: str, node: Apply, args: list[torch.Tensor]) -> torch.Tensor:
-        kind, params = node.kind, node.params
-        if kind in _SAME_AS_WEIGHTS:
-            return KERNELS[kind](args, **params)
-        if kind == "cast":
-            return args[0].to(params["dtype"])
-        if kind == "resize":
-            src = args[0]
-            shape = tuple(params["shape"])
-            out = torch.zeros(shape, dtype=src.dtype, device=src.device)
-            common = tuple(slice(0, min(n, o)) for n, o in zip(shape, src.shape))
-            out[common] = src[common]
-            return out
-        where = (
-            f" (revision {', '.join(self.map_revisions)})"
-            if kind == "map" and self.map_revisions
-            else ""
-        )
-        what = "map_tensor" if kind == "map" else kind
-        raise OptimizerStateError(
-            f"the optimizer state of {self.display(key)} ({self.label}) cannot follow "
-            f"{what}{where}: a function of the weights says nothing about their optimizer "
-            "state (momentum, Adam's moments)",
-            hint=f"add op.reset_optimizer_state({self.display(key)!r}) after the {what} call, "
-            "so that this parameter's optimizer state starts afresh",
-        )
+        """The node's op applied to state values, by its own rule (see the module doc)."""
+        try:
+            return node.op.follow_state(args, **node.params)
+        except CannotFollowState as exc:
+            what = node.op.name
+            revisions = self.revisions.get(what, [])
+            where = f" (revision {', '.join(revisions)})" if revisions else ""
+            raise OptimizerStateError(
+                f"the optimizer state of {self.display(key)} ({self.label}) cannot follow "
+                f"{what}{where}: {exc.reason}",
+                hint=f"add op.reset_optimizer_state({self.display(key)!r}) after the {what} "
+                "call, so that this parameter's optimizer state starts afresh",
+            ) from None
 
 
 def unshare(states: Mapping[Any, Mapping[str, Any]]) -> dict[Any, dict[str, Any]]:

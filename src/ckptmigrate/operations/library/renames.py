@@ -1,0 +1,97 @@
+"""Renames: entries move to new keys, and no tensor data is read or copied."""
+
+from __future__ import annotations
+
+import re
+
+from ..checks import OpContext
+from ..registry import OpCall, Operation, SpecOf, register
+
+
+class _Swappable(Operation):
+    """A rename from ``old`` to ``new``, undone by the same op from ``new`` to ``old``."""
+
+    touches_data = False
+
+    def inverse(self, call: OpCall, before: SpecOf) -> list[OpCall]:
+        a = self.arguments(call)
+        return [OpCall(self.name, (a["new"], a["old"]))]
+
+
+@register
+class RenameKey(_Swappable):
+    """Move the tensor at ``old`` to ``new`` (no data is copied)."""
+
+    name = "rename_key"
+
+    def record(self, ctx: OpContext, old: str, new: str) -> None:
+        call = self.call_text(old, new)
+        ctx.need(call, old, tensor=False)
+        if new == old:
+            return ctx.done(self, call, [new])
+        ctx.free(call, new)
+        ctx.state.replace_keys({old: new})
+        ctx.done(self, call, [new], [old])
+
+
+def _rename_many(ctx: OpContext, call: str, mapping: dict[str, str]) -> None:
+    """Rename several keys at once; no two may meet, nor land on a key that stays."""
+    targets: dict[str, str] = {}
+    for old, new in mapping.items():
+        if not new:
+            raise ctx.fail(call, f"{old!r} would be renamed to an empty key")
+        if new in targets:
+            raise ctx.fail(call, f"{targets[new]!r} and {old!r} would both become {new!r}")
+        targets[new] = old
+        if new in ctx.state.entries and new not in mapping:
+            raise ctx.fail(
+                call,
+                f"{old!r} would become {new!r}, which already exists",
+                hint="drop or rename the existing key first",
+            )
+    ctx.state.replace_keys(mapping)
+
+
+@register
+class RenamePrefix(_Swappable):
+    """Rename every key starting with ``old`` (e.g. ``"encoder."`` -> ``"enc."``).
+
+    PyTorch's per-module metadata under the prefix moves along.
+    """
+
+    name = "rename_prefix"
+
+    def record(self, ctx: OpContext, old: str, new: str) -> None:
+        call = self.call_text(old, new)
+        if not isinstance(old, str) or not isinstance(new, str) or not old:
+            raise ctx.fail(call, "prefixes are non-empty strings")
+        mapping = {k: new + k[len(old) :] for k in ctx.state.keys(old)}
+        if not mapping:
+            raise ctx.fail(call, f"no key starts with {old!r}", near=old)
+        _rename_many(ctx, call, mapping)
+        ctx.state.rename_metadata(lambda p: new + p[len(old) :] if p.startswith(old) else p)
+        ctx.done(self, call, mapping.values(), mapping.keys())
+
+
+@register
+class RenameRegex(Operation):
+    """Rename every key through ``re.sub(pattern, repl, key)`` (``r"^"`` prepends)."""
+
+    name = "rename_regex"
+    touches_data = False
+
+    def record(self, ctx: OpContext, pattern: str, repl: str) -> None:
+        call = self.call_text(pattern, repl)
+        try:
+            rx = re.compile(pattern)
+        except re.error as exc:
+            raise ctx.fail(call, f"bad regular expression: {exc}") from None
+        try:
+            mapping = {k: new for k in ctx.state.entries if (new := rx.sub(repl, k)) != k}
+        except (re.error, IndexError) as exc:
+            raise ctx.fail(call, f"bad replacement: {exc}") from None
+        if not mapping:
+            raise ctx.fail(call, f"pattern {pattern!r} renamed no key", near=pattern)
+        _rename_many(ctx, call, mapping)
+        ctx.state.rename_metadata(lambda p: rx.sub(repl, p))
+        ctx.done(self, call, mapping.values(), mapping.keys())
