@@ -171,6 +171,16 @@ class OpContext:
                 hint="drop or rename it first, or choose another name",
             )
 
+    def joined(self, call: str, keys: Sequence[str], into: Any, *, verb: str) -> list[Node]:
+        """The nodes of ``keys``, which ``verb`` joins into ``into`` (free, or one of them)."""
+        if not keys:
+            raise self.fail(call, f"give at least one key to {verb}")
+        if len(set(keys)) != len(keys):
+            raise self.fail(call, "a key is listed twice")
+        nodes = [self.need(call, k) for k in keys]
+        self.free(call, into, allowed=keys)
+        return nodes
+
     def distinct(self, call: str, keys: Sequence[str], what: str) -> None:
         """``keys`` (named ``what`` in messages, e.g. ``into=``) are at least one, none twice."""
         if len(keys) < 1:

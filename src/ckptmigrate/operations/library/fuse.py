@@ -109,12 +109,7 @@ class Concat(Operation):
     def record(self, ctx: OpContext, keys: Sequence[str], into: str, *, dim: int = 0) -> None:
         keys = list(keys) if not isinstance(keys, str) else [keys]
         call = self.call_text(keys, into=into, dim=dim)
-        if not keys:
-            raise ctx.fail(call, "give at least one key to concatenate")
-        if len(set(keys)) != len(keys):
-            raise ctx.fail(call, "a key is listed twice")
-        nodes = [ctx.need(call, k) for k in keys]
-        ctx.free(call, into, allowed=keys)
+        nodes = ctx.joined(call, keys, into, verb="concatenate")
         first = ctx.spec(call, keys[0])
         if not first.shape:
             raise ctx.fail(call, f"{keys[0]!r} is a 0-D tensor; reshape it to 1-D first")
