@@ -9,6 +9,7 @@ the user believes, or a typo in a key.
 from __future__ import annotations
 
 import difflib
+import inspect
 import operator
 import sys
 from collections.abc import Iterable, Sequence
@@ -76,6 +77,15 @@ def _uniform_floating_dtype(state: PlanState) -> torch.dtype | None:
     return found
 
 
+def _is_default(param: inspect.Parameter, value: object) -> bool:
+    if param.default is param.empty:
+        return False
+    try:
+        return value is param.default or bool(value == param.default)
+    except Exception:  # a value whose == is not a plain truth (a tensor, say)
+        return False
+
+
 class OpContext:
     """One revision's run over one plan: what ``op`` calls rewrite, and their checks."""
 
@@ -98,6 +108,22 @@ class OpContext:
         self.new_float = _uniform_floating_dtype(state) or torch.float32
 
     # ------------------------------------------------------------------ failing
+
+    def call(self, op: Operation, *args: Any, **kwargs: Any) -> str:
+        """A call of ``op`` as messages and ``--dry-run`` show it: ``rename_key('a', 'b')``.
+
+        Keyword arguments left at their default are not shown, as a person
+        would not write them.
+        """
+        parts = [format_value(a) for a in args]
+        if kwargs:
+            params = op.signature.parameters
+            parts += [
+                f"{k}={format_value(v)}"
+                for k, v in kwargs.items()
+                if k not in params or not _is_default(params[k], v)
+            ]
+        return f"{op.name}({', '.join(parts)})"
 
     def location(self) -> str | None:
         """The script's file and the line running now (the innermost frame in it)."""

@@ -151,34 +151,8 @@ class Operation:
         bound.apply_defaults()
         return dict(bound.arguments)
 
-    def call_text(self, *args: Any, **kwargs: Any) -> str:
-        """The call as messages and ``--dry-run`` show it: ``rename_key('a', 'b')``.
-
-        Keyword arguments left at their default are not shown, as a person
-        would not write them.
-        """
-        from .checks import format_value
-
-        params = self.signature.parameters
-        shown = {
-            k: v for k, v in kwargs.items() if k not in params or not _is_default(params[k], v)
-        }
-        parts = [format_value(a) for a in args] + [
-            f"{k}={format_value(v)}" for k, v in shown.items()
-        ]
-        return f"{self.name}({', '.join(parts)})"
-
     def __repr__(self) -> str:
         return f"<operation {self.name}>"
-
-
-def _is_default(param: inspect.Parameter, value: object) -> bool:
-    if param.default is param.empty:
-        return False
-    try:
-        return value is param.default or bool(value == param.default)
-    except Exception:  # a value whose == is not a plain truth (a tensor, say)
-        return False
 
 
 _REGISTRY: dict[str, Operation] = {}

@@ -37,7 +37,7 @@ class AddTensor(Operation):
         init: str | Callable[..., Any] = "zeros",
         **init_args: Any,
     ) -> None:
-        call = self.call_text(key, shape, dtype=dtype, init=init, **init_args)
+        call = ctx.call(self, key, shape, dtype=dtype, init=init, **init_args)
         ctx.free(call, key)
         made_in = ctx.dtype(call, dtype) if dtype is not None else ctx.new_float
         spec = TensorSpec(ctx.shape(call, shape), made_in)
@@ -64,7 +64,7 @@ class AddModule(Operation):
     name = "add_module"
 
     def record(self, ctx: OpContext, prefix: str, module: torch.nn.Module) -> None:
-        call = self.call_text(prefix, module)
+        call = ctx.call(self, prefix, module)
         if not isinstance(prefix, str) or not prefix.strip("."):
             raise ctx.fail(call, "the prefix is a module name such as 'fc3' or 'encoder.fc3'")
         if not isinstance(module, torch.nn.Module):

@@ -23,7 +23,7 @@ class DropKey(Operation):
     touches_data = False
 
     def record(self, ctx: OpContext, key: str, *, intended: bool = False) -> None:
-        call = self.call_text(key, intended=intended)
+        call = ctx.call(self, key, intended=intended)
         mark = ctx.intended(call, intended)
         node = ctx.need(call, key, tensor=False)
         del ctx.state.entries[key]
@@ -40,7 +40,7 @@ class DropPrefix(Operation):
     touches_data = False
 
     def record(self, ctx: OpContext, prefix: str, *, intended: bool = False) -> None:
-        call = self.call_text(prefix, intended=intended)
+        call = ctx.call(self, prefix, intended=intended)
         mark = ctx.intended(call, intended)
         if not isinstance(prefix, str) or not prefix:
             raise ctx.fail(call, "a prefix is a non-empty string")

@@ -40,7 +40,7 @@ class Stack(Operation):
 
     def record(self, ctx: OpContext, keys: Sequence[str], into: str, *, dim: int = 0) -> None:
         keys = _key_list(keys)
-        call = self.call_text(keys, into=into, dim=dim)
+        call = ctx.call(self, keys, into=into, dim=dim)
         nodes = ctx.joined(call, keys, into, verb="stack")
         first = ctx.spec(call, keys[0])
         for k in keys[1:]:
@@ -91,7 +91,7 @@ class Unstack(Operation):
 
     def record(self, ctx: OpContext, key: str, into: Sequence[str], *, dim: int = 0) -> None:
         into = _key_list(into)
-        call = self.call_text(key, into=into, dim=dim)
+        call = ctx.call(self, key, into=into, dim=dim)
         node = ctx.need(call, key)
         spec = ctx.spec(call, key)
         if not spec.shape:

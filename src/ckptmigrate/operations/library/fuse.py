@@ -30,7 +30,7 @@ class Split(Operation):
         sizes: Sequence[int] | None = None,
     ) -> None:
         into = list(into) if not isinstance(into, str) else [into]
-        call = self.call_text(key, into, dim=dim, sizes=list(sizes) if sizes is not None else None)
+        call = ctx.call(self, key, into, dim=dim, sizes=list(sizes) if sizes is not None else None)
         node = ctx.need(call, key)
         spec = ctx.spec(call, key)
         if not spec.shape:
@@ -108,7 +108,7 @@ class Concat(Operation):
 
     def record(self, ctx: OpContext, keys: Sequence[str], into: str, *, dim: int = 0) -> None:
         keys = list(keys) if not isinstance(keys, str) else [keys]
-        call = self.call_text(keys, into=into, dim=dim)
+        call = ctx.call(self, keys, into=into, dim=dim)
         nodes = ctx.joined(call, keys, into, verb="concatenate")
         first = ctx.spec(call, keys[0])
         if not first.shape:

@@ -31,7 +31,7 @@ class Shape(Operation):
     touches_data = False
 
     def record(self, ctx: OpContext, key: str) -> torch.Size:
-        return torch.Size(ctx.spec(self.call_text(key), key).shape)
+        return torch.Size(ctx.spec(ctx.call(self, key), key).shape)
 
 
 @register
@@ -42,4 +42,4 @@ class Dtype(Operation):
     touches_data = False
 
     def record(self, ctx: OpContext, key: str) -> torch.dtype:
-        return ctx.spec(self.call_text(key), key).dtype
+        return ctx.spec(ctx.call(self, key), key).dtype

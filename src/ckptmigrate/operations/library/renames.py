@@ -25,7 +25,7 @@ class RenameKey(_Swappable):
     name = "rename_key"
 
     def record(self, ctx: OpContext, old: str, new: str) -> None:
-        call = self.call_text(old, new)
+        call = ctx.call(self, old, new)
         ctx.need(call, old, tensor=False)
         if new == old:
             return ctx.done(self, call, [new])
@@ -62,7 +62,7 @@ class RenamePrefix(_Swappable):
     name = "rename_prefix"
 
     def record(self, ctx: OpContext, old: str, new: str) -> None:
-        call = self.call_text(old, new)
+        call = ctx.call(self, old, new)
         if not isinstance(old, str) or not isinstance(new, str) or not old:
             raise ctx.fail(call, "prefixes are non-empty strings")
         mapping = {k: new + k[len(old) :] for k in ctx.state.keys(old)}
@@ -81,7 +81,7 @@ class RenameRegex(Operation):
     touches_data = False
 
     def record(self, ctx: OpContext, pattern: str, repl: str) -> None:
-        call = self.call_text(pattern, repl)
+        call = ctx.call(self, pattern, repl)
         try:
             rx = re.compile(pattern)
         except re.error as exc:

@@ -19,7 +19,7 @@ class ResetOptimizerStateOp(Operation):
     name = "reset_optimizer_state"
 
     def record(self, ctx: OpContext, key: str) -> None:
-        call = self.call_text(key)
+        call = ctx.call(self, key)
         node = ctx.need(call, key)
         # a mark in the plan, so it follows the tensor through later ops
         ctx.state.entries[key] = ResetOptimizerState((node,), node.spec)

@@ -31,7 +31,7 @@ class Reshape(Operation):
     name = "reshape"
 
     def record(self, ctx: OpContext, key: str, shape: Sequence[int] | int) -> None:
-        call = self.call_text(key, shape)
+        call = ctx.call(self, key, shape)
         spec = ctx.spec(call, key)
         dims = ctx.dims(call, shape)
         if sum(1 for d in dims if d == -1) > 1:
@@ -67,7 +67,7 @@ class Transpose(Operation):
     name = "transpose"
 
     def record(self, ctx: OpContext, key: str, dim0: int, dim1: int) -> None:
-        call = self.call_text(key, dim0, dim1)
+        call = ctx.call(self, key, dim0, dim1)
         spec = ctx.spec(call, key)
         d0, d1 = ctx.dim(call, dim0, len(spec.shape)), ctx.dim(call, dim1, len(spec.shape))
         shape = list(spec.shape)
@@ -88,7 +88,7 @@ class Permute(Operation):
     name = "permute"
 
     def record(self, ctx: OpContext, key: str, dims: Sequence[int]) -> None:
-        call = self.call_text(key, dims)
+        call = ctx.call(self, key, dims)
         spec = ctx.spec(call, key)
         n = len(spec.shape)
         if isinstance(dims, int) or not isinstance(dims, Iterable):
@@ -117,7 +117,7 @@ class Cast(Operation):
     name = "cast"
 
     def record(self, ctx: OpContext, key: str, dtype: torch.dtype | str) -> None:
-        call = self.call_text(key, dtype)
+        call = ctx.call(self, key, dtype)
         spec = ctx.spec(call, key)
         target = ctx.dtype(call, dtype)
         ctx.transform(self, call, key, TensorSpec(spec.shape, target), dtype=target)
@@ -148,7 +148,7 @@ class Resize(Operation):
         intended: bool = False,
         **init_args: Any,
     ) -> None:
-        call = self.call_text(key, shape, init=init, intended=intended, **init_args)
+        call = ctx.call(self, key, shape, init=init, intended=intended, **init_args)
         mark = ctx.intended(call, intended)
         spec = ctx.spec(call, key)
         target = ctx.shape(call, shape)
@@ -241,7 +241,7 @@ class MapTensor(Operation):
         shape: Sequence[int] | None = None,
         dtype: torch.dtype | str | None = None,
     ) -> None:
-        call = self.call_text(key, fn, shape=shape, dtype=dtype)
+        call = ctx.call(self, key, fn, shape=shape, dtype=dtype)
         spec = ctx.spec(call, key)
         if not callable(fn):
             raise ctx.fail(call, "fn must be a function of one tensor")
