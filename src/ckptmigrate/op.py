@@ -14,17 +14,87 @@ this module imports no torch, so graph-only commands stay fast.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .operations.context import current
+
+if TYPE_CHECKING:
+    from .operations.registry import Operation
+
+
+class _Default:
+    """Stands for a parameter's default in generated source (the value is bound by name)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _forward(p: inspect.Parameter) -> str:
+    if p.kind is p.VAR_POSITIONAL:
+        return "*" + p.name
+    if p.kind is p.KEYWORD_ONLY:
+        return f"{p.name}={p.name}"
+    if p.kind is p.VAR_KEYWORD:
+        return "**" + p.name
+    return p.name
+
+
+def _op_function(definition: Operation) -> Callable[..., Any]:
+    """``op.<name>``: a plain function with the definition's signature and docstring.
+
+    It is generated as source (as :mod:`dataclasses` generates ``__init__``) so
+    that a wrong call fails as a hand-written function's would, naming
+    ``<name>()``, and a right one costs one extra call.
+    """
+    sig = definition.signature
+    params = list(sig.parameters.values())
+    if any(p.name.startswith("_") for p in params):
+        raise TypeError(f"op {definition.name!r}: public parameter names may not start with '_'")
+    defaults = {f"_default_{p.name}": p.default for p in params if p.default is not p.empty}
+    bare = sig.replace(
+        parameters=[
+            p.replace(
+                annotation=p.empty,
+                default=_Default(f"_default_{p.name}") if p.default is not p.empty else p.empty,
+            )
+            for p in params
+        ],
+        return_annotation=sig.empty,
+    )
+    name = definition.name
+    source = (
+        f"def {name}{bare}:\n"
+        f"    return _record(_current({name!r}), {', '.join(map(_forward, params))})\n"
+    )
+    namespace: dict[str, Any] = {"_record": definition.record, "_current": current, **defaults}
+    exec(compile(source, f"<op.{name}>", "exec"), namespace)
+    fn: Callable[..., Any] = namespace[name]
+    fn.__signature__ = sig  # type: ignore[attr-defined]
+    fn.__doc__ = definition.doc
+    fn.__module__ = "ckptmigrate.op"
+    fn.__qualname__ = name
+    fn.__annotations__ = {p.name: p.annotation for p in params if p.annotation is not p.empty}
+    if sig.return_annotation is not sig.empty:
+        fn.__annotations__["return"] = sig.return_annotation
+    return fn
+
+
+_public: dict[str, Callable[..., Any]] = {}
 
 
 def _functions() -> Mapping[str, Callable[..., Any]]:
-    """Every op's function, also bound as a module attribute (later lookups cost nothing)."""
-    from .operations.registry import public_functions
+    """Every op's function, built once and bound as a module attribute (later lookups are free)."""
+    if not _public:
+        from .operations.registry import operations
 
-    functions = public_functions()
-    globals().update(functions)
-    return functions
+        _public.update({name: _op_function(d) for name, d in operations().items()})
+        globals().update(_public)
+    return _public
 
 
 def __getattr__(name: str) -> Any:
@@ -39,4 +109,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_functions()})
+    """The ops (and the module's dunders), not the helpers that build them."""
+    return sorted({*(n for n in globals() if n.startswith("__")), *_functions()})

@@ -8,8 +8,8 @@ how autogenerate writes it and its inverse. The plan, the optimizer-state pass,
 adding an op is one module in :mod:`ckptmigrate.operations.library` (which
 registers its classes with :func:`register`) plus its tests.
 
-This module imports no torch: listing the ops is cheap, and ``ckptmigrate.op``
-builds its functions from here only when a script first uses one.
+This module imports no torch; ``ckptmigrate.op`` builds its functions from
+the definitions only when a script first uses one.
 """
 
 from __future__ import annotations
@@ -195,78 +195,3 @@ def operation(name: str) -> Operation:
     """The definition of op ``name``; KeyError when there is none."""
     _discover()
     return _REGISTRY[name]
-
-
-# --------------------------------------------------------------------- op.<name>
-
-
-class _Default:
-    """Stands for a parameter's default in generated source (the value is bound by name)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-def _forward(p: inspect.Parameter) -> str:
-    if p.kind is p.VAR_POSITIONAL:
-        return "*" + p.name
-    if p.kind is p.KEYWORD_ONLY:
-        return f"{p.name}={p.name}"
-    if p.kind is p.VAR_KEYWORD:
-        return "**" + p.name
-    return p.name
-
-
-def public_function(definition: Operation) -> Callable[..., Any]:
-    """``op.<name>``: a plain function with the definition's signature and docstring.
-
-    It is generated as source (as :mod:`dataclasses` generates ``__init__``) so
-    that a wrong call fails as a hand-written function's would, naming
-    ``<name>()``, and a right one costs one extra call.
-    """
-    from .context import current
-
-    sig = definition.signature
-    params = list(sig.parameters.values())
-    if any(p.name.startswith("_") for p in params):
-        raise TypeError(f"op {definition.name!r}: public parameter names may not start with '_'")
-    defaults = {f"_default_{p.name}": p.default for p in params if p.default is not p.empty}
-    bare = sig.replace(
-        parameters=[
-            p.replace(
-                annotation=p.empty,
-                default=_Default(f"_default_{p.name}") if p.default is not p.empty else p.empty,
-            )
-            for p in params
-        ],
-        return_annotation=sig.empty,
-    )
-    name = definition.name
-    source = (
-        f"def {name}{bare}:\n"
-        f"    return _record(_current({name!r}), {', '.join(map(_forward, params))})\n"
-    )
-    namespace: dict[str, Any] = {"_record": definition.record, "_current": current, **defaults}
-    exec(compile(source, f"<op.{name}>", "exec"), namespace)
-    fn: Callable[..., Any] = namespace[name]
-    fn.__signature__ = sig  # type: ignore[attr-defined]
-    fn.__doc__ = definition.doc
-    fn.__module__ = "ckptmigrate.op"
-    fn.__qualname__ = name
-    fn.__annotations__ = {p.name: p.annotation for p in params if p.annotation is not p.empty}
-    if sig.return_annotation is not sig.empty:
-        fn.__annotations__["return"] = sig.return_annotation
-    return fn
-
-
-_public: dict[str, Callable[..., Any]] = {}
-
-
-def public_functions() -> Mapping[str, Callable[..., Any]]:
-    """``op``'s functions, one per registered op, built once."""
-    if not _public:
-        _public.update({name: public_function(d) for name, d in operations().items()})
-    return _public

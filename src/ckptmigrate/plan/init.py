@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .nodes import TensorSpec
+from .spec import TensorSpec
 
 # init name -> the keyword arguments it takes (with defaults)
 INITS: dict[str, dict[str, Any]] = {

@@ -12,51 +12,31 @@ rename costs nothing and memory is bounded by the tensors actually changed.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from ..operations.registry import Operation
+from .init import make_tensor
+from .spec import TensorSpec, dtype_name
 
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Shape and dtype: everything a schema knows about a tensor."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @classmethod
-    def of(cls, tensor: torch.Tensor) -> TensorSpec:
-        return cls(tuple(tensor.shape), tensor.dtype)
-
-    def meta(self) -> torch.Tensor:
-        return torch.empty(self.shape, dtype=self.dtype, device="meta")
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * dtype_itemsize(self.dtype)
-
-    def __str__(self) -> str:
-        return f"[{', '.join(map(str, self.shape))}] {dtype_name(self.dtype)}"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def dtype_itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype, device="meta").element_size()
+# TensorSpec and dtype_name live in .spec (below the initialisers); most code reads them
+# together with the nodes, so they are part of this module's interface too.
+__all__ = [
+    "Apply",
+    "Constant",
+    "Init",
+    "Node",
+    "NodeOp",
+    "ResetOptimizerState",
+    "Source",
+    "TensorSpec",
+    "dtype_name",
+    "seed_for",
+    "sources_of",
+    "walk",
+]
 
 
 def seed_for(*parts: str) -> int:
@@ -126,14 +106,43 @@ class Init(Node):
     inputs: tuple[Node, ...] = ()
 
     def compute(self, args: Sequence[Any]) -> torch.Tensor:
-        from .init import make_tensor
-
         assert self.spec is not None
         return make_tensor(self.spec, self.init, self.init_args, self.seed)
 
     def describe(self) -> str:
         name = self.init if isinstance(self.init, str) else getattr(self.init, "__name__", "fn")
         return f"init={name}"
+
+
+class NodeOp(Protocol):
+    """What the plan asks of the op that made an :class:`Apply` node.
+
+    An ``operations.registry.Operation`` is one; the plan names only this, so
+    it stays below the operations that build it.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    def node_label(self) -> str: ...
+
+    def kernel(self, args: Sequence[torch.Tensor], /, *_: Any, **params: Any) -> torch.Tensor:
+        """The node's value from its inputs' values."""
+        ...
+
+    def follow_state(self, args: Sequence[torch.Tensor], /, *_: Any, **params: Any) -> torch.Tensor:
+        """How optimizer state shaped like the node's parameter follows it."""
+        ...
+
+    def part_kept(self, params: Mapping[str, Any]) -> tuple[int, int, int] | None:
+        """(dim, start, length): the slice of its single input the node keeps, if only part."""
+        ...
+
+    def cut(
+        self, source: TensorSpec, result: TensorSpec, params: Mapping[str, Any]
+    ) -> tuple[int, str] | None:
+        """(values lost, how) when the node itself throws part of its input away."""
+        ...
 
 
 @dataclass(eq=False)
@@ -144,7 +153,7 @@ class Apply(Node):
     state follows it and what of its input it keeps.
     """
 
-    op: Operation
+    op: NodeOp
     inputs: tuple[Node, ...]
     params: dict[str, Any]
     spec: TensorSpec | None

@@ -7,17 +7,18 @@ parameters by position alone. So every parameter's state is moved to the
 parameter's new position and transformed as its weights were:
 
 * a state tensor with the parameter's shape (``exp_avg``, ``exp_avg_sq``,
-  ``momentum_buffer``, ...) goes through the parameter's plan: reshape,
-  transpose, permute, narrow (split) and concat apply as they do to the
-  weights, ``cast`` casts, ``resize`` grows with zeros (never the weights'
-  init: a new row has seen no gradient) or slices; new parts (``add_tensor``,
-  ``add_module``, the new rows of a resize) are zeros;
+  ``momentum_buffer``, ...) goes through the parameter's plan, each node by its
+  op's own rule (``follow_state``): by default as the weights (reshape,
+  transpose, permute, split, concat, stack, unstack; ``cast`` casts),
+  ``resize`` grows with zeros (never the weights' init: a new row has seen no
+  gradient) or slices; new parts (``add_tensor``, ``add_module``, the new rows
+  of a resize) are zeros;
 * a scalar (``step``, NAdam's ``mu_product``, ASGD's ``eta``/``mu``, or any 0-d
   tensor, number or None) is copied; for a concat of parameters whose values
   differ the largest is kept: with Adam, a smaller ``step`` would inflate the
   bias correction of the parts trained longer, while the largest only damps the
   newer parts' first updates;
-* ``map_tensor`` is an error: a function of the weights says nothing about
+* ``map_tensor`` is an error (its rule refuses): a function of the weights says nothing about
   their moments. ``op.reset_optimizer_state(key)`` after it (or anywhere) says
   to start that tensor's state afresh: no state at all when nothing else
   feeds the parameter, zeros for its part of a concatenation otherwise.
