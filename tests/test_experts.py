@@ -11,6 +11,7 @@ autogenerate's renderer wrote, resumes Adam on it, and downgrades it back.
 from __future__ import annotations
 
 import inspect
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -280,10 +281,10 @@ def moe_lineage(root: Path) -> None:
     for o in ops:
         o.inverse = inverse(o, {}.get) or []
     up, down, _ = render(ops)
-    (root / "models.py").write_text(MODELS)
+    (root / "moe_models.py").write_text(MODELS)
     (root / "alembic_style.ini").write_text(
         "[ckptmigrate]\nscript_location = %(here)s/migrations\nprepend_sys_path = .\n"
-        "model = models:build\n"
+        "model = moe_models:build\n"
     )
     versions = root / "migrations" / "versions"
     versions.mkdir(parents=True)
@@ -314,6 +315,7 @@ def test_moe_training_checkpoint_stacks_with_adam_and_comes_back(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "moe_models", raising=False)  # this test's own models
     moe_lineage(tmp_path)
     torch.manual_seed(0)
     v1 = MoEList()
@@ -349,7 +351,7 @@ def test_moe_training_checkpoint_stacks_with_adam_and_comes_back(
 
     # the old code base configures the old model; the downgrade gives back the file's contents
     ini = tmp_path / "alembic_style.ini"
-    ini.write_text(ini.read_text().replace("models:build\n", "models:build_v1\n"))
+    ini.write_text(ini.read_text().replace("moe_models:build\n", "moe_models:build_v1\n"))
     run("downgrade", "v2.pt", R1, "-o", "back.pt")
     back = torch.load("back.pt", weights_only=True)
     assert list(back["model"]) == list(old["model"])
