@@ -8,7 +8,7 @@ checkpoint commands import it when they run.
 from __future__ import annotations
 
 import contextlib
-import functools
+import dataclasses
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -337,7 +337,7 @@ def _open_to_write(
     keep_wrapper_prefix: bool,
 ) -> tuple[Checkpoint, Path]:
     """The checkpoint and where it goes, refused before any work if it cannot go there."""
-    from .formats import check_output
+    from .formats import WriteOptions, check_output
 
     ckpt = _open(
         config,
@@ -349,7 +349,7 @@ def _open_to_write(
     )
     out = Path(output) if output else Path(checkpoint)
     try:
-        check_output(out, ckpt, keep_wrapper_prefix=keep_wrapper_prefix)
+        check_output(out, ckpt, WriteOptions(keep_wrapper_prefix=keep_wrapper_prefix))
     except BaseException:
         ckpt.close()
         raise
@@ -360,13 +360,9 @@ def _check_output_path(
     checkpoint: str | os.PathLike[str], output: str | os.PathLike[str] | None
 ) -> None:
     """An ``-o`` path no file can be written at is refused before anything is read or locked."""
-    if output is None:
-        return
-    from .formats.atomic import check_target
-    from .formats.probe import index_path
+    from .formats import check_output_path
 
-    if index_path(Path(checkpoint)) is None:  # a sharded checkpoint may go to a folder
-        check_target(Path(output))
+    check_output_path(checkpoint, output)
 
 
 def _resolve_ids(script_dir: ScriptDirectory, symbols: str) -> tuple[str, ...]:
@@ -426,12 +422,10 @@ def _writing(
     if dry_run:
         yield
         return
+    from .formats import lock_path
     from .formats.lock import locked
-    from .formats.probe import index_path
 
-    path = Path(output) if output else Path(checkpoint)
-    path = index_path(path) or path
-    with locked(path, notify=config.log):
+    with locked(lock_path(output or checkpoint), notify=config.log):
         yield
 
 
@@ -453,7 +447,7 @@ def _migrate(
     force: bool = False,
     keep_wrapper_prefix: bool = False,
 ) -> MigrationResult:
-    from .formats import write_checkpoint
+    from .formats import WriteOptions, write_checkpoint
 
     script_dir = ScriptDirectory.from_config(config)
     rmap = script_dir.revision_map
@@ -481,9 +475,9 @@ def _migrate(
             dry_run,
             identified,
         )
-        write = functools.partial(
-            write_checkpoint,
+        options = WriteOptions(
             verify=verify,
+            jobs=jobs,
             durable=_durable(config, durable, output),
             keep_wrapper_prefix=keep_wrapper_prefix,
         )
@@ -492,7 +486,7 @@ def _migrate(
             _refuse_wrong_way(script_dir, current, target, upgrade, where)
             at = format_ids(current) or "base"
             if copy:
-                write(out, ckpt, ckpt.initial_state(), current)
+                write_checkpoint(out, ckpt, ckpt.initial_state(), current, options)
             written = f"; written to {display_path(out)}" if copy else ""
             config.log(f"Nothing to {direction}: {where} is at {at}{written}")
             return result
@@ -507,7 +501,7 @@ def _migrate(
         if dry_run:
             _print_plan(config, where, result, len(ckpt.schema), state)
         container = None
-        if ckpt.format == "torch" and ckpt.state_path:
+        if ckpt.training is not None:
             from .training import migrate_training_state
 
             container = migrate_training_state(
@@ -516,7 +510,8 @@ def _migrate(
         if dry_run:
             return result
         bar = _progress(config, ckpt, state, "Writing")
-        write(out, ckpt, state, new_heads, container=container, progress=bar, jobs=jobs)
+        options = dataclasses.replace(options, container=container, progress=bar)
+        write_checkpoint(out, ckpt, state, new_heads, options)
         if bar is not None:
             bar.finish()
         config.log(
@@ -797,7 +792,7 @@ def stamp(
     """
     _check_output_path(checkpoint, output)
     with _writing(config, checkpoint, output, False):
-        from .formats import write_checkpoint
+        from .formats import WriteOptions, write_checkpoint
 
         script_dir = ScriptDirectory.from_config(config)
         rmap = script_dir.revision_map
@@ -830,7 +825,11 @@ def stamp(
                 check_start(config, script_dir, ckpt, after, claimed_by=STAMP, force=force)
             state = ckpt.initial_state()
             write_checkpoint(
-                out, ckpt, state, after or None, keep_wrapper_prefix=keep_wrapper_prefix
+                out,
+                ckpt,
+                state,
+                after or None,
+                WriteOptions(keep_wrapper_prefix=keep_wrapper_prefix),
             )
             where = display_path(out)
             if after:
