@@ -7,7 +7,10 @@ in the index's ``metadata``. Writing keeps every key in the shard it came
 from (new keys join their neighbour's shard), rewrites only the shards whose
 contents change, in parallel, and then replaces the index in one atomic
 step, so a crash leaves either the old set or the new one; files no longer
-referenced are removed afterwards.
+referenced are removed afterwards. A shard keeps its standard name
+(``model-00001-of-00004.safetensors``) unless a file of that name is still
+in use in the output folder, as it is when upgrading in place: then the new
+shard gets a name of its own until the index switches to it.
 
 Importing this module does not import torch.
 """
@@ -24,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import CheckpointError, CkptMigrateError
+from ..errors import CheckpointError, CkptMigrateError, WriteError
 from .base import FileFormat, Format, ReadOptions, WriteOptions, output_format, register
 from .checkpoint import Checkpoint
 from .fileio import fsync_dir
@@ -35,7 +38,7 @@ if TYPE_CHECKING:
     from ..plan.nodes import Node, TensorSpec
     from ..plan.state import PlanState
 
-_TAG = re.compile(r"-ckm[0-9a-f]{8}$")
+_TAG = re.compile(r"-ckm[0-9a-f]{8}(?:-\d+)?$")
 
 
 @dataclass
@@ -77,7 +80,11 @@ class ShardedFormat:
         return read_sharded(found, trust_pickle=options.trust_pickle)
 
     def check_target(self, target: Path) -> None:
-        pass  # a folder is made where there is none
+        if target.is_file() and not target.name.endswith(".json"):
+            raise WriteError(
+                f"cannot write a sharded checkpoint to {target}: it is a file",
+                hint="give a folder or an *.index.json path with -o",
+            )
 
     def write(
         self,
@@ -200,9 +207,17 @@ def _unchanged(keys: list[str], entries: Mapping[str, Node], shard: Checkpoint) 
     return all(isinstance(entries[k], Source) and entries[k].key == k for k in keys)  # type: ignore[attr-defined]
 
 
-def _new_name(shard: str, tag: str, taken: set[str]) -> str:
+def _free_name(shard: str, tag: str, taken: set[str]) -> str:
+    """The shard's standard name if no file in the output folder has it, else a unique one.
+
+    A name left by an earlier in-place upgrade (``...-ckm1a2b3c4d``) goes
+    back to the standard one where that is free.
+    """
     stem, dot, ext = shard.partition(".")
     stem = _TAG.sub("", stem)
+    name = f"{stem}{dot}{ext}"
+    if name not in taken:
+        return name
     name = f"{stem}-ckm{tag}{dot}{ext}"
     n = 1
     while name in taken:
@@ -212,14 +227,22 @@ def _new_name(shard: str, tag: str, taken: set[str]) -> str:
 
 
 def _output_index(target: Path, sharded: ShardSet) -> Path:
-    """Where the new index goes (a folder given is created)."""
+    """Where the new index goes, its folder created: ``-o v5`` and ``-o v5/x.index.json`` alike."""
     found = index_path(target) if target.exists() else None
     if found is not None:
         return found
     if target.suffix == ".json":
-        return target
-    target.mkdir(parents=True, exist_ok=True)
-    return target / sharded.index_path.name
+        folder, found = target.parent, target
+    else:
+        folder, found = target, target / sharded.index_path.name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(
+            f"cannot create the folder {folder}: {exc.strerror or exc}",
+            hint="choose another place with -o; the input is unchanged",
+        ) from exc
+    return found
 
 
 @dataclass
@@ -243,7 +266,7 @@ def _plan_names(
         json.dumps(flatten_stamps(metadata), sort_keys=True).encode()
         + "\0".join(f"{k}:{full.entries[k].spec}" for k in full.entries).encode()
     ).hexdigest()[:8]
-    taken = set(sharded.shard_of.values()) | {p.name for p in folder.iterdir()}
+    taken = {p.name for p in folder.iterdir()}
     jobs: list[_Job] = []
     weight_map: dict[str, str] = {}
     for shard, keys in _assign(full.entries, sharded).items():
@@ -251,7 +274,7 @@ def _plan_names(
         if same_folder and original is not None and _unchanged(keys, full.entries, original):
             name = shard
         else:
-            name = _new_name(shard, tag, taken)
+            name = _free_name(shard, tag, taken)
             taken.add(name)
             jobs.append(_Job(shard, name, keys))
         weight_map.update((k, name) for k in keys)
