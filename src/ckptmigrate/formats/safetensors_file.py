@@ -215,6 +215,7 @@ def _span(path: Path, name: str, info: Any, data_len: int) -> tuple[int, int, st
 
 
 def read_safetensors(path: Path) -> SafetensorsCheckpoint:
+    """Open lazily: the header is validated now, the data memory-mapped on first read."""
     import torch
 
     from ..plan.nodes import TensorSpec

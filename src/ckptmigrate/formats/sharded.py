@@ -43,6 +43,8 @@ _TAG = re.compile(r"-ckm[0-9a-f]{8}(?:-\d+)?$")
 
 @dataclass
 class ShardSet:
+    """The index as read, and its shards: what writing needs to keep keys where they were."""
+
     index_path: Path
     index: dict[str, Any]
     shard_of: dict[str, str]  # key -> shard file name
@@ -127,6 +129,7 @@ def _read_index(path: Path) -> tuple[dict[str, Any], dict[str, str], dict[str, A
 
 
 def read_sharded(path: Path, *, trust_pickle: bool = False) -> ShardedCheckpoint:
+    """Open every shard lazily; every key the index names must be in its shard."""
     from . import open_checkpoint
 
     index, weight_map, meta = _read_index(path)
@@ -384,6 +387,7 @@ def _write_index(
 
 
 def _verify_shard(fmt: FileFormat, tmp: Path, path: Path, entries: Mapping[str, Node]) -> None:
+    """The shard just written holds exactly the planned keys, shapes and dtypes."""
     ckpt = fmt.open(tmp, ReadOptions())
     try:
         got = ckpt.schema

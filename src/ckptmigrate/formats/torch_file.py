@@ -177,6 +177,7 @@ def read_torch(
     state_dict_key: str | None = None,
     opaque: bool = False,
 ) -> TorchCheckpoint:
+    """Open lazily: the weights found in the loaded object, keys without a wrapper's prefix."""
     import torch
 
     from ..plan.nodes import TensorSpec
