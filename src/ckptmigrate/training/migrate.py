@@ -58,8 +58,10 @@ def migrate_container(
     Returns None when the container holds nothing to migrate (and always for
     a dry run, which prints what would happen to the optimizer state instead).
     """
-    container, state_path = ckpt.container, ckpt.state_path
-    found = find_optimizers(container, state_path)
+    if ckpt.training is None:
+        return None
+    container = ckpt.training.container
+    found = find_optimizers(container, ckpt.training.state_path)
     if not found:
         return None
     chosen = policy(config)

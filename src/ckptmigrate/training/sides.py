@@ -52,10 +52,11 @@ def model_info(config: Config) -> ModelInfo | None:
     """
     if not config.get("model"):
         return None
-    from ..autogenerate import model_schema
+    from ..model import configured_model
 
     try:
-        schema, model, spec = model_schema(config)
+        found = configured_model(config)
+        schema, model, spec = found.schema, found.module, found.spec
     except CkptMigrateError as exc:
         config.log(f"Note: not using the configured model for the optimizer state: {exc}")
         return None
