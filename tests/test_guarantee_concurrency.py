@@ -12,6 +12,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -137,10 +138,25 @@ def test_a_waiting_writer_reads_the_file_the_other_one_wrote(
     assert code == 0, err
     staged = tmp_path / "staged.pth"
     shutil.copyfile(upgraded, staged)
+    waiting = threading.Event()
+    real_locked = lock.locked
+
+    def locked(path: Path, **kwargs: Any) -> Any:
+        """The real lock, which also tells this test when it starts to wait."""
+        notify = kwargs.get("notify")
+
+        def told(message: str) -> None:
+            if notify is not None:
+                notify(message)
+            waiting.set()
+
+        return real_locked(path, **{**kwargs, "notify": told})
+
+    monkeypatch.setattr(lock, "locked", locked)
     fd = _hold(ckpt)
 
     def other_writer() -> None:
-        time.sleep(0.4)
+        waiting.wait(timeout=120)  # the timeout only ends a hang; the asserts below tell
         os.replace(staged, ckpt)  # its atomic switch, then its process ends
         os.close(fd)
 
@@ -148,6 +164,7 @@ def test_a_waiting_writer_reads_the_file_the_other_one_wrote(
     thread.start()
     code, err = _invoke("-c", str(ini), "upgrade", str(ckpt))
     thread.join()
+    assert waiting.is_set(), err
     assert code == 0, err
     assert err.startswith(f"Waiting for another ckptmigrate process writing {ckpt}")
     assert "Running upgrade" not in err
