@@ -19,7 +19,7 @@ import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 import pytest
 import torch
@@ -163,13 +163,19 @@ def test_checkpoint_replaced_by_a_directory_mid_run(
     assert leftovers(tmp_path) == []
 
 
+def _root_only(why: str) -> NoReturn:
+    """Skip a test that needs root powers this run does not have, saying which."""
+    __tracebackhide__ = True  # the summary names the caller's line, not this one
+    pytest.skip(f"root-only: {why}")
+
+
 @contextlib.contextmanager
 def _immutable(folder: Path) -> Iterator[None]:
     if shutil.which("chattr") is None:
-        pytest.skip("needs chattr")
+        _root_only("needs chattr (e2fsprogs) to make a folder immutable")
     done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, check=False)
     if done.returncode != 0:
-        pytest.skip("this file system or user cannot make a folder immutable")
+        _root_only("'chattr +i' needs CAP_LINUX_IMMUTABLE and a file system with that flag")
     try:
         probe = folder / "probe"
         try:
@@ -178,7 +184,7 @@ def _immutable(folder: Path) -> Iterator[None]:
             pass
         else:
             probe.unlink()
-            pytest.skip("the immutable flag does not stop this user")
+            _root_only("'chattr +i' was accepted but does not stop writes on this file system")
         yield
     finally:
         subprocess.run(["chattr", "-i", str(folder)], check=False)
@@ -211,7 +217,7 @@ def _tmpfs(folder: Path, size: str) -> Iterator[None]:
         check=False,
     )
     if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
+        _root_only("mounting a small tmpfs needs CAP_SYS_ADMIN")
     try:
         yield
     finally:
@@ -238,7 +244,7 @@ def test_disk_full_and_read_only_file_system_for_real(
 
         remount = ["mount", "-o", "remount,ro", str(disk)]
         if subprocess.run(remount, capture_output=True, check=False).returncode != 0:
-            pytest.skip("cannot remount read-only")
+            _root_only("remounting the tmpfs read-only needs CAP_SYS_ADMIN")
         code, err = _invoke("-c", str(ini), "upgrade", str(ckpt), "-o", str(disk / "out.pth"))
         _assert_refused(code, err, f"cannot write in {disk}: the file system is read-only")
         assert before.unchanged()

@@ -12,14 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from examples.simple_model import SimpleModel, SimpleModelV1
 from tests.conftest import INITIAL, Run, write_revision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-L = pytest.importorskip("lightning")
 
 R1, R2 = "bbbb00000001", "bbbb00000002"
 
