@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.conftest import Run, write_revision
+from tests.conftest import Run, two_step_lineage
 
 from ckptmigrate import command
 from ckptmigrate.config import Config
@@ -23,11 +23,7 @@ REV0, REV1 = "base00000001", "next00000002"
 
 
 def lineage(root: Path, up: str, down: str = "pass") -> Path:
-    versions = root / "mig" / "versions"
-    write_revision(versions, REV0, None)
-    write_revision(versions, REV1, REV0, up, down)
-    (root / "alembic_style.ini").write_text("[ckptmigrate]\nscript_location = %(here)s/mig\n")
-    return root / "mig"
+    return two_step_lineage(root, (REV0, REV1), up, down, name="mig")
 
 
 def tensors_of(obj: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

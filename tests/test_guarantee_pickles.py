@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from tests.conftest import invoke
 from tests.harness.common import (
     REV_A,
     REV_B,
@@ -29,8 +29,6 @@ from tests.harness.common import (
     standard_project,
     torch_zip_file,
 )
-
-from ckptmigrate.cli import cli
 
 
 class _Reduce:
@@ -108,11 +106,6 @@ KINDS = [
 ]
 
 
-def _invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    return result.exit_code, result.stderr
-
-
 def _wait_for(path: Path, seconds: float = 60.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -161,7 +154,7 @@ def test_hostile_pickle_is_refused_and_never_runs(
     for command in (["upgrade"], ["current"], ["stamp"], ["downgrade"]):
         args = ["-c", str(ini), *command, str(ckpt)]
         args += {"stamp": [REV_B], "downgrade": ["base"]}.get(command[0], [])
-        code, err = _invoke(*args)
+        code, err = invoke(*args)
         lines = err.strip().splitlines()
         assert code == 1, (command, err)
         assert len(lines) == 1 and lines[0].startswith("Error: refusing to load"), err
@@ -173,7 +166,7 @@ def test_hostile_pickle_is_refused_and_never_runs(
     assert not _payload_ran(marker, children), "the payload ran"
 
     # Positive control: --trust-pickle is the way in, and then the payload runs.
-    code, err = _invoke("-c", str(ini), "current", str(ckpt), "--trust-pickle")
+    code, err = invoke("-c", str(ini), "current", str(ckpt), "--trust-pickle")
     assert err.startswith("Warning: --trust-pickle: loading the checkpoint can run arbitrary code")
     assert _payload_ran(marker, children), (kind, code, err)
     assert _wait_for(marker), (kind, code, err)
@@ -192,11 +185,11 @@ def test_trust_pickle_loads_a_benign_unlisted_global_and_warns(
     torch.save({"state_dict": sd, "hparams": hparams, "epoch": 7}, ckpt)
     before = ckpt.read_bytes()
 
-    code, err = _invoke("-c", str(ini), "upgrade", str(ckpt))
+    code, err = invoke("-c", str(ini), "upgrade", str(ckpt))
     assert code == 1 and "argparse.Namespace" in err and "--trust-pickle" in err, err
     assert ckpt.read_bytes() == before
 
-    code, err = _invoke("-c", str(ini), "upgrade", str(ckpt), "--trust-pickle")
+    code, err = invoke("-c", str(ini), "upgrade", str(ckpt), "--trust-pickle")
     assert code == 0, err
     assert err.splitlines()[0] == (
         "Warning: --trust-pickle: loading the checkpoint can run arbitrary code from the file"
@@ -207,7 +200,7 @@ def test_trust_pickle_loads_a_benign_unlisted_global_and_warns(
     assert torch.equal(out["state_dict"]["renamed0"], sd["w0"])
     assert torch.equal(out["state_dict"]["w1"], sd["w1"] * 2)
     # Without the flag the upgraded file is still refused: the global is still there.
-    code, err = _invoke("-c", str(ini), "current", str(ckpt))
+    code, err = invoke("-c", str(ini), "current", str(ckpt))
     assert code == 1 and "argparse.Namespace" in err
 
 
@@ -254,8 +247,8 @@ def test_verification_never_runs_the_written_pickle(
     torch.save({"state_dict": _sd(), "extra": _Sneaky()}, ckpt)
     marker = tmp_path / "PWNED"
     monkeypatch.setattr(_Sneaky, "armed", marker)  # the output will carry os.system
-    code, err = _invoke("-c", str(ini), "upgrade", str(ckpt), "--trust-pickle")
+    code, err = invoke("-c", str(ini), "upgrade", str(ckpt), "--trust-pickle")
     assert code == 0, err
     assert not marker.exists(), "verification ran the output's pickle"
-    code, err = _invoke("-c", str(ini), "current", str(ckpt))
+    code, err = invoke("-c", str(ini), "current", str(ckpt))
     assert code == 1 and "posix.system" in err  # what verification read without running

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from tests.conftest import REVISION_TEMPLATE
+from tests.harness.common import same
 
 from ckptmigrate import op
 from ckptmigrate.errors import OperationError
@@ -92,11 +93,6 @@ def run_file(
         return {}, state
     ev = Evaluator(state.entries, lambda k: sd[k])
     return {k: ev(k) for k in state.entries}, state
-
-
-def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit-identical: shape, dtype and every value."""
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
 
 
 # --------------------------------------------------------------------- renames
