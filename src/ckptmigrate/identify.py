@@ -84,11 +84,7 @@ def _detail(have: Schema, want: Schema) -> tuple[int, str]:
 
 def nested_prefixes(metadata: Mapping[str, Mapping[str, Any]] | None) -> tuple[str, ...]:
     """Prefixes of modules stamped by a lineage of their own (the root is not one)."""
-    return tuple(
-        name + "."
-        for name, meta in (metadata or {}).items()
-        if name and is_stamped(meta)
-    )
+    return tuple(name + "." for name, meta in (metadata or {}).items() if name and is_stamped(meta))
 
 
 def _without(schema: Schema, prefixes: Sequence[str]) -> Schema:
