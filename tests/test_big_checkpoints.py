@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -130,23 +132,31 @@ def test_sharded_output_elsewhere_keeps_input(
         assert (tmp_path / "out" / name).exists()
 
 
+def _sharded_gpt2(root: Path) -> Any:
+    """A small GPT-2 saved by transformers in shards at ``root/gpt``, and a lineage whose
+    older revision named the blocks ``transformer.blocks.``."""
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.save_pretrained(root / "gpt", max_shard_size="40KB", safe_serialization=True)
+    lineage(
+        root,
+        'op.rename_prefix("transformer.blocks.", "transformer.h.")',
+        'op.rename_prefix("transformer.h.", "transformer.blocks.")',
+    )
+    return model
+
+
 def test_transformers_loads_the_upgraded_shards(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run
 ) -> None:
     import transformers  # the test extra installs it: a missing package fails here
 
     monkeypatch.chdir(tmp_path)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    model.save_pretrained(tmp_path / "gpt", max_shard_size="40KB", safe_serialization=True)
+    model = _sharded_gpt2(tmp_path)
     assert (tmp_path / "gpt" / "model.safetensors.index.json").exists()
-    # A lineage whose older revision named the blocks "transformer.blocks.": go down, then up.
-    lineage(
-        tmp_path,
-        'op.rename_prefix("transformer.blocks.", "transformer.h.")',
-        'op.rename_prefix("transformer.h.", "transformer.blocks.")',
-    )
     run("stamp", "gpt", REV1)
     run("downgrade", "gpt", REV0, "-j", "3")
     # transformers would load the old layout "successfully", with random blocks:
@@ -163,6 +173,72 @@ def test_transformers_loads_the_upgraded_shards(
     ids = torch.arange(12).reshape(2, 6)
     with torch.no_grad():
         assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def _shard_names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors")
+
+
+def test_sharded_output_in_a_new_folder_keeps_the_standard_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run
+) -> None:
+    """``-o v5`` and ``-o v5/model.safetensors.index.json`` (v5 absent) write the same folder.
+
+    Nothing is replaced there, so the shards keep Hugging Face's names; only
+    an in-place upgrade, whose old shards are still in use until the index
+    switches, needs names of its own, and goes back to the standard ones
+    where they are free again.
+    """
+    import transformers
+
+    monkeypatch.chdir(tmp_path)
+    model = _sharded_gpt2(tmp_path)
+    names = _shard_names(tmp_path / "gpt")
+    assert len(names) >= 3 and names[0] == f"model-00001-of-{len(names):05d}.safetensors"
+    run("stamp", "gpt", REV1)
+    run("downgrade", "gpt", REV0, "-o", "legacy")
+    assert _shard_names(tmp_path / "legacy") == names
+    run("upgrade", "legacy/model.safetensors.index.json", "-o", "v5/model.safetensors.index.json")
+    run("upgrade", "legacy", "-o", "v6")
+    v5 = {p.name: p.read_bytes() for p in (tmp_path / "v5").iterdir()}
+    assert v5 == {p.name: p.read_bytes() for p in (tmp_path / "v6").iterdir()}
+    assert sorted(v5) == sorted([*names, "model.safetensors.index.json"])
+    ids = torch.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        want = model(ids).logits
+    for name in ("config.json", "generation_config.json"):  # ckptmigrate writes the weights
+        shutil.copy(tmp_path / "gpt" / name, tmp_path / "v5" / name)
+    loaded, info = transformers.GPT2LMHeadModel.from_pretrained(
+        tmp_path / "v5", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(ids).logits, want)
+    run("downgrade", "v5", REV0)  # in place: the blocks' shards change under new names
+    renamed = set(_shard_names(tmp_path / "v5")) - set(names)
+    assert renamed and all("-ckm" in n for n in renamed)
+    assert len(_shard_names(tmp_path / "v5")) == len(names)  # the old ones are gone
+    run("upgrade", "v5")
+    assert _shard_names(tmp_path / "v5") == names
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "v5").eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, want)
+
+
+def test_sharded_output_onto_a_file_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    lineage(tmp_path, 'op.rename_key("a", "z")', 'op.rename_key("z", "a")')
+    (tmp_path / "in").mkdir()
+    _shard(tmp_path / "in", [{"a": torch.ones(2)}, {"b": torch.zeros(3)}], "safetensors")
+    (tmp_path / "taken.pt").write_bytes(b"something else")
+    err = run("upgrade", "in", "--from", REV0, "-o", "taken.pt", code=1).stderr
+    assert err == (
+        "Error: cannot write a sharded checkpoint to taken.pt: it is a file; "
+        "give a folder or an *.index.json path with -o\n"
+    )
+    assert (tmp_path / "taken.pt").read_bytes() == b"something else"
 
 
 class _Tty(io.StringIO):

@@ -161,17 +161,22 @@ def test_nothing_is_written_at_a_revision_whose_schema_the_result_contradicts(
 # ----------------------------------------------------------------------------- unknown schemas
 
 
-def test_without_a_base_schema_claims_get_a_note(project: Path, run: Run) -> None:
+def test_without_a_base_schema_only_identification_talks_about_it(
+    project: Path, run: Run
+) -> None:
+    """A plain --from or stamp workflow needs no base schema, so it hears nothing of one."""
     (project / "migrations/base_schema.txt").unlink()
     torch.save(v1_state_dict(), "model.pth")
     result = run("stamp", "model.pth", INITIAL)
-    assert "no base schema is recorded" in result.stderr
-    assert f"cannot check that model.pth is at {INITIAL}" in result.stderr
-    plain = run("upgrade", "model.pth")  # no claim: no note
+    assert "base schema" not in result.stderr
+    plain = run("upgrade", "model.pth")  # stamped: nothing to identify
     assert "base schema" not in plain.stderr
     torch.save(v1_state_dict(), "other.pth")
     claimed = run("upgrade", "other.pth", "--from", INITIAL)
-    assert "no base schema is recorded" in claimed.stderr
+    assert "base schema" not in claimed.stderr
+    torch.save(v1_state_dict(), "legacy.pth")
+    unknown = run("upgrade", "legacy.pth", code=1)  # identification needed, and impossible
+    assert "no ckptmigrate stamp" in unknown.stderr and "schema --record" in unknown.stderr
 
 
 # ----------------------------------------------------------------------------- partial schemas

@@ -142,9 +142,9 @@ def _flip_at(data: bytes, pos: int) -> bytes:
 
 def _optimizer_moment_flipped(base: Path) -> bytes:
     """A flipped byte in Adam's exp_avg of emb.weight, which the migration transposes."""
-    from ckptmigrate.formats import torch_zip
+    from ckptmigrate.formats import torch_save
 
-    obj, source = torch_zip.load(base)
+    obj, source = torch_save.load(base)
     record = source.locate(obj["optimizer"]["state"][0]["exp_avg"].untyped_storage())
     assert record is not None
     return _flip_at(base.read_bytes(), record.data_offset + 3)

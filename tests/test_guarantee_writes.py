@@ -33,7 +33,7 @@ from tests.harness.common import (
     write_project,
 )
 
-from ckptmigrate.formats import atomic, safetensors_file, torch_file, torch_zip
+from ckptmigrate.formats import atomic, fileio, safetensors_file, torch_file, torch_save
 
 
 def _checkpoint(path: Path, n: int = 256) -> OrderedDict[str, torch.Tensor]:
@@ -273,7 +273,7 @@ class _FullDisk:
 
 def _fail_after(monkeypatch: pytest.MonkeyPatch, budget: int, code: int) -> None:
     state = {"used": 0, "budget": budget, "errno": code}
-    real_open, real_copy = torch_zip.open_for_writing, torch_zip.copy_range
+    real_open, real_copy = fileio.open_for_writing, fileio.copy_range
 
     def opener(path: Path) -> Any:
         return _FullDisk(real_open(path), state)
@@ -284,9 +284,8 @@ def _fail_after(monkeypatch: pytest.MonkeyPatch, budget: int, code: int) -> None
             raise OSError(code, os.strerror(code))
         real_copy(src, dst, offset, size)
 
-    monkeypatch.setattr(torch_zip, "open_for_writing", opener)
-    monkeypatch.setattr(safetensors_file, "open_for_writing", opener)
-    monkeypatch.setattr(torch_zip, "copy_range", copy)
+    monkeypatch.setattr(fileio, "open_for_writing", opener)  # every format writes through it
+    monkeypatch.setattr(fileio, "copy_range", copy)
 
 
 def _raise(code: int) -> Callable[..., Any]:
@@ -392,14 +391,14 @@ def _drop_stamp(bound: dict[str, Any]) -> None:
 
 def _alter_tensor(how: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., None]:
     def patch(monkeypatch: pytest.MonkeyPatch) -> None:
-        real = torch_zip.write
+        real = torch_save.write
 
         def write(target: Path, obj: Any, *rest: Any, **kw: Any) -> None:
             obj = OrderedDict(obj)
             obj["renamed0"] = how(obj["renamed0"])
             real(target, obj, *rest, **kw)
 
-        monkeypatch.setattr(torch_zip, "write", write)
+        monkeypatch.setattr(torch_save, "write", write)
 
     return patch
 

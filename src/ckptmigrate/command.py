@@ -8,25 +8,22 @@ checkpoint commands import it when they run.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING
 
 from .config import DEFAULT_INI, Config
-from .errors import (
-    CkptMigrateError,
-    CommandError,
-    ConfigError,
-    MultipleHeads,
-    RangeNotAncestorError,
-    RevisionError,
-    StampError,
-)
+from .errors import CheckFailed, CommandError, ConfigError, RangeNotAncestorError
 from .paths import display_path
+from .runtime.options import (
+    CheckpointKwargs,
+    CheckpointOptions,
+    MigrationKwargs,
+    MigrationOptions,
+    PathLike,
+    make_options,
+)
 from .script import display
 from .script.directory import TEMPLATE_NAME, Script, ScriptDirectory
 from .script.revision import format_ids
@@ -34,10 +31,26 @@ from .script.revision import format_ids
 if TYPE_CHECKING:
     from typing import Unpack
 
-    from .formats.checkpoint import Checkpoint
-    from .runtime.migration import MigrationStep
-    from .runtime.symbolic import RevisionAudit
+    from .runtime.report import MigrationResult
     from .schema import Schema
+
+__all__ = [
+    "CheckFailed",
+    "branches",
+    "check",
+    "current",
+    "diff",
+    "downgrade",
+    "heads",
+    "history",
+    "init",
+    "merge",
+    "revision",
+    "schema",
+    "show",
+    "stamp",
+    "upgrade",
+]
 
 
 # --------------------------------------------------------------------------- init
@@ -131,37 +144,19 @@ def revision(
         downgrades=generated.downgrades if generated else None,
         imports=generated.imports if generated else (),
     )
-    discards = []
-    if generated is not None and generated.ops:
-        from .autogenerate.verify import verify_generated
+    done = f"Generating {display_path(script.path)} ... done"
+    if generated is None or not generated.ops:
+        config.print_stdout(done)
+        if first and generated is None:
+            from .recording import note_if_unrecorded
 
-        try:
-            discards = verify_generated(script, generated)
-        except Exception:
-            script.path.unlink()
-            raise
-    config.print_stdout(f"Generating {display_path(script.path)} ... done")
-    if first and generated is None:
-        from .schema import base_schema_path
+            note_if_unrecorded(config, script_dir)
+        return script
+    from .autogenerate.verify import report_generated, verify_or_remove
 
-        if not base_schema_path(script_dir.dir).exists():
-            config.log(
-                "Note: no base schema is recorded yet (check, diff, autogenerate and "
-                f"identifying unstamped checkpoints need it); {_record_base_hint(config)}"
-            )
-    if generated is not None and generated.ops:
-        reviews = sum(1 for line in generated.upgrades if "# review:" in line)
-        if reviews:
-            lines = "line" if reviews == 1 else "lines"
-            config.log(f"Review the {reviews} {lines} marked '# review:' before committing it")
-    if discards:
-        # a warning, shown even with -q: the user must decide about these values
-        print(
-            "Warning: this revision discards trained values: "
-            + ", ".join(map(str, discards))
-            + f"; {KEEP_OR_MARK} ('ckptmigrate check' fails until then)",
-            file=config.stderr,
-        )
+    discards = verify_or_remove(script, generated)
+    config.print_stdout(done)
+    report_generated(config, generated, discards)
     return script
 
 
@@ -277,493 +272,65 @@ def show(config: Config, rev: str) -> list[Script]:
 # --------------------------------------------------------------------------- checkpoints
 
 
-@dataclass
-class MigrationResult:
-    """What an upgrade/downgrade did (or would do, for a dry run)."""
-
-    checkpoint: Path
-    output: Path | None
-    from_revisions: tuple[str, ...]
-    to_revisions: tuple[str, ...]
-    steps: list[MigrationStep] = field(default_factory=list)
-    dry_run: bool = False
-    identified: bool = False
-
-    @property
-    def changed(self) -> bool:
-        return bool(self.steps)
-
-
-def _open(
-    config: Config,
-    checkpoint: str | os.PathLike[str],
-    trust_pickle: bool,
-    state_dict_key: str | None,
-    key_prefix: str | None = None,
-    *,
-    keep_wrapper_prefix: bool | None = None,
-) -> Checkpoint:
-    """Read the checkpoint, with notes; ``keep_wrapper_prefix`` is None when nothing is written."""
-    from .formats import read_checkpoint
-
-    if trust_pickle:
-        config.log(
-            "Warning: --trust-pickle: loading the checkpoint can run arbitrary code from the file"
-        )
-        # the pickle may name the project's own classes, importable as the model is
-        config.prepend_sys_path()
-    ckpt = read_checkpoint(
-        checkpoint,
-        trust_pickle=trust_pickle,
-        state_dict_key=state_dict_key or config.get("state_dict_key"),
-    )
-    for note in ckpt.notes(keep_wrapper_prefix=keep_wrapper_prefix):
-        config.log(f"Note: {note}")
-    if keep_wrapper_prefix and not ckpt.wrapper_prefix:
-        config.log(
-            f"Note: --keep-wrapper-prefix: {display_path(checkpoint)} has no wrapper prefix; "
-            "its keys are written as they are"
-        )
-    return ckpt.focus(key_prefix or config.get("key_prefix"))
-
-
-def _open_to_write(
-    config: Config,
-    checkpoint: str | os.PathLike[str],
-    output: str | os.PathLike[str] | None,
-    trust_pickle: bool,
-    state_dict_key: str | None,
-    key_prefix: str | None,
-    keep_wrapper_prefix: bool,
-) -> tuple[Checkpoint, Path]:
-    """The checkpoint and where it goes, refused before any work if it cannot go there."""
-    from .formats import check_output
-
-    ckpt = _open(
-        config,
-        checkpoint,
-        trust_pickle,
-        state_dict_key,
-        key_prefix,
-        keep_wrapper_prefix=keep_wrapper_prefix,
-    )
-    out = Path(output) if output else Path(checkpoint)
-    try:
-        check_output(out, ckpt, keep_wrapper_prefix=keep_wrapper_prefix)
-    except BaseException:
-        ckpt.close()
-        raise
-    return ckpt, out
-
-
-def _check_output_path(
-    checkpoint: str | os.PathLike[str], output: str | os.PathLike[str] | None
-) -> None:
-    """An ``-o`` path no file can be written at is refused before anything is read or locked."""
-    if output is None:
-        return
-    from .formats.atomic import check_target
-    from .formats.probe import index_path
-
-    if index_path(Path(checkpoint)) is None:  # a sharded checkpoint may go to a folder
-        check_target(Path(output))
-
-
-def _resolve_ids(script_dir: ScriptDirectory, symbols: str) -> tuple[str, ...]:
-    if symbols.strip() == "base":
-        return ()
-    parts = tuple(p.strip() for p in symbols.split(",") if p.strip())
-    return tuple(r.revision for r in script_dir.get_revisions(parts) if r is not None)
-
-
-def _stamped_heads(script_dir: ScriptDirectory, ckpt: Checkpoint) -> tuple[str, ...] | None:
-    """The checkpoint's recorded revisions, checked against the lineage."""
-    if ckpt.stamp is None:
-        return None
-    rmap = script_dir.revision_map
-    unknown = [r for r in ckpt.stamp.revisions if r not in rmap]
-    if unknown:
-        raise StampError(
-            f"{display_path(ckpt.path)} is stamped at revision {', '.join(unknown)}, "
-            f"which is not in {display_path(script_dir.versions)}",
-            hint="is it from another lineage (-n NAME)? Otherwise pass --from REV, or "
-            "re-stamp it with 'ckptmigrate stamp --purge CKPT REV'",
-        )
-    return ckpt.stamp.revisions
-
-
-def starting_heads(
-    config: Config,
-    script_dir: ScriptDirectory,
-    ckpt: Checkpoint,
-    from_revision: str | None,
-) -> tuple[tuple[str, ...], bool]:
-    """(the revisions the checkpoint is at, whether found by schema)."""
-    if from_revision is not None:
-        heads = _resolve_ids(script_dir, from_revision)
-        if ckpt.stamp is not None and set(ckpt.stamp.revisions) != set(heads):
-            config.log(
-                f"Note: ignoring the stamp {','.join(ckpt.stamp.revisions) or 'base'} "
-                f"(--from {from_revision})"
-            )
-        return heads, False
-    stamped = _stamped_heads(script_dir, ckpt)
-    if stamped is not None:
-        return stamped, False
-    from .identify import identify_or_fail
-
-    return identify_or_fail(config, script_dir, ckpt), True
-
-
-@contextlib.contextmanager
-def _writing(
-    config: Config,
-    checkpoint: str | os.PathLike[str],
-    output: str | os.PathLike[str] | None,
-    dry_run: bool,
-) -> Iterator[None]:
-    """Hold the lock on the file about to be rewritten, from before it is read."""
-    if dry_run:
-        yield
-        return
-    from .formats.lock import locked
-    from .formats.probe import index_path
-
-    path = Path(output) if output else Path(checkpoint)
-    path = index_path(path) or path
-    with locked(path, notify=config.log):
-        yield
-
-
-def _migrate(
-    config: Config,
-    checkpoint: str | os.PathLike[str],
-    target: str,
-    *,
-    upgrade: bool,
-    output: str | os.PathLike[str] | None,
-    from_revision: str | None,
-    dry_run: bool,
-    trust_pickle: bool,
-    state_dict_key: str | None,
-    key_prefix: str | None = None,
-    verify: bool = True,
-    jobs: int = 1,
-    durable: bool | None = None,
-    force: bool = False,
-    keep_wrapper_prefix: bool = False,
-) -> MigrationResult:
-    from .formats import write_checkpoint
-
-    script_dir = ScriptDirectory.from_config(config)
-    rmap = script_dir.revision_map
-    ckpt, out = _open_to_write(
-        config, checkpoint, output, trust_pickle, state_dict_key, key_prefix, keep_wrapper_prefix
-    )
-    try:
-        from .claims import FROM, STAMPED, check_result, check_start
-        from .runtime.migration import run_steps
-
-        where = display_path(checkpoint)
-        current, identified = starting_heads(config, script_dir, ckpt, from_revision)
-        steps = _steps(script_dir, current, target, upgrade, where)
-        # A copy at the target is still written where -o asks for one.
-        copy = not steps and output is not None and not dry_run and not _same_file(out, checkpoint)
-        if from_revision is not None or (not identified and (steps or copy)):
-            claimed_by = FROM if from_revision is not None else STAMPED
-            check_start(config, script_dir, ckpt, current, claimed_by=claimed_by, force=force)
-        result = MigrationResult(
-            Path(checkpoint),
-            Path(output) if output else None,
-            current,
-            current,
-            steps,
-            dry_run,
-            identified,
-        )
-        write = functools.partial(
-            write_checkpoint,
-            verify=verify,
-            durable=_durable(config, durable, output),
-            keep_wrapper_prefix=keep_wrapper_prefix,
-        )
-        if not steps:
-            direction = "upgrade" if upgrade else "downgrade"
-            _refuse_wrong_way(script_dir, current, target, upgrade, where)
-            at = format_ids(current) or "base"
-            if copy:
-                write(out, ckpt, ckpt.initial_state(), current)
-            written = f"; written to {display_path(out)}" if copy else ""
-            config.log(f"Nothing to {direction}: {where} is at {at}{written}")
-            return result
-        state = ckpt.initial_state()
-        new_heads = run_steps(
-            steps, state, current, rmap, symbolic=dry_run, log=None if dry_run else config.log
-        )
-        result.to_revisions = new_heads
-        if not dry_run:
-            _follow_model_order(config, ckpt, state)
-        check_result(config, script_dir, state, new_heads, where=where, start=current, force=force)
-        if dry_run:
-            _print_plan(config, where, result, len(ckpt.schema), state)
-        container = None
-        if ckpt.format == "torch" and ckpt.state_path:
-            from .training import migrate_training_state
-
-            container = migrate_training_state(
-                config, script_dir, ckpt, state, current, new_heads, steps, dry_run=dry_run
-            )
-        if dry_run:
-            return result
-        bar = _progress(config, ckpt, state, "Writing")
-        write(out, ckpt, state, new_heads, container=container, progress=bar, jobs=jobs)
-        if bar is not None:
-            bar.finish()
-        config.log(
-            f"{'Upgraded' if upgrade else 'Downgraded'} {where}: "
-            f"{format_ids(current) or 'base'} -> {format_ids(new_heads) or 'base'} "
-            f"({len(steps)} step{'s' if len(steps) != 1 else ''})"
-            + (f", written to {display_path(out)}" if output else "")
-        )
-        return result
-    finally:
-        ckpt.close()
-
-
-def _same_file(a: Path, b: str | os.PathLike[str]) -> bool:
-    try:
-        return a.resolve() == Path(b).resolve()
-    except OSError:  # pragma: no cover - resolve on a broken path
-        return False
-
-
-#: A relative target that walks the other way: "-1" for upgrade, "+1" for downgrade.
-_OTHER_WAY = {True: re.compile(r"-\d+"), False: re.compile(r"\+\d+")}
-
-
-def _steps(
-    script_dir: ScriptDirectory, current: tuple[str, ...], target: str, upgrade: bool, where: str
-) -> list[MigrationStep]:
-    """The steps from ``current`` to ``target``; going the wrong way points to the other command."""
-    from .runtime.migration import downgrade_steps, upgrade_steps
-
-    direction = "upgrade" if upgrade else "downgrade"
-    try:
-        return (
-            upgrade_steps(script_dir, current, target)
-            if upgrade
-            else downgrade_steps(script_dir, current, target)
-        )
-    except RangeNotAncestorError as exc:
-        if _has_steps(script_dir, current, target, upgrade=not upgrade):
-            hint = _other_way_hint(upgrade, where, target)
-        else:
-            hint = (
-                "see 'ckptmigrate history' for what lies "
-                + ("above" if upgrade else "below")
-                + " the checkpoint's revision"
-            )
-        raise CommandError(
-            f"{target} is not a valid {direction} target from {format_ids(current) or 'base'}",
-            hint=hint,
-        ) from exc
-    except RevisionError as exc:
-        if not _OTHER_WAY[upgrade].fullmatch(target):
-            raise
-        raise CommandError(
-            exc.message,
-            hint=f"{direction} takes {'+N' if upgrade else '-N'}; "
-            + _other_way_hint(upgrade, where, target),
-        ) from exc
-
-
-def _other_way_hint(upgrade: bool, where: str, target: str) -> str:
-    other = "downgrade" if upgrade else "upgrade"
-    return f"to go {'back' if upgrade else 'forward'}, run 'ckptmigrate {other} {where} {target}'"
-
-
-def _has_steps(
-    script_dir: ScriptDirectory, current: tuple[str, ...], target: str, *, upgrade: bool
-) -> bool:
-    """Whether ``upgrade`` (or downgrade) has steps to run from ``current`` to ``target``."""
-    from .runtime.migration import downgrade_steps, upgrade_steps
-
-    try:
-        return bool((upgrade_steps if upgrade else downgrade_steps)(script_dir, current, target))
-    except RevisionError:
-        return False
-
-
-def _refuse_wrong_way(
-    script_dir: ScriptDirectory, current: tuple[str, ...], target: str, upgrade: bool, where: str
-) -> None:
-    """Nothing to upgrade because the target lies behind: refuse, and name the fix.
-
-    (Alembic quietly does nothing here; a checkpoint left short of what was
-    asked for is better reported.)
-    """
-    if not _has_steps(script_dir, current, target, upgrade=not upgrade):
-        return
-    direction = "upgrade" if upgrade else "downgrade"
-    raise CommandError(
-        f"{where} is at {format_ids(current) or 'base'}, which is "
-        f"{'past' if upgrade else 'before'} {target}; {direction} only goes "
-        f"{'forward' if upgrade else 'back'}",
-        hint=_other_way_hint(upgrade, where, target),
-    )
-
-
-def _durable(config: Config, durable: bool | None, output: str | os.PathLike[str] | None) -> bool:
-    """fsync before the switch? By default only when the file rewritten is the only copy.
-
-    In place, a power cut after an unsynced switch could lose the checkpoint;
-    with ``-o`` the input is still there to run the command again from.
-    """
-    if durable is not None:
-        return durable
-    setting = (config.get("fsync") or "auto").lower()
-    if setting in ("true", "yes", "1", "on"):
-        return True
-    if setting in ("false", "no", "0", "off"):
-        return False
-    return output is None
-
-
-def _follow_model_order(config: Config, ckpt: Checkpoint, state: Any) -> None:
-    """Write the keys in the configured model's order when they are exactly its keys.
-
-    Migrations append what they add; putting the result in ``model.state_dict()``
-    order keeps the file tidy and keeps file order equal to parameter order,
-    which is what an optimizer's state is keyed by.
-    """
-    if not config.get("model"):
-        return
-    from .autogenerate import model_schema
-
-    try:
-        schema, _model, _spec = model_schema(config)
-    except CkptMigrateError as exc:
-        config.log(f"Note: keeping the migration's key order ({exc.message})")
-        return
-    if set(schema) == set(state.entries) and list(schema) != list(state.entries):
-        state.entries = {k: state.entries[k] for k in schema}
-
-
-def _progress(config: Config, ckpt: Checkpoint, state: Any, label: str) -> Any:
-    from .progress import Progress
-
-    full = ckpt.file_state(state)
-    specs = [n.spec for n in full.entries.values() if n.spec is not None]
-    return Progress.maybe(
-        config.stderr, config.quiet, sum(s.nbytes for s in specs), len(specs), label
-    )
-
-
-def _print_plan(
-    config: Config, where: str, result: MigrationResult, n_in: int, state: object
-) -> None:
-    from .plan.state import PlanState
-
-    assert isinstance(state, PlanState)
-    p = config.print_stdout
-    n = len(result.steps)
-    p(
-        f"Plan for {where}: {format_ids(result.from_revisions) or 'base'} -> "
-        f"{format_ids(result.to_revisions) or 'base'}, {n} step{'s' if n != 1 else ''} "
-        "(dry run: nothing is written)"
-    )
-    for step in result.steps:
-        p(f"{step}")
-        for rec in step.records:
-            p(f"    {rec.call}")
-            for key, spec in rec.results:
-                p(f"        {key}: {spec if spec is not None else 'object'}")
-            for key in rec.removed:
-                p(f"        {key}: removed")
-        if not step.records:
-            p("    (no operations)")
-    p(f"Result: {len(state)} entries (was {n_in}), at {format_ids(result.to_revisions) or 'base'}")
-
-
-class MigrationOptions(TypedDict, total=False):
-    """Options shared by ``upgrade`` and ``downgrade`` (the CLI's flags)."""
-
-    output: str | os.PathLike[str] | None  # write here; the input stays untouched
-    from_revision: str | None  # treat the checkpoint as being at this revision
-    dry_run: bool  # print the plan, write nothing
-    trust_pickle: bool  # allow arbitrary pickles (runs code from the file!)
-    state_dict_key: str | None  # where the weights sit in a training container
-    key_prefix: str | None  # the lineage's keys sit under this prefix
-    verify: bool  # check the written file against the plan (default True)
-    jobs: int  # shards written in parallel
-    durable: bool | None  # fsync before the switch (default: when rewriting in place)
-    force: bool  # go ahead when the file's schema contradicts the revision it is said to be at
-    keep_wrapper_prefix: bool  # write keys back behind the input's module./_orig_mod.
-
-
 def upgrade(
     config: Config,
-    checkpoint: str | os.PathLike[str],
+    checkpoint: PathLike,
     target: str = "head",
-    **options: Unpack[MigrationOptions],
+    **options: Unpack[MigrationKwargs],
 ) -> MigrationResult:
-    """Upgrade a checkpoint file to ``target`` (in place unless ``output``)."""
-    return _locked_migrate(config, checkpoint, target, True, options)
+    """Upgrade a checkpoint to ``target`` (in place unless ``output``)."""
+    from .runtime.session import MigrationSession
+
+    opts: MigrationOptions = make_options(MigrationOptions, dict(options))
+    return MigrationSession(config, opts).migrate(checkpoint, target, upgrade=True)
 
 
 def downgrade(
     config: Config,
-    checkpoint: str | os.PathLike[str],
+    checkpoint: PathLike,
     target: str,
-    **options: Unpack[MigrationOptions],
+    **options: Unpack[MigrationKwargs],
 ) -> MigrationResult:
-    """Downgrade a checkpoint file to ``target`` (in place unless ``output``)."""
-    return _locked_migrate(config, checkpoint, target, False, options)
+    """Downgrade a checkpoint to ``target`` (in place unless ``output``)."""
+    from .runtime.session import MigrationSession
+
+    opts: MigrationOptions = make_options(MigrationOptions, dict(options))
+    return MigrationSession(config, opts).migrate(checkpoint, target, upgrade=False)
 
 
-def _locked_migrate(
+def stamp(
     config: Config,
-    checkpoint: str | os.PathLike[str],
-    target: str,
-    upgrade: bool,
-    options: MigrationOptions,
-) -> MigrationResult:
-    output, dry_run = options.get("output"), options.get("dry_run", False)
-    _check_output_path(checkpoint, output)
-    with _writing(config, checkpoint, output, dry_run):
-        return _migrate(
-            config,
-            checkpoint,
-            target,
-            upgrade=upgrade,
-            output=output,
-            from_revision=options.get("from_revision"),
-            dry_run=dry_run,
-            trust_pickle=options.get("trust_pickle", False),
-            state_dict_key=options.get("state_dict_key"),
-            key_prefix=options.get("key_prefix"),
-            verify=options.get("verify", True),
-            jobs=options.get("jobs", 1),
-            durable=options.get("durable"),
-            force=options.get("force", False),
-            keep_wrapper_prefix=options.get("keep_wrapper_prefix", False),
-        )
+    checkpoint: PathLike,
+    revisions: Sequence[str],
+    *,
+    purge: bool = False,
+    **options: Unpack[MigrationKwargs],
+) -> tuple[str, ...]:
+    """Record ``revisions`` in the checkpoint without running migrations.
+
+    The file's schema must be the schema at those revisions (where a base
+    schema says what that is); ``force`` records them anyway.
+    """
+    from .runtime.session import MigrationSession
+
+    opts: MigrationOptions = make_options(MigrationOptions, dict(options))
+    return MigrationSession(config, opts).stamp(checkpoint, revisions, purge=purge)
 
 
 def current(
     config: Config,
-    checkpoint: str | os.PathLike[str],
+    checkpoint: PathLike,
     *,
     verbose: bool = False,
-    trust_pickle: bool = False,
-    state_dict_key: str | None = None,
-    key_prefix: str | None = None,
+    **options: Unpack[CheckpointKwargs],
 ) -> tuple[str, ...]:
     """Print the revision(s) a checkpoint is at; returns them."""
+    from .runtime.placement import stamped_heads
+    from .runtime.session import opened
+
     script_dir = ScriptDirectory.from_config(config)
-    ckpt = _open(config, checkpoint, trust_pickle, state_dict_key, key_prefix)
-    try:
-        stamped = _stamped_heads(script_dir, ckpt)
+    with opened(config, checkpoint, make_options(CheckpointOptions, dict(options))) as ckpt:
+        stamped = stamped_heads(script_dir, ckpt)
         if stamped is None:
             from .identify import identify_current
 
@@ -773,237 +340,61 @@ def current(
         if not stamped:
             config.log(f"Note: {display_path(checkpoint)} is at base (stamped with no revision)")
         return stamped
-    finally:
-        ckpt.close()
-
-
-def stamp(
-    config: Config,
-    checkpoint: str | os.PathLike[str],
-    revisions: Sequence[str],
-    *,
-    purge: bool = False,
-    output: str | os.PathLike[str] | None = None,
-    trust_pickle: bool = False,
-    state_dict_key: str | None = None,
-    key_prefix: str | None = None,
-    force: bool = False,
-    keep_wrapper_prefix: bool = False,
-) -> tuple[str, ...]:
-    """Record ``revisions`` in the checkpoint without running migrations.
-
-    The file's schema must be the schema at those revisions (where a base
-    schema says what that is); ``force`` records them anyway.
-    """
-    _check_output_path(checkpoint, output)
-    with _writing(config, checkpoint, output, False):
-        from .formats import write_checkpoint
-
-        script_dir = ScriptDirectory.from_config(config)
-        rmap = script_dir.revision_map
-        ckpt, out = _open_to_write(
-            config,
-            checkpoint,
-            output,
-            trust_pickle,
-            state_dict_key,
-            key_prefix,
-            keep_wrapper_prefix,
-        )
-        try:
-            from .claims import STAMP, check_start
-
-            if purge or ckpt.stamp is None:
-                before: tuple[str, ...] = ()
-            else:
-                stamped = _stamped_heads(script_dir, ckpt)
-                before = stamped or ()
-            try:
-                after = rmap.heads_after_stamp(before, list(revisions) or ["base"])
-            except RevisionError as exc:
-                if isinstance(exc, MultipleHeads):
-                    raise CommandError(
-                        f"{exc.message}", hint="name the revision(s) to stamp, or use 'heads'"
-                    ) from exc
-                raise
-            if after:
-                check_start(config, script_dir, ckpt, after, claimed_by=STAMP, force=force)
-            state = ckpt.initial_state()
-            write_checkpoint(
-                out, ckpt, state, after or None, keep_wrapper_prefix=keep_wrapper_prefix
-            )
-            where = display_path(out)
-            if after:
-                config.log(f"Stamped {where} at {format_ids(after)}")
-            else:
-                config.log(f"Removed the ckptmigrate stamp from {where}")
-            return after
-        finally:
-            ckpt.close()
 
 
 # --------------------------------------------------------------------------- schemas
 
 
-def _model_or_none(config: Config) -> tuple[Schema, object, str] | None:
-    if not config.get("model"):
-        return None
-    from .autogenerate import model_schema
-
-    return model_schema(config)
-
-
 def check(config: Config, *, roundtrip: bool = True) -> bool:
-    """CI gate: the model matches the head schema, every downgrade inverts its upgrade, and
-    no upgrade discards trained values unless the revision marks that intended.
+    """CI gate: the model matches the head schema, every downgrade inverts its upgrade,
+    and no upgrade discards trained values unless the revision marks that intended.
 
     Prints what is wrong and raises :class:`CheckFailed` (exit 1) on failure.
     """
-    from .runtime.symbolic import audit_revisions, schema_at
-    from .schema import compare, format_table
+    from . import checks
+    from .model import configured_model_or_none
+    from .recording import base_schema
+    from .runtime.symbolic import audit_revisions
 
     script_dir = ScriptDirectory.from_config(config)
-    rmap = script_dir.revision_map
-    base = _base_schema(config, script_dir)
+    base = base_schema(config, script_dir)
     problems: list[str] = []
-    found = _model_or_none(config)
-    heads = rmap.heads
-    if found is None:
+    model = configured_model_or_none(config)
+    if model is None:
         config.log("Note: no `model = ...` configured; only checking round trips")
     else:
-        target, _model, spec = found
-        head_schema = schema_at(script_dir, base, heads)
-        diff = compare(head_schema, target)
-        if diff.empty:
-            config.print_stdout(f"OK: {spec} matches the schema at {format_ids(heads) or 'base'}")
-        else:
-            config.print_stdout(
-                f"The model ({spec}) differs from the schema at {format_ids(heads)}:"
-            )
-            for line in format_table(diff, head_schema, target, "head schema", "model"):
-                config.print_stdout("  " + line)
-            problems.append(
-                f"the model no longer matches the head schema ({diff.summary()}); write the "
-                'migration with: ckptmigrate revision --autogenerate -m "..."'
-            )
-        problems.extend(_versioned_class_problems(config, script_dir))
+        problems += checks.model_matches_head(config, script_dir, base, model)
+        problems += checks.versioned_classes_at_head(config, script_dir)
     audits = audit_revisions(script_dir, base, round_trips=roundtrip)
     if roundtrip:
-        bad = [a for a in audits if a.round_trip is not None]
-        for item in bad:
-            config.print_stdout(
-                f"Round trip broken in {item.script.revision} "
-                f"({display_path(item.script.path)}): {item.round_trip}"
-            )
-        if bad:
-            problems.append(
-                f"{len(bad)} revision(s) whose downgrade() does not undo upgrade(): "
-                + ", ".join(i.script.revision for i in bad)
-            )
-        else:
-            config.print_stdout(_round_trips_ok(len(rmap)))
-    problems.extend(_discard_problems(config, audits))
+        problems += checks.round_trips(config, audits, len(script_dir.revision_map))
+    problems += checks.no_silent_discards(config, audits)
     if problems:
         raise CheckFailed("; ".join(problems))
     return True
 
 
-KEEP_OR_MARK = (
-    "edit the revision to keep them (rename_*, split, concat, resize), or pass intended=True "
-    "to each drop_key, drop_prefix or shrinking resize that is meant"
-)
-
-
-def _round_trips_ok(n: int) -> str:
-    if n == 0:
-        return "OK: no revisions yet, so no round trip to check"
-    where = "the 1 revision" if n == 1 else f"all {n} revisions"
-    return f"OK: downgrade() undoes upgrade() in {where}"
-
-
-def _discard_problems(config: Config, audits: Sequence[RevisionAudit]) -> list[str]:
-    """Revisions whose upgrade() loses trained values without saying it means to."""
-    from .plan.discards import summary
-
-    lossy = []
-    meant = []
-    for audit in audits:
-        accidents = [d for d in audit.discards if not d.intended]
-        if accidents:
-            lossy.append(audit.script.revision)
-            config.print_stdout(
-                f"Discards trained values in {audit.script.revision} "
-                f"({display_path(audit.script.path)}): " + ", ".join(map(str, accidents))
-            )
-        if audit.discards and not accidents:
-            meant.append(f"{audit.script.revision} discards {summary(audit.discards)}")
-    if lossy:
-        noun = "revision discards" if len(lossy) == 1 else "revisions discard"
-        return [
-            f"{len(lossy)} {noun} trained values without intended=True: {', '.join(lossy)}; "
-            + KEEP_OR_MARK
-        ]
-    suffix = " unless marked intended" if meant else ""
-    if audits:
-        config.print_stdout(f"OK: no upgrade() discards trained values{suffix}")
-    for line in meant:
-        config.print_stdout(f"  {line}, marked intended")
-    return []
-
-
-def _versioned_class_problems(config: Config, script_dir: ScriptDirectory) -> list[str]:
-    """Versioned model classes whose revision is unknown or not the head."""
-    try:
-        from .integration.check import versioned_class_problems
-    except ImportError:  # pragma: no cover - integration is part of the package
-        return []
-    return versioned_class_problems(config, script_dir)
-
-
-class CheckFailed(CommandError):
-    """``check`` found differences (already printed)."""
-
-
 def diff(
     config: Config,
-    checkpoint: str | os.PathLike[str],
+    checkpoint: PathLike,
     *,
     revision: str | None = None,
-    trust_pickle: bool = False,
-    state_dict_key: str | None = None,
-    key_prefix: str | None = None,
+    **options: Unpack[CheckpointKwargs],
 ) -> bool:
     """Print how a checkpoint's schema differs from the model's (or a revision's).
 
     Ends with the revision the file is at and the command that brings it to
     the compared schema. Returns True when there is no difference.
     """
-    ckpt = _open(config, checkpoint, trust_pickle, state_dict_key, key_prefix)
-    try:
+    from .runtime.session import opened
+
+    opts: CheckpointOptions = make_options(CheckpointOptions, dict(options))
+    with opened(config, checkpoint, opts) as ckpt:
+        from .runtime.placement import standing
         from .schema import Schema, compare, format_table
 
         have = Schema.from_specs(ckpt.schema)
-        script_dir: ScriptDirectory | None = None
-        if revision is not None:
-            from .runtime.symbolic import schema_at
-
-            script_dir = ScriptDirectory.from_config(config)
-            ids = _resolve_ids(script_dir, revision)
-            want = schema_at(script_dir, _base_schema(config, script_dir), ids)
-            want_name = f"at {format_ids(ids) or 'base'}"
-            matched = f"the schema {want_name}"
-        else:
-            found = _model_or_none(config)
-            if found is None:
-                raise CommandError(
-                    "diff compares with the configured model, and none is configured",
-                    hint="add 'model = package.module:build_model' to the ini file, or pass "
-                    "--rev REV to compare with a revision's schema",
-                )
-            want, _model, _spec = found
-            want_name, matched = "model", "the model schema"
-            with contextlib.suppress(ConfigError):
-                script_dir = ScriptDirectory.from_config(config)
+        script_dir, want, want_name, matched = _diff_target(config, revision)
         result = compare(have, want)
         where = display_path(checkpoint)
         if result.empty:
@@ -1016,73 +407,46 @@ def diff(
             for line in format_table(result, have, want, "checkpoint", want_name):
                 config.print_stdout("  " + line)
         if script_dir is not None:
-            given = (("--key-prefix", key_prefix), ("--state-dict-key", state_dict_key))
-            flags = "".join(f" {flag} {value}" for flag, value in given if value)
-            flags += " --trust-pickle" if trust_pickle else ""
-            config.print_stdout(
-                _standing(script_dir, ckpt, where, revision, None if revision else want, flags)
-            )
+            model = None if revision else want
+            flags = _flags(opts)
+            config.print_stdout(standing(script_dir, ckpt, where, revision, model, flags))
         return result.empty
-    finally:
-        ckpt.close()
 
 
-def _standing(
-    script_dir: ScriptDirectory,
-    ckpt: Checkpoint,
-    where: str,
-    revision: str | None,
-    model: Schema | None,
-    flags: str,
-) -> str:
-    """Which revision the file is at, and which command brings it to ``revision`` (or head)."""
-    from .identify import unique_match
-    from .schema import base_schema_path
+def _diff_target(
+    config: Config, revision: str | None
+) -> tuple[ScriptDirectory | None, Schema, str, str]:
+    """(the lineage if any, the schema to compare with, its name in the table and in prose)."""
+    if revision is not None:
+        from .recording import base_schema
+        from .runtime.placement import resolve_ids
+        from .runtime.symbolic import schema_at
 
-    rmap = script_dir.revision_map
-    recorded = base_schema_path(script_dir.dir).exists()
-    if ckpt.stamp is not None:
-        unknown = [r for r in ckpt.stamp.revisions if r not in rmap]
-        if unknown:
-            return f"{where} is stamped at {', '.join(unknown)}, which this lineage does not know"
-        at, how = ckpt.stamp.revisions, "stamped"
-    else:
-        found = unique_match(script_dir, ckpt)
-        if found is None:
-            if not recorded:
-                return f"{where} has no stamp (and no base schema is recorded to identify it by)"
-            return f"{where} is at no known revision: it has no stamp and its schema matches none"
-        at = (found.script.revision,) if found.script is not None else ()
-        how = found.fit.how
-    text = f"{where} is at {format_ids(at) or 'base'} ({how})"
-    goal = revision if revision is not None else ("heads" if len(rmap.heads) > 1 else "head")
-    goal_ids = _resolve_ids(script_dir, goal)
-    there = set(goal_ids) == set(at)
-    if there:
-        text += ", the head" if revision is None and len(goal_ids) == 1 else ""
-    elif _has_steps(script_dir, at, goal, upgrade=True):
-        command = f"ckptmigrate upgrade {where}" + (f" {revision}" if revision else "")
-        named = format_ids(goal_ids)
-        text += f"; '{command}{flags}' brings it to " + (
-            f"{goal} ({named})" if revision is None else named
+        script_dir = ScriptDirectory.from_config(config)
+        ids = resolve_ids(script_dir, revision)
+        want = schema_at(script_dir, base_schema(config, script_dir), ids)
+        name = f"at {format_ids(ids) or 'base'}"
+        return script_dir, want, name, f"the schema {name}"
+    from .model import configured_model_or_none
+
+    model = configured_model_or_none(config)
+    if model is None:
+        raise CommandError(
+            "diff compares with the configured model, and none is configured",
+            hint="add 'model = package.module:build_model' to the ini file, or pass "
+            "--rev REV to compare with a revision's schema",
         )
-    elif _has_steps(script_dir, at, goal, upgrade=False):
-        named = format_ids(goal_ids) or "base"
-        text += f"; 'ckptmigrate downgrade {where} {goal}{flags}' brings it to {named}"
-    else:
-        return text
-    if model is not None and recorded:
-        from .runtime.symbolic import load_base_schema, schema_at
-        from .schema import compare
+    found: ScriptDirectory | None = None
+    with contextlib.suppress(ConfigError):
+        found = ScriptDirectory.from_config(config)
+    return found, model.schema, "model", "the model schema"
 
-        if compare(schema_at(script_dir, load_base_schema(script_dir), goal_ids), model).empty:
-            text += "" if there else ", which matches the model"
-        else:
-            text += (
-                f"; the model differs from the schema at {goal}: write the migration with "
-                "'ckptmigrate revision --autogenerate -m \"...\"'"
-            )
-    return text
+
+def _flags(options: CheckpointOptions) -> str:
+    """The reading options as command-line flags, for commands we suggest."""
+    given = (("--key-prefix", options.key_prefix), ("--state-dict-key", options.state_dict_key))
+    flags = "".join(f" {flag} {value}" for flag, value in given if value)
+    return flags + (" --trust-pickle" if options.trust_pickle else "")
 
 
 def schema(
@@ -1090,175 +454,39 @@ def schema(
     revision: str | None = None,
     *,
     record: bool = False,
-    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint: PathLike | None = None,
     from_revision: str | None = None,
-    trust_pickle: bool = False,
-    state_dict_key: str | None = None,
-    key_prefix: str | None = None,
-) -> object:
+    **options: Unpack[CheckpointKwargs],
+) -> Schema:
     """Print the schema at a revision, or record the lineage's base schema.
 
     Recording runs the downgrades symbolically from where the source is
     (a checkpoint at a known revision, or the configured model, which is at
     the head unless ``from_revision`` says otherwise) back to base.
     """
+    from . import recording
+
     script_dir = ScriptDirectory.from_config(config)
     if not record:
+        from .runtime.placement import resolve_ids
         from .runtime.symbolic import schema_at
 
-        ids = (
-            _resolve_ids(script_dir, revision)
-            if revision is not None
-            else script_dir.revision_map.heads
-        )
-        result = schema_at(script_dir, _base_schema(config, script_dir), ids)
+        rmap = script_dir.revision_map
+        ids = resolve_ids(script_dir, revision) if revision is not None else rmap.heads
+        result = schema_at(script_dir, recording.base_schema(config, script_dir), ids)
         config.print_stdout(
             result.to_text(f"the state dict at {format_ids(ids) or 'base'}").rstrip()
         )
         return result
     if checkpoint is None:
-        base, source = _base_from_model(config, script_dir, from_revision)
+        base, source = recording.base_from_model(config, script_dir, from_revision)
     else:
-        base, source = _base_from_checkpoint(
-            config, script_dir, checkpoint, from_revision, trust_pickle, state_dict_key, key_prefix
+        opts: CheckpointOptions = make_options(CheckpointOptions, dict(options))
+        base, source = recording.base_from_checkpoint(
+            config, script_dir, checkpoint, from_revision, opts
         )
     from .schema import write_base_schema
 
     path = write_base_schema(script_dir.dir, base, source)
     config.print_stdout(f"Recorded the base schema ({len(base)} keys) in {display_path(path)}")
     return base
-
-
-def _record_base_hint(config: Config) -> str:
-    """How to record a missing base schema, with what this configuration allows."""
-    if config.get("model"):
-        return "record it from the configured model with 'ckptmigrate schema --record'"
-    where = display_path(config.file) if config.file else "the configuration"
-    return (
-        "record it from a checkpoint at a known revision with "
-        f"'ckptmigrate schema --record CKPT --from REV', or set 'model = ...' in {where} "
-        "and run 'ckptmigrate schema --record'"
-    )
-
-
-def _base_schema(config: Config, script_dir: ScriptDirectory) -> Schema:
-    from .runtime.symbolic import load_base_schema
-
-    return load_base_schema(script_dir, hint=_record_base_hint(config))
-
-
-def _base_from_checkpoint(
-    config: Config,
-    script_dir: ScriptDirectory,
-    checkpoint: str | os.PathLike[str],
-    from_revision: str | None,
-    trust_pickle: bool,
-    state_dict_key: str | None,
-    key_prefix: str | None,
-) -> tuple[Schema, str]:
-    where = display_path(checkpoint)
-    ckpt = _open(config, checkpoint, trust_pickle, state_dict_key, key_prefix)
-    try:
-        from .schema import Schema, read_base_schema
-
-        unknown = ckpt.stamp is None and read_base_schema(script_dir.dir) is None
-        if from_revision is None and unknown:
-            tips = format_ids(script_dir.revision_map.heads) or "none yet"
-            raise StampError(
-                f"{where} has no ckptmigrate stamp, so the revision it was saved at is unknown",
-                hint=f"say which with 'ckptmigrate schema --record {where} --from REV' "
-                f"(the lineage's head: {tips}; all revisions: 'ckptmigrate history')",
-            )
-        from .runtime.symbolic import base_of
-
-        heads, _identified = starting_heads(config, script_dir, ckpt, from_revision)
-        base = base_of(script_dir, Schema.from_specs(ckpt.schema), heads)
-    finally:
-        ckpt.close()
-    return base, f"{where} at {format_ids(heads) or 'base'}"
-
-
-def _base_from_model(
-    config: Config, script_dir: ScriptDirectory, from_revision: str | None
-) -> tuple[Schema, str]:
-    """The base schema the configured model implies, checked to lead back to the model."""
-    from .runtime.symbolic import audit_revisions, base_of, schema_at
-    from .schema import compare
-
-    found = _model_or_none(config)
-    if found is None:
-        raise CommandError(
-            "no model configured to record the base schema from",
-            hint="add 'model = ...' to the ini file, or record it from a checkpoint at a "
-            "known revision: 'ckptmigrate schema --record CKPT --from REV'",
-        )
-    target, model, spec = found
-    if not len(script_dir.revision_map) and from_revision is None:
-        return target, spec
-    heads, why = _model_revision(script_dir, model, from_revision)
-    at = f"{format_ids(heads) or 'base'} ({why})"
-    config.log(
-        f"Deriving the base schema from the model {spec}, taken to be at {at}: "
-        "running the downgrades symbolically"
-    )
-    try:
-        base = base_of(script_dir, target, heads)
-    except CkptMigrateError as exc:
-        raise CommandError(
-            f"cannot derive the base schema from the model ({spec}, taken to be at {at}): "
-            f"{exc.one_line()}",
-            hint="if the model is at an older revision, say which with "
-            "'ckptmigrate schema --record --from REV'; otherwise fix that downgrade(), or "
-            "record from a checkpoint: 'ckptmigrate schema --record CKPT --from REV'",
-        ) from exc
-    back = schema_at(script_dir, base, heads)
-    if not back.same_layout(target):
-        broken = [a for a in audit_revisions(script_dir, base) if a.round_trip is not None]
-        culprits = "; ".join(f"{a.script.revision}: {a.round_trip}" for a in broken)
-        raise CommandError(
-            f"the base schema derived from the model ({spec}, at {at}) does not upgrade back "
-            f"to it ({compare(back, target).summary()})"
-            + (f": downgrade() does not undo upgrade() in {culprits}" if culprits else ""),
-            hint="fix those revisions' downgrade(), or record from a checkpoint: "
-            "'ckptmigrate schema --record CKPT --from REV'",
-        )
-    return base, f"the model {spec} at {format_ids(heads) or 'base'}"
-
-
-def _model_revision(
-    script_dir: ScriptDirectory, model: object, from_revision: str | None
-) -> tuple[tuple[str, ...], str]:
-    """(the revisions the configured model is at, why we think so)."""
-    if from_revision is not None:
-        return _resolve_ids(script_dir, from_revision), "--from"
-    pinned = _pinned_revision(script_dir, model)
-    if pinned is not None:
-        return pinned
-    heads = script_dir.revision_map.heads
-    if len(heads) > 1:
-        raise CommandError(
-            f"the lineage has several heads ({format_ids(heads)}), so the revision the model "
-            "is at is unknown",
-            hint="say which with 'ckptmigrate schema --record --from REV' (a head, or 'heads' "
-            "when the model has every branch's changes)",
-        )
-    return heads, "the head"
-
-
-def _pinned_revision(
-    script_dir: ScriptDirectory, model: object
-) -> tuple[tuple[str, ...], str] | None:
-    """A versioned model class of this lineage pinned to a revision: that revision."""
-    from .integration.versioning import lineage_of
-
-    lineage = lineage_of(type(model))
-    if lineage is None or lineage.pinned is None:
-        return None
-    try:
-        same = lineage.script_dir.dir.resolve() == script_dir.dir.resolve()
-        revision = lineage.revision
-    except CkptMigrateError:
-        return None
-    if not same:
-        return None
-    return (revision,), f"the revision {type(model).__qualname__} is pinned to"

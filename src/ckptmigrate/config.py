@@ -35,10 +35,12 @@ class Config:
         quiet: bool = False,
         stdout: TextIO | None = None,
         stderr: TextIO | None = None,
+        echo: bool = True,
     ) -> None:
         self.file = Path(file).resolve() if file is not None else None
         self.section = section
         self.quiet = quiet
+        self.echo = echo  # False: results are returned, not printed (the Python API)
         self._stdout = stdout
         self._stderr = stderr
         self._options: dict[str, str] = dict(options or {})
@@ -167,8 +169,9 @@ class Config:
         return self._stderr or sys.stderr
 
     def print_stdout(self, text: str = "") -> None:
-        """Results: always shown, even with -q."""
-        print(text, file=self.stdout)
+        """Results: shown even with -q (not where the caller takes them as return values)."""
+        if self.echo:
+            print(text, file=self.stdout)
 
     def log(self, text: str) -> None:
         """Progress and notes on stderr; silenced by -q."""

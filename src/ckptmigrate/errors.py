@@ -164,3 +164,7 @@ class LineageWarning(UserWarning):
     A warning, not an error: saving goes on (unstamped), so a training job is
     never stopped at its checkpoint by the state of its migrations folder.
     """
+
+
+class CheckFailed(CommandError):
+    """``check`` found problems (already printed); the CI gate fails."""

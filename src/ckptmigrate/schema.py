@@ -16,11 +16,10 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from .errors import CkptMigrateError, ConfigError
+from .errors import ConfigError
 from .names import LOOSE, SIMILAR, best_match
 from .plan.nodes import TensorSpec, dtype_name
 
@@ -150,27 +149,6 @@ class Schema(dict[str, Entry]):
                 ) from None
             out[key] = Entry(TensorSpec(shape, dtype), kind)
         return out
-
-
-def build_on_meta(factory: Callable[[], Any], name: str) -> torch.nn.Module:
-    """Build the model without allocating weights (fall back to CPU if it must)."""
-    try:
-        with torch.device("meta"):
-            model = factory()
-    except Exception:
-        try:
-            model = factory()
-        except Exception as exc:
-            raise CkptMigrateError(
-                f"building the model ({name}) failed: {type(exc).__name__}: {exc}",
-                hint="make `model =` point at a function that returns an nn.Module",
-            ) from exc
-    if not isinstance(model, torch.nn.Module):
-        raise CkptMigrateError(
-            f"{name} returned {type(model).__name__}, not an nn.Module",
-            hint="make `model =` point at a function or class that returns an nn.Module",
-        )
-    return model
 
 
 def base_schema_path(script_location: Path) -> Path:

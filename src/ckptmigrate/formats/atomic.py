@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import WriteError
+from .fileio import fsync_dir, fsync_file
 
 TMP_SUFFIX = ".ckptmigrate-tmp"
 
@@ -25,19 +26,6 @@ def _explain(exc: OSError) -> str:
     if exc.errno in (errno.EACCES, errno.EPERM):
         return "permission denied"
     return exc.strerror or str(exc)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def temp_path(target: Path) -> Path:
@@ -157,8 +145,7 @@ def atomic_output(target: Path, *, durable: bool = True) -> Iterator[Path]:
         try:
             mode = target.stat().st_mode & 0o7777 if target.exists() else None
             if durable:
-                with open(tmp, "rb+") as fh:
-                    os.fsync(fh.fileno())
+                fsync_file(tmp)
             if mode is not None:
                 os.chmod(tmp, mode)
             else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import codecs
 import re
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError
@@ -31,14 +30,6 @@ _MAGIC = (
     (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
 )
 _PYTHON = re.compile(r"^(?:import |from \S+ import |def |class |if __name__)", re.MULTILINE)
-
-
-@dataclass(frozen=True)
-class Probed:
-    """``kind`` is ``torch``, ``safetensors`` or ``sharded``; ``path`` the file to read."""
-
-    kind: str
-    path: Path
 
 
 def index_path(path: Path) -> Path | None:
@@ -68,17 +59,16 @@ def looks_like_safetensors(head: bytes) -> bool:
     return n >= 2 and head[8:9] == b"{"
 
 
-def probe(path: Path) -> Probed:
-    """What ``path`` is; a :class:`CheckpointError` when it is no checkpoint."""
+def read_head(path: Path) -> bytes:
+    """The first bytes formats recognise a file by (``b""`` for a folder or an empty file).
+
+    A path that is missing or unreadable is refused here, whatever format it
+    was meant to be.
+    """
     if not path.exists():
         raise CheckpointError(f"{path}: no such file", hint="check the checkpoint path")
-    index = index_path(path)
-    if index is not None:
-        return Probed("sharded", index)
     if path.is_dir():
-        raise CheckpointError(
-            f"{path} is a directory, not a checkpoint file", hint="pass the file itself"
-        )
+        return b""
     try:
         with open(path, "rb") as fh:
             head = fh.read(_HEAD_BYTES)
@@ -86,22 +76,19 @@ def probe(path: Path) -> Probed:
         raise CheckpointError(
             f"cannot read {path}: {exc.strerror}", hint="check permissions"
         ) from exc
+    return head
+
+
+def not_a_checkpoint(path: Path, head: bytes) -> CheckpointError:
+    """What to tell a user whose path no format recognised."""
+    if path.is_dir():
+        return CheckpointError(
+            f"{path} is a directory, not a checkpoint file", hint="pass the file itself"
+        )
     if not head:
-        raise CheckpointError(
+        return CheckpointError(
             f"{path} is empty (0 bytes)", hint="the save was probably interrupted"
         )
-    if path.suffix == ".safetensors":
-        return Probed("safetensors", path)
-    if head.startswith(b"PK\x03\x04"):
-        return Probed("torch", path)
-    if looks_like_safetensors(head):
-        return Probed("safetensors", path)
-    if head[:1] == b"\x80":  # a pickle: torch's legacy (pre-zip) format
-        return Probed("torch", path)
-    raise _not_a_checkpoint(path, head)
-
-
-def _not_a_checkpoint(path: Path, head: bytes) -> CheckpointError:
     looks_like = _looks_like(path, head)
     if looks_like is not None:
         hint = _ACCEPTED

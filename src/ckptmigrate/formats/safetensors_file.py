@@ -5,48 +5,116 @@ The format is an 8-byte little-endian header length, a JSON header
 only), then the raw tensor bytes. Doing it here rather than through the
 ``safetensors`` package lets us validate hostile headers with our own errors,
 memory-map tensors lazily, and stream the output tensor by tensor.
+
+Importing this module does not import torch (the registry imports it to
+recognise paths); reading and writing do.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import functools
 import json
 import mmap
 import os
 import struct
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import CheckpointError
-from ..plan.nodes import TensorSpec
+from . import fileio
+from .base import FileFormat, ReadOptions, WriteOptions, register
 from .checkpoint import Checkpoint
-from .stamp import STAMP_PREFIX, read_stamp
-from .torch_zip import open_for_writing
+from .probe import looks_like_safetensors
+from .stamp import flatten_stamps, is_stamp_key, read_stamp, stamp_entries
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "C64": torch.complex64,
-}
-for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        DTYPES[_name] = getattr(torch, _attr)
-NAMES = {v: k for k, v in DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+    from ..plan.nodes import Node, TensorSpec
+    from ..plan.state import PlanState
+
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors package's own limit
+#: The header every shard of a PyTorch model carries (transformers checks it).
+SHARD_HEADER = {"format": "pt"}
+
+
+@functools.cache
+def dtypes() -> dict[str, torch.dtype]:
+    """Header dtype names and the torch dtypes they stand for."""
+    import torch
+
+    table: dict[str, torch.dtype] = {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+        "C64": torch.complex64,
+    }
+    for name, attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+        if hasattr(torch, attr):
+            table[name] = getattr(torch, attr)
+    return table
+
+
+@functools.cache
+def dtype_names() -> dict[torch.dtype, str]:
+    return {v: k for k, v in dtypes().items()}
+
+
+@dataclass(kw_only=True)
+class SafetensorsCheckpoint(Checkpoint):
+    """A safetensors file: its header's other ``__metadata__`` entries are carried through."""
+
+    header_metadata: dict[str, str] = field(default_factory=dict)
+
+
+class SafetensorsFormat(FileFormat):
+    """``.safetensors`` files: tensors only, the stamp in the header's ``__metadata__``."""
+
+    name: ClassVar[str] = "safetensors"
+    suffixes: ClassVar[tuple[str, ...]] = (".safetensors",)
+
+    def recognise(self, path: Path, head: bytes) -> bool:
+        # the suffix wins: a damaged file named .safetensors gets this reader's errors
+        return bool(head) and (path.suffix == ".safetensors" or looks_like_safetensors(head))
+
+    def open(self, path: Path, options: ReadOptions) -> Checkpoint:
+        return read_safetensors(path)
+
+    def write_file(
+        self,
+        path: Path,
+        source: Checkpoint,
+        full: PlanState,
+        metadata: Mapping[str, Mapping[str, Any]],
+        options: WriteOptions,
+    ) -> None:
+        from ..plan.state import Evaluator
+
+        header = source.header_metadata if isinstance(source, SafetensorsCheckpoint) else {}
+        evaluator = Evaluator(full.entries, source.read)
+        write_safetensors(path, list(full.entries), full.schema(), evaluator, header, metadata)
+
+    def write_part(
+        self,
+        path: Path,
+        entries: Mapping[str, Node],
+        produce: Callable[[str], Any],
+        own: Checkpoint | None,
+    ) -> None:
+        specs = {k: node.spec for k, node in entries.items()}
+        write_safetensors(path, list(entries), specs, produce, SHARD_HEADER, {})
 
 
 def _bad(path: Path, what: str) -> CheckpointError:
@@ -57,8 +125,38 @@ def _bad(path: Path, what: str) -> CheckpointError:
 
 
 def read_header(path: Path) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """(data start, tensor entries, __metadata__), every field validated."""
+    """(data start, tensor entries, __metadata__), every field validated.
+
+    The header comes from an untrusted file and its offsets are used to slice
+    a memory map, so every entry must describe exactly its bytes, and the
+    entries together exactly the data, before anything is read.
+    """
     size = os.path.getsize(path)
+    n, header = _raw_header(path, size)
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise _bad(path, "__metadata__ must map strings to strings")
+    data_len = size - 8 - n
+    spans = sorted(_span(path, name, info, data_len) for name, info in header.items())
+    pos = 0
+    for begin, end, name in spans:
+        if begin != pos:
+            kind = "overlaps the previous entry" if begin < pos else "leaves a gap before it"
+            raise _bad(path, f"entry {name!r} {kind} (offset {begin}, expected {pos})")
+        pos = end
+    if pos != data_len:
+        raise _bad(
+            path, f"{data_len - pos} bytes after the last tensor are not described by the header"
+        )
+    return 8 + n, header, meta
+
+
+def _raw_header(path: Path, size: int) -> tuple[int, dict[str, Any]]:
+    """The header's length and its JSON object, not yet validated."""
     with open(path, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
@@ -77,66 +175,55 @@ def read_header(path: Path) -> tuple[int, dict[str, Any], dict[str, str]]:
         raise _bad(path, "header is JSON nested too deeply to be a safetensors header") from None
     if not isinstance(header, dict):
         raise _bad(path, "header is not a JSON object")
-    meta = header.pop("__metadata__", None)
-    if meta is None:
-        meta = {}
-    if not isinstance(meta, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    return n, header
+
+
+def _span(path: Path, name: str, info: Any, data_len: int) -> tuple[int, int, str]:
+    """One entry's (begin, end, name), checked: known dtype, sane shape, exactly its bytes."""
+    if not isinstance(info, dict):
+        raise _bad(path, f"entry {name!r} is not an object")
+    dtype = info.get("dtype")
+    shape = info.get("shape")
+    offsets = info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in dtypes():
+        raise _bad(path, f"entry {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in shape
     ):
-        raise _bad(path, "__metadata__ must map strings to strings")
-    data_len = size - 8 - n
-    spans: list[tuple[int, int, str]] = []
-    for name, info in header.items():
-        if not isinstance(info, dict):
-            raise _bad(path, f"entry {name!r} is not an object")
-        dtype = info.get("dtype")
-        shape = info.get("shape")
-        offsets = info.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise _bad(path, f"entry {name!r} has unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in shape
-        ):
-            raise _bad(path, f"entry {name!r} has a bad shape {shape!r}")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-        ):
-            raise _bad(path, f"entry {name!r} has bad data_offsets {offsets!r}")
-        begin, end = offsets
-        numel = 1
-        for d in shape:
-            numel *= d
-            if numel > data_len:
-                break
-        nbytes = numel * torch.empty((), dtype=DTYPES[dtype], device="meta").element_size()
-        if not 0 <= begin <= end <= data_len:
-            raise _bad(path, f"entry {name!r} points past the end of the data ({offsets})")
-        if end - begin != nbytes:
-            raise _bad(
-                path,
-                f"entry {name!r} has {end - begin} bytes but shape {shape} {dtype} needs {nbytes}",
-            )
-        spans.append((begin, end, name))
-    spans.sort()
-    pos = 0
-    for begin, end, name in spans:
-        if begin != pos:
-            kind = "overlaps the previous entry" if begin < pos else "leaves a gap before it"
-            raise _bad(path, f"entry {name!r} {kind} (offset {begin}, expected {pos})")
-        pos = end
-    if pos != data_len:
+        raise _bad(path, f"entry {name!r} has a bad shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise _bad(path, f"entry {name!r} has bad data_offsets {offsets!r}")
+    begin, end = offsets
+    numel = 1
+    for d in shape:
+        numel *= d
+        if numel > data_len:
+            break
+    nbytes = numel * dtypes()[dtype].itemsize
+    if not 0 <= begin <= end <= data_len:
+        raise _bad(path, f"entry {name!r} points past the end of the data ({offsets})")
+    if end - begin != nbytes:
         raise _bad(
-            path, f"{data_len - pos} bytes after the last tensor are not described by the header"
+            path,
+            f"entry {name!r} has {end - begin} bytes but shape {shape} {dtype} needs {nbytes}",
         )
-    return 8 + n, header, meta
+    return begin, end, name
 
 
-def read_safetensors(path: Path) -> Checkpoint:
+def read_safetensors(path: Path) -> SafetensorsCheckpoint:
+    """Open lazily: the header is validated now, the data memory-mapped on first read."""
+    import torch
+
+    from ..plan.nodes import TensorSpec
+
     start, header, meta = read_header(path)
+    table = dtypes()
     schema: dict[str, TensorSpec | None] = {
-        name: TensorSpec(tuple(info["shape"]), DTYPES[info["dtype"]])
+        name: TensorSpec(tuple(info["shape"]), table[info["dtype"]])
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
     }
     state: dict[str, Any] = {"mm": None}
@@ -157,8 +244,7 @@ def read_safetensors(path: Path) -> Checkpoint:
         raw = torch.frombuffer(
             mapping(), dtype=torch.uint8, count=end - begin, offset=start + begin
         )
-        itemsize = raw.new_empty((), dtype=spec.dtype).element_size()
-        if raw.data_ptr() % itemsize:
+        if raw.data_ptr() % spec.dtype.itemsize:
             raw = raw.clone()  # unaligned: copy once so the dtype view is legal
         return raw.view(spec.dtype).reshape(spec.shape)
 
@@ -170,53 +256,16 @@ def read_safetensors(path: Path) -> Checkpoint:
             state["mm"] = None
 
     modules = stamp_entries(meta)
-    return Checkpoint(
+    return SafetensorsCheckpoint(
         path=path,
-        format="safetensors",
+        format=FORMAT,
         schema=schema,
         metadata=modules,
         stamp=read_stamp(modules.get(""), str(path)),
         reader=reader,
-        header_metadata={k: v for k, v in meta.items() if not _is_stamp_key(k)},
+        header_metadata={k: v for k, v in meta.items() if not is_stamp_key(k)},
         close=close,
     )
-
-
-def _is_stamp_key(key: str) -> bool:
-    return key.split(":", 1)[-1].startswith(STAMP_PREFIX)
-
-
-def stamp_entries(meta: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """Header entries ``ckptmigrate.*`` (root) and ``<module>:ckptmigrate.*`` by module."""
-    out: dict[str, dict[str, Any]] = {}
-    for key, value in meta.items():
-        if not _is_stamp_key(key):
-            continue
-        module, _, name = key.rpartition(":")
-        out.setdefault(module, {})[name] = value
-    return out
-
-
-def flatten_stamps(metadata: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
-    """The inverse of :func:`stamp_entries`; other per-module metadata has no place here."""
-    out: dict[str, str] = {}
-    for module, meta in metadata.items():
-        for name, value in meta.items():
-            if name.startswith(STAMP_PREFIX):
-                out[f"{module}:{name}" if module else name] = str(value)
-    return out
-
-
-def _write_tensor(fh: BinaryIO, tensor: torch.Tensor) -> None:
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    nbytes = t.numel() * t.element_size()
-    if nbytes == 0:
-        return
-    buf = (ctypes.c_char * nbytes).from_address(t.data_ptr())
-    fh.write(memoryview(buf))
 
 
 def write_safetensors(
@@ -228,6 +277,7 @@ def write_safetensors(
     metadata: Mapping[str, Mapping[str, Any]],
 ) -> None:
     """Stream tensors into ``target``: the header first (specs are known), then data."""
+    names = dtype_names()
     header: dict[str, Any] = {}
     meta = {**header_metadata, **flatten_stamps(metadata)}
     if meta:
@@ -240,19 +290,22 @@ def write_safetensors(
                 f"{key!r} is not a tensor and cannot be stored in a safetensors file",
                 hint="write a .pt file instead",
             )
-        if spec.dtype not in NAMES:
+        if spec.dtype not in names:
             raise CheckpointError(f"safetensors cannot store dtype {spec.dtype} ({key!r})")
         nbytes = spec.nbytes
         header[key] = {
-            "dtype": NAMES[spec.dtype],
+            "dtype": names[spec.dtype],
             "shape": list(spec.shape),
             "data_offsets": [offset, offset + nbytes],
         }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    with open_for_writing(target) as fh:
+    with fileio.open_for_writing(target) as fh:
         fh.write(struct.pack("<Q", len(raw)))
         fh.write(raw)
         for key in keys:
-            _write_tensor(fh, produce(key))
+            fileio.write_tensor(fh, produce(key))
+
+
+FORMAT = register(SafetensorsFormat())

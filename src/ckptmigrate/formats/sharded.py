@@ -1,37 +1,50 @@
 """Sharded checkpoints in the Hugging Face layout, upgraded as one checkpoint.
 
 ``model.safetensors.index.json`` (or ``pytorch_model.bin.index.json``) maps
-every key to its shard file. Reading opens each shard lazily; the stamp lives
+every key to its shard file. Reading opens each shard lazily, through the
+registry (a shard is an ordinary safetensors or torch file); the stamp lives
 in the index's ``metadata``. Writing keeps every key in the shard it came
 from (new keys join their neighbour's shard), rewrites only the shards whose
-contents change, in parallel, under new file names, and then replaces the
-index in one atomic step, so a crash leaves either the old set or the new
-one; files no longer referenced are removed afterwards.
+contents change, in parallel, and then replaces the index in one atomic
+step, so a crash leaves either the old set or the new one; files no longer
+referenced are removed afterwards. A shard keeps its standard name
+(``model-00001-of-00004.safetensors``) unless a file of that name is still
+in use in the output folder, as it is when upgrading in place: then the new
+shard gets a name of its own until the index switches to it.
+
+Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import CheckpointError, CkptMigrateError
-from ..plan.nodes import Node, Source, TensorSpec, sources_of
-from ..plan.state import Evaluator, PlanState
-from .atomic import atomic_output, fsync_dir, write_error
+from ..errors import CheckpointError, CkptMigrateError, WriteError
+from .base import FileFormat, Format, ReadOptions, WriteOptions, output_format, register
 from .checkpoint import Checkpoint
+from .fileio import fsync_dir
 from .probe import index_path
-from .stamp import read_stamp
+from .stamp import flatten_stamps, is_stamp_key, read_stamp, stamp_entries
+
+if TYPE_CHECKING:
+    from ..plan.nodes import Node, TensorSpec
+    from ..plan.state import PlanState
+
+_TAG = re.compile(r"-ckm[0-9a-f]{8}(?:-\d+)?$")
 
 
 @dataclass
 class ShardSet:
+    """The index as read, and its shards: what writing needs to keep keys where they were."""
+
     index_path: Path
     index: dict[str, Any]
     shard_of: dict[str, str]  # key -> shard file name
@@ -42,6 +55,54 @@ class ShardSet:
         return self.index_path.parent
 
 
+@dataclass(kw_only=True)
+class ShardedCheckpoint(Checkpoint):
+    """A sharded checkpoint: its index and its shards, each opened lazily."""
+
+    parts: ShardSet
+
+
+class ShardedFormat:
+    """A folder of shards and the index naming them; written only from a sharded input."""
+
+    name: ClassVar[str] = "sharded"
+    suffixes: ClassVar[tuple[str, ...]] = ()
+    holds_only_tensors: ClassVar[bool] = True
+    keeps_wrapper_prefix: ClassVar[bool] = False
+
+    def recognise(self, path: Path, head: bytes) -> bool:
+        return index_path(path) is not None
+
+    def accepts_output(self, target: Path, source: Format | None) -> bool:
+        return source is self  # a sharded input stays sharded, wherever it goes
+
+    def open(self, path: Path, options: ReadOptions) -> Checkpoint:
+        found = index_path(path)
+        assert found is not None
+        return read_sharded(found, trust_pickle=options.trust_pickle)
+
+    def check_target(self, target: Path) -> None:
+        if target.is_file() and not target.name.endswith(".json"):
+            raise WriteError(
+                f"cannot write a sharded checkpoint to {target}: it is a file",
+                hint="give a folder or an *.index.json path with -o",
+            )
+
+    def write(
+        self,
+        target: Path,
+        source: Checkpoint,
+        full: PlanState,
+        metadata: Mapping[str, Mapping[str, Any]],
+        options: WriteOptions,
+    ) -> None:
+        assert isinstance(source, ShardedCheckpoint)
+        write_sharded(target, source, full, metadata, options)
+
+    def lock_path(self, path: Path) -> Path:
+        return index_path(path) or path
+
+
 def _bad(path: Path, what: str) -> CheckpointError:
     return CheckpointError(
         f"{path} is not a valid sharded-checkpoint index: {what}",
@@ -49,10 +110,8 @@ def _bad(path: Path, what: str) -> CheckpointError:
     )
 
 
-def read_sharded(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
-    from . import read_checkpoint
-    from .safetensors_file import stamp_entries
-
+def _read_index(path: Path) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
+    """The index, its weight map and its metadata, every shard name checked."""
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -66,12 +125,20 @@ def read_sharded(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
     for key, shard in weight_map.items():
         if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard.startswith("."):
             raise _bad(path, f"key {key!r} names an invalid shard {shard!r}")
+    return index, weight_map, meta
+
+
+def read_sharded(path: Path, *, trust_pickle: bool = False) -> ShardedCheckpoint:
+    """Open every shard lazily; every key the index names must be in its shard."""
+    from . import open_checkpoint
+
+    index, weight_map, meta = _read_index(path)
     shards: dict[str, Checkpoint] = {}
     for shard in dict.fromkeys(weight_map.values()):
         shard_path = path.parent / shard
         if not shard_path.exists():
             raise _bad(path, f"shard {shard} is missing")
-        shards[shard] = read_checkpoint(shard_path, trust_pickle=trust_pickle)
+        shards[shard] = open_checkpoint(shard_path, ReadOptions(trust_pickle=trust_pickle))
     schema: dict[str, TensorSpec | None] = {}
     for key, shard in weight_map.items():
         if key not in shards[shard].schema:
@@ -87,9 +154,9 @@ def read_sharded(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
         for ckpt in shards.values():
             ckpt.close()
 
-    return Checkpoint(
+    return ShardedCheckpoint(
         path=path,
-        format="sharded",
+        format=FORMAT,
         schema=schema,
         metadata=modules,
         stamp=read_stamp(modules.get(""), str(path)),
@@ -106,6 +173,8 @@ def _assign(entries: Mapping[str, Node], sharded: ShardSet) -> dict[str, list[st
     joins the shard of the existing key it shares the longest dotted prefix
     with (``layer0.extra`` goes where ``layer0.weight`` is), else the last one.
     """
+    from ..plan.nodes import sources_of
+
     plan: dict[str, list[str]] = {name: [] for name in dict.fromkeys(sharded.shard_of.values())}
     by_prefix: dict[str, str] = {}
     homeless: list[str] = []
@@ -134,14 +203,24 @@ def _assign(entries: Mapping[str, Node], sharded: ShardSet) -> dict[str, list[st
 
 
 def _unchanged(keys: list[str], entries: Mapping[str, Node], shard: Checkpoint) -> bool:
+    from ..plan.nodes import Source
+
     if set(shard.schema) != set(keys) or len(keys) != len(shard.schema):
         return False  # (order inside a shard carries no meaning)
     return all(isinstance(entries[k], Source) and entries[k].key == k for k in keys)  # type: ignore[attr-defined]
 
 
-def _new_name(shard: str, tag: str, taken: set[str]) -> str:
+def _free_name(shard: str, tag: str, taken: set[str]) -> str:
+    """The shard's standard name if no file in the output folder has it, else a unique one.
+
+    A name left by an earlier in-place upgrade (``...-ckm1a2b3c4d``) goes
+    back to the standard one where that is free.
+    """
     stem, dot, ext = shard.partition(".")
-    stem = re.sub(r"-ckm[0-9a-f]{8}$", "", stem)
+    stem = _TAG.sub("", stem)
+    name = f"{stem}{dot}{ext}"
+    if name not in taken:
+        return name
     name = f"{stem}-ckm{tag}{dot}{ext}"
     n = 1
     while name in taken:
@@ -150,103 +229,83 @@ def _new_name(shard: str, tag: str, taken: set[str]) -> str:
     return name
 
 
-def write_sharded(
-    target: Path,
-    source: Checkpoint,
-    full: PlanState,
-    metadata: Mapping[str, Mapping[str, Any]],
-    *,
-    jobs: int = 1,
-    progress: Callable[[int], None] | None = None,
-    verify: bool = True,
-    durable: bool = True,
-) -> None:
-    """Write the shards that change (in parallel), then switch the index atomically."""
-    from .safetensors_file import flatten_stamps, write_safetensors
-    from .torch_file import write_torch
+def _output_index(target: Path, sharded: ShardSet) -> Path:
+    """Where the new index goes, its folder created: ``-o v5`` and ``-o v5/x.index.json`` alike."""
+    found = index_path(target) if target.exists() else None
+    if found is not None:
+        return found
+    if target.suffix == ".json":
+        folder, found = target.parent, target
+    else:
+        folder, found = target, target / sharded.index_path.name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(
+            f"cannot create the folder {folder}: {exc.strerror or exc}",
+            hint="choose another place with -o; the input is unchanged",
+        ) from exc
+    return found
 
-    sharded: ShardSet = source.parts
-    out_index = index_path(target) if target.exists() else None
-    if out_index is None:
-        if target.suffix == ".json":
-            out_index = target
-        else:
-            target.mkdir(parents=True, exist_ok=True)
-            out_index = target / sharded.index_path.name
-    folder = out_index.parent
-    same_folder = folder.resolve() == sharded.folder.resolve()
-    assignment = _assign(full.entries, sharded)
+
+@dataclass
+class _Job:
+    """One shard to write: its name in the input, its name in the output, its keys."""
+
+    shard: str
+    name: str
+    keys: list[str]
+
+
+def _plan_names(
+    full: PlanState,
+    sharded: ShardSet,
+    metadata: Mapping[str, Mapping[str, Any]],
+    folder: Path,
+    same_folder: bool,
+) -> tuple[list[_Job], dict[str, str]]:
+    """The shards to write and the new weight map; shards unchanged in place are kept."""
     tag = hashlib.sha256(
         json.dumps(flatten_stamps(metadata), sort_keys=True).encode()
         + "\0".join(f"{k}:{full.entries[k].spec}" for k in full.entries).encode()
     ).hexdigest()[:8]
-    taken = set(sharded.shard_of.values()) | {p.name for p in folder.iterdir()}
-    jobs_todo: list[tuple[str, str, list[str]]] = []  # (old name, new name, keys)
+    taken = {p.name for p in folder.iterdir()}
+    jobs: list[_Job] = []
     weight_map: dict[str, str] = {}
-    for shard, keys in assignment.items():
+    for shard, keys in _assign(full.entries, sharded).items():
         original = sharded.shards.get(shard)
         if same_folder and original is not None and _unchanged(keys, full.entries, original):
             name = shard
         else:
-            name = _new_name(shard, tag, taken)
+            name = _free_name(shard, tag, taken)
             taken.add(name)
-            jobs_todo.append((shard, name, keys))
+            jobs.append(_Job(shard, name, keys))
         weight_map.update((k, name) for k in keys)
+    return jobs, weight_map
+
+
+def write_sharded(
+    target: Path,
+    source: ShardedCheckpoint,
+    full: PlanState,
+    metadata: Mapping[str, Mapping[str, Any]],
+    options: WriteOptions,
+) -> None:
+    """Write the shards that change (in parallel), then switch the index atomically."""
+    sharded = source.parts
+    out_index = _output_index(target, sharded)
+    folder = out_index.parent
+    same_folder = folder.resolve() == sharded.folder.resolve()
+    jobs, weight_map = _plan_names(full, sharded, metadata, folder, same_folder)
     written: list[Path] = []
-
-    def write_one(job: tuple[str, str, list[str]]) -> Path:
-        shard, name, keys = job
-        path = folder / name
-        entries = {k: full.entries[k] for k in keys}
-        evaluator = Evaluator(entries, source.read)
-        fmt = "safetensors" if name.endswith(".safetensors") else "torch"
-        try:
-            if fmt == "safetensors":
-                specs = {k: entries[k].spec for k in keys}
-                write_safetensors(path, keys, specs, evaluator, {"format": "pt"}, {})
-            else:
-                leaves = {sharded.shard_of.get(k) for n in entries.values() for k in sources_of(n)}
-                own = sharded.shards.get(shard) if leaves <= {shard} else None
-                write_torch(path, own, entries, evaluator, {}, None, None)
-        except CkptMigrateError:
-            raise
-        except Exception as exc:
-            raise write_error(path, exc) from exc
-        if durable:
-            with open(path, "rb+") as fh:
-                os.fsync(fh.fileno())
-        if verify:
-            _verify_shard(path, entries)
-        return path
-
     try:
-        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            for path in pool.map(write_one, jobs_todo):
-                written.append(path)
-                if progress is not None:
-                    progress(path.stat().st_size)
-        if not same_folder:
-            for shard in dict.fromkeys(weight_map.values()):
-                if shard in sharded.shards and not (folder / shard).exists():
-                    _copy_file(sharded.folder / shard, folder / shard)
-        index = dict(sharded.index)
-        meta = {
-            k: v
-            for k, v in (index.get("metadata") or {}).items()
-            if not str(k).split(":", 1)[-1].startswith("ckptmigrate.")
-        }
-        meta.update(flatten_stamps(metadata))
-        specs = [node.spec for node in full.entries.values()]
-        meta["total_size"] = sum(spec.nbytes for spec in specs if spec is not None)
-        index["metadata"] = meta
-        index["weight_map"] = weight_map
-        with atomic_output(out_index, durable=durable) as tmp:
-            tmp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        _write_shards(jobs, folder, source, full, options, written)
+        _write_index(out_index, sharded, full, metadata, weight_map, options.durable)
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
         raise
-    if durable:
+    if options.durable:
         fsync_dir(folder)
     if same_folder:  # the old files are no longer referenced
         keep = set(weight_map.values())
@@ -255,19 +314,81 @@ def write_sharded(
                 (folder / shard).unlink(missing_ok=True)
 
 
-def _copy_file(src: Path, dst: Path) -> None:
-    from .torch_zip import copy_range
+def _write_shards(
+    jobs: list[_Job],
+    folder: Path,
+    source: ShardedCheckpoint,
+    full: PlanState,
+    options: WriteOptions,
+    written: list[Path],
+) -> None:
+    """Write every job's shard, ``options.jobs`` at a time; each one lands in ``written``."""
+    from ..plan.nodes import sources_of
+    from ..plan.state import Evaluator
+    from .atomic import atomic_output, write_error
 
-    size = src.stat().st_size
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        copy_range(fin.fileno(), fout.fileno(), 0, size)
-        os.fsync(fout.fileno())
+    sharded = source.parts
+    lock = threading.Lock()
+
+    def write_one(job: _Job) -> Path:
+        path = folder / job.name
+        original = sharded.shards.get(job.shard)
+        fmt = output_format(path, original.format if original is not None else None)
+        if not isinstance(fmt, FileFormat):
+            raise CheckpointError(f"shard {job.name}: no file format writes it")
+        entries = {k: full.entries[k] for k in job.keys}
+        leaves = {sharded.shard_of.get(k) for n in entries.values() for k in sources_of(n)}
+        own = original if leaves <= {job.shard} else None
+        with atomic_output(path, durable=options.durable) as tmp:
+            try:
+                fmt.write_part(tmp, entries, Evaluator(entries, source.read), own)
+            except CkptMigrateError:
+                raise
+            except Exception as exc:
+                raise write_error(path, exc) from exc
+            if options.verify:
+                _verify_shard(fmt, tmp, path, entries)
+        with lock:
+            written.append(path)
+        return path
+
+    with ThreadPoolExecutor(max_workers=max(1, options.jobs)) as pool:
+        futures = [pool.submit(write_one, job) for job in jobs]
+        try:
+            for future in futures:
+                path = future.result()
+                if options.progress is not None:
+                    options.progress(path.stat().st_size)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # the written ones are all in `written`
+            raise
 
 
-def _verify_shard(path: Path, entries: Mapping[str, Node]) -> None:
-    from . import read_checkpoint
+def _write_index(
+    out_index: Path,
+    sharded: ShardSet,
+    full: PlanState,
+    metadata: Mapping[str, Mapping[str, Any]],
+    weight_map: dict[str, str],
+    durable: bool,
+) -> None:
+    """The new index (the switch that makes the new shard set the checkpoint)."""
+    from .atomic import atomic_output
 
-    ckpt = read_checkpoint(path)
+    index = dict(sharded.index)
+    meta = {k: v for k, v in (index.get("metadata") or {}).items() if not is_stamp_key(str(k))}
+    meta.update(flatten_stamps(metadata))
+    specs = [node.spec for node in full.entries.values()]
+    meta["total_size"] = sum(spec.nbytes for spec in specs if spec is not None)
+    index["metadata"] = meta
+    index["weight_map"] = weight_map
+    with atomic_output(out_index, durable=durable) as tmp:
+        tmp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _verify_shard(fmt: FileFormat, tmp: Path, path: Path, entries: Mapping[str, Node]) -> None:
+    """The shard just written holds exactly the planned keys, shapes and dtypes."""
+    ckpt = fmt.open(tmp, ReadOptions())
     try:
         got = ckpt.schema
         want = {k: n.spec for k, n in entries.items()}
@@ -278,3 +399,6 @@ def _verify_shard(path: Path, entries: Mapping[str, Node]) -> None:
             )
     finally:
         ckpt.close()
+
+
+FORMAT = register(ShardedFormat())

@@ -82,3 +82,34 @@ def write_stamp(meta: MutableMapping[str, Any], revisions: Sequence[str] | None)
         meta[REVISION_KEY] = ",".join(revisions)
         meta[VERSION_KEY] = __version__
         meta[FORMAT_KEY] = STAMP_FORMAT
+
+
+# Formats whose metadata is one flat ``str -> str`` map (a safetensors header's
+# ``__metadata__``, a Hugging Face index's ``metadata``) keep the root's stamp
+# as ``ckptmigrate.*`` entries and a module's as ``<module>:ckptmigrate.*``.
+
+
+def is_stamp_key(key: str) -> bool:
+    """A flat metadata entry that belongs to a stamp (of the root or of a module)."""
+    return key.split(":", 1)[-1].startswith(STAMP_PREFIX)
+
+
+def stamp_entries(meta: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Flat entries ``ckptmigrate.*`` (root) and ``<module>:ckptmigrate.*``, by module."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in meta.items():
+        if not is_stamp_key(key):
+            continue
+        module, _, name = key.rpartition(":")
+        out.setdefault(module, {})[name] = value
+    return out
+
+
+def flatten_stamps(metadata: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """The inverse of :func:`stamp_entries`; other per-module metadata has no place there."""
+    out: dict[str, str] = {}
+    for module, meta in metadata.items():
+        for name, value in meta.items():
+            if name.startswith(STAMP_PREFIX):
+                out[f"{module}:{name}" if module else name] = str(value)
+    return out

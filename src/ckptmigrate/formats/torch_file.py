@@ -1,61 +1,123 @@
-"""PyTorch ``torch.save`` files (.pt/.pth/.bin/.ckpt).
+"""PyTorch ``torch.save`` files (.pt/.pth/.bin/.ckpt/.tar, and legacy pre-1.6 pickles).
 
-Checkpoints are untrusted: they are loaded with ``weights_only=True`` (only
-tensors and plain containers can come out of the pickle) and memory-mapped,
-so reading a stamp or a schema touches no tensor data. Arbitrary pickles are
-loaded only when the caller passes ``trust_pickle=True``.
+Checkpoints are untrusted: they are loaded under the unpickling policy
+(:mod:`.unpickle`: only tensors and plain containers come out of the pickle
+unless the caller passes ``trust_pickle=True``) and memory-mapped
+(:mod:`.torch_save`), so reading a stamp or a schema touches no tensor data.
+A torch file may be a training container; the weights are found in it
+(:mod:`.container`) and everything else is written back untouched.
+
+Importing this module does not import torch (the registry imports it to
+recognise paths); reading and writing do.
 """
 
 from __future__ import annotations
 
-import _compat_pickle
 import pickle
 import re
 import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import CheckpointError, UnsafeCheckpointError
-from ..plan.nodes import Node, Source, TensorSpec
-from . import torch_zip
-from .checkpoint import (
-    Checkpoint,
-    locate_state_dict,
-    replace_at,
-    strip_metadata_prefix,
-    wrapper_prefix,
-)
+from . import keyspace, unpickle
+from .base import FileFormat, ReadOptions, WriteOptions, register
+from .checkpoint import Checkpoint, TrainingContainer
+from .container import locate_state_dict, replace_at, wrapper_prefix
 from .stamp import read_stamp
-from .torch_zip import ZipSource
 
-# What the weights-only unpickler says when a pickle asks for code (as
-# opposed to bytes that are not a pickle at all).
-_UNSAFE_MARKERS = ("Unsupported global", "GLOBAL ", "unrecognized function", "Unsupported class")
-_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+if TYPE_CHECKING:
+    from ..plan.nodes import Node, TensorSpec
+    from ..plan.state import PlanState
+    from .torch_save import ZipSource
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_MAGIC = b"\x80"  # a pickle: torch's legacy (pre-zip) format
 
 
-def _unsafe_global(message: str) -> str | None:
-    """The global a refused pickle asked for, as Python 3 would resolve it.
+@dataclass(kw_only=True)
+class TorchCheckpoint(Checkpoint):
+    """A torch file: its zip index when read lazily (so untouched storages are copied raw)."""
 
-    PyTorch names builtins without their module (``GLOBAL eval``), and a
-    protocol-2 pickle spells some modules the Python 2 way (``commands.Popen``
-    is what ``subprocess.Popen`` becomes), so both are mapped back.
-    """
-    match = _GLOBAL.search(message)
-    if match is None:
-        return None
-    module, _, name = match.group(1).rpartition(".")
-    if not module:
-        return f"builtins.{name}"
-    module, name = _compat_pickle.NAME_MAPPING.get(
-        (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name)
-    )
-    return f"{module}.{name}"
+    zip_source: ZipSource | None = None
+    legacy: bool = False
+
+    def notes(self, *, keep_wrapper_prefix: bool | None = None) -> list[str]:
+        out = super().notes(keep_wrapper_prefix=keep_wrapper_prefix)
+        if self.legacy:
+            out.append("input is in PyTorch's legacy (pre-1.6) format; output uses the zip format")
+        return out
+
+
+class TorchFormat(FileFormat):
+    """``torch.save`` files: the one format that holds a whole training container."""
+
+    name: ClassVar[str] = "torch"
+    suffixes: ClassVar[tuple[str, ...]] = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+    holds_only_tensors: ClassVar[bool] = False
+    keeps_wrapper_prefix: ClassVar[bool] = True
+
+    def recognise(self, path: Path, head: bytes) -> bool:
+        return head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)
+
+    def open(self, path: Path, options: ReadOptions) -> Checkpoint:
+        return read_torch(
+            path, trust_pickle=options.trust_pickle, state_dict_key=options.state_dict_key
+        )
+
+    def open_written(self, path: Path, source: Checkpoint) -> Checkpoint:
+        """Read back what was written: the state dict where the input had it.
+
+        An input read with --trust-pickle may hold objects outside the
+        allow-list, and then so does the output: its structure is checked
+        without running any of them (they become inert stand-ins).
+        """
+        key = "/".join(source.training.state_path) if source.training is not None else None
+        try:
+            return read_torch(path, state_dict_key=key)
+        except UnsafeCheckpointError:
+            return read_torch(path, state_dict_key=key, opaque=True)
+
+    def write_file(
+        self,
+        path: Path,
+        source: Checkpoint,
+        full: PlanState,
+        metadata: Mapping[str, Mapping[str, Any]],
+        options: WriteOptions,
+    ) -> None:
+        from ..plan.state import Evaluator
+
+        wrapper = source.wrapper_prefix if options.keep_wrapper_prefix else ""
+        entries = keyspace.keys_at(full.entries, wrapper)
+        evaluator = Evaluator(entries, source.read)
+        meta = keyspace.metadata_at(metadata, wrapper)
+        write_torch(path, source, entries, evaluator, meta, options.container, options.progress)
+
+    def write_part(
+        self,
+        path: Path,
+        entries: Mapping[str, Node],
+        produce: Callable[[str], Any],
+        own: Checkpoint | None,
+    ) -> None:
+        write_torch(path, own, entries, produce, {}, None, None)
+
+
+def _is_legacy(path: Path) -> bool:
+    """A pre-1.6 pickle rather than a zip (also a zip that lost its end is still a zip)."""
+    try:
+        legacy = not zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:  # a zip whose end records are damaged (is_zipfile can raise)
+        return False  # the zip reader says what is wrong with it
+    if legacy:
+        with open(path, "rb") as fh:
+            legacy = fh.read(4) != _ZIP_MAGIC
+    return legacy
 
 
 def load_object(
@@ -66,21 +128,18 @@ def load_object(
     ``opaque`` (zip files only) turns objects outside the allow-list into inert
     stand-ins instead of refusing them; nothing from the file runs.
     """
-    try:
-        legacy = not zipfile.is_zipfile(path)
-    except zipfile.BadZipFile:  # a zip whose end records are damaged (is_zipfile can raise)
-        legacy = False  # the zip reader says what is wrong with it
-    if legacy:
-        with open(path, "rb") as fh:
-            # a zip that lost its end (truncated) is still a zip, not a legacy pickle
-            legacy = fh.read(4) != b"PK\x03\x04"
+    import torch
+
+    from . import torch_save
+
+    legacy = _is_legacy(path)
     where = str(path)
     try:
         if not legacy:
             try:
-                obj, source = torch_zip.load(path, trust_pickle=trust_pickle, opaque=opaque)
+                obj, source = torch_save.load(path, trust_pickle=trust_pickle, opaque=opaque)
                 return obj, False, source
-            except torch_zip._NeedsTorchLoad:
+            except torch_save.NeedsTorchLoad:
                 pass
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -90,25 +149,14 @@ def load_object(
     except CheckpointError:
         raise
     except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if any(marker in text for marker in _UNSAFE_MARKERS):
-            name = _unsafe_global(text)
-            what = f"the global {name}" if name else "objects outside the weights-only allow-list"
-            raise UnsafeCheckpointError(
-                f"refusing to load {where}: its pickle needs {what}, which could run "
-                "arbitrary code",
-                hint="if you trust the file's origin, pass --trust-pickle",
-            ) from exc
-        raise _damaged(where, exc) from exc
-    except RecursionError as exc:
-        raise _damaged(where, exc) from exc
+        raise unpickle.refusal(exc, where) or _damaged(where, exc) from exc
     except ModuleNotFoundError as exc:  # only a trusted pickle imports anything
         raise CheckpointError(
             f"{where}: its pickle needs the module {exc.name!r}, which cannot be imported",
             hint="add the folder that holds it to prepend_sys_path in the configuration, "
             "or install its package",
         ) from exc
-    except Exception as exc:  # MemoryError, RuntimeError, EOFError, ... from a damaged file
+    except Exception as exc:  # RecursionError, MemoryError, EOFError, ... from a damaged file
         raise _damaged(where, exc) from exc
     return obj, legacy, None
 
@@ -128,17 +176,21 @@ def read_torch(
     trust_pickle: bool = False,
     state_dict_key: str | None = None,
     opaque: bool = False,
-) -> Checkpoint:
+) -> TorchCheckpoint:
+    """Open lazily: the weights found in the loaded object, keys without a wrapper's prefix."""
+    import torch
+
+    from ..plan.nodes import TensorSpec
+
     obj, legacy, source = load_object(path, trust_pickle=trust_pickle, opaque=opaque)
     state_path, sd = locate_state_dict(obj, state_dict_key, str(path))
     prefix = wrapper_prefix(list(sd))
-    metadata = strip_metadata_prefix(getattr(sd, "_metadata", None), prefix)
+    metadata = keyspace.metadata_under(getattr(sd, "_metadata", None), prefix)
     schema: dict[str, TensorSpec | None] = {}
     for raw_key, value in sd.items():
         schema[raw_key[len(prefix) :]] = (
             TensorSpec.of(value) if isinstance(value, torch.Tensor) else None
         )
-    stamp = read_stamp(metadata.get(""), str(path))
 
     def reader(key: str, _sd: Mapping[str, Any] = sd, _p: str = prefix) -> Any:
         value = _sd[_p + key]
@@ -146,15 +198,14 @@ def read_torch(
             source.check_storage(value.untyped_storage())  # damaged bytes never flow on
         return value
 
-    return Checkpoint(
+    return TorchCheckpoint(
         path=path,
-        format="torch",
+        format=FORMAT,
         schema=schema,
         metadata=metadata,
-        stamp=stamp,
+        stamp=read_stamp(metadata.get(""), str(path)),
         reader=reader,
-        container=obj,
-        state_path=state_path,
+        training=TrainingContainer(obj, state_path) if state_path else None,
         wrapper_prefix=prefix,
         legacy=legacy,
         zip_source=source,
@@ -182,13 +233,15 @@ def check_carried(source: Checkpoint) -> None:
     such a tensor would reach the output with a fresh, valid checksum. So its
     records are checked before anything is written (each record once).
     """
-    zs = source.zip_source
-    if zs is None or not source.state_path:
+    import torch
+
+    if not isinstance(source, TorchCheckpoint) or source.training is None:
         return
-    state_dict: Any = source.container
-    for part in source.state_path:
-        state_dict = state_dict[part]
-    stack: list[Any] = [source.container]
+    zs = source.zip_source
+    if zs is None:
+        return
+    state_dict = source.training.state_dict
+    stack: list[Any] = [source.training.container]
     seen: set[int] = set()
     while stack:
         obj = stack.pop()
@@ -217,20 +270,26 @@ def write_torch(
     Entries that are input tensors are written by copying their bytes from the
     input file; the others are computed one at a time by ``produce``.
     """
+    from ..plan.nodes import Source
+    from . import torch_save
 
     def value(key: str, node: Node) -> Any:
         if isinstance(node, Source) and source is not None:
             return source.read(node.key)
         if node.spec is None:
             return produce(key)
-        return torch_zip.PlannedTensor(key, node.spec)
+        return torch_save.PlannedTensor(key, node.spec)
 
     if source is not None:
         check_carried(source)
     sd: OrderedDict[str, Any] = OrderedDict((k, value(k, n)) for k, n in entries.items())
     sd._metadata = build_metadata(metadata)  # type: ignore[attr-defined]
     obj: Any = sd
-    if source is not None and source.format == "torch":
-        base = container if container is not None else source.container
-        obj = replace_at(base, source.state_path, sd)
-    torch_zip.write(target, obj, source.zip_source if source else None, produce, progress)
+    if source is not None and source.training is not None:
+        base = container if container is not None else source.training.container
+        obj = replace_at(base, source.training.state_path, sd)
+    zs = source.zip_source if isinstance(source, TorchCheckpoint) else None
+    torch_save.write(target, obj, zs, produce, progress)
+
+
+FORMAT = register(TorchFormat())

@@ -4,49 +4,46 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ..errors import UnsafeCheckpointError, WriteError
-from ..plan.state import PlanState
+from ..errors import WriteError
+from .stamp import read_stamp
+
+if TYPE_CHECKING:
+    from ..plan.state import PlanState
+    from .checkpoint import Checkpoint
 
 
 def verify_written(
-    path: Path,
+    written: Checkpoint,
     target: Path,
     full: PlanState,
-    lineage: PlanState,
+    metadata: Mapping[str, Mapping[str, Any]],
     key_prefix: str,
-    revisions: tuple[str, ...] | None,
-    state_dict_key: str | None,
     wrapper_prefix: str = "",
 ) -> None:
-    """The file at ``path`` has exactly the planned keys, shapes, dtypes and stamp.
+    """The file just read back as ``written`` has exactly the planned keys, shapes, dtypes, stamp.
 
-    Runs on the temporary file, before it replaces ``target``. Keys are
-    compared as written, ``wrapper_prefix`` (kept on request) included.
+    Runs on the temporary file, before it replaces ``target`` (and closes it).
+    Keys are compared as written, ``wrapper_prefix`` (kept on request)
+    included; the stamp is the one ``metadata`` plans for the lineage at
+    ``key_prefix``.
     """
-    from . import read_checkpoint
-
     try:
-        ckpt = read_checkpoint(path, state_dict_key=state_dict_key)
-    except UnsafeCheckpointError:
-        # The input was read with --trust-pickle and holds objects outside the
-        # allow-list, so the output does too: check its structure without
-        # running any of them (they become inert stand-ins).
-        from .torch_file import read_torch
-
-        ckpt = read_torch(path, state_dict_key=state_dict_key, opaque=True)
-    try:
-        got = {ckpt.wrapper_prefix + k: spec for k, spec in ckpt.schema.items()}
+        got = {written.wrapper_prefix + k: spec for k, spec in written.schema.items()}
         _same(target, got, {wrapper_prefix + k: spec for k, spec in full.schema().items()})
-        focused = ckpt.focus(key_prefix) if lineage.entries else ckpt
-        stamped = focused.stamp.revisions if focused.stamp else None
-        if stamped != revisions:
+        root = key_prefix[:-1]
+        planned = read_stamp(metadata.get(root), str(target))
+        found = read_stamp(written.metadata.get(root), str(target))
+        expected = planned.revisions if planned else None
+        stamped = found.revisions if found else None
+        if stamped != expected:
             raise WriteError(
-                f"{target} records {stamped} after writing, expected {revisions}",
+                f"{target} records {stamped} after writing, expected {expected}",
                 hint="this is a bug in ckptmigrate; please report it; the input is unchanged",
             )
     finally:
-        ckpt.close()
+        written.close()
 
 
 def _same(target: Path, got: Mapping[str, object], want: Mapping[str, object]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import Config
-from ..schema import build_on_meta
+from ..model import build_on_meta
 from ..script.directory import ScriptDirectory
 from .versioning import lineage_of
 

@@ -57,9 +57,7 @@ def _read_state_dict(
 ) -> tuple[OrderedDict[str, Any], dict[str, dict[str, Any]], Any]:
     ckpt = read_checkpoint(path, trust_pickle=trust_pickle, state_dict_key=state_dict_key)
     sd: OrderedDict[str, Any] = OrderedDict((k, ckpt.read(k)) for k in ckpt.schema)
-    meta = {k: dict(v) for k, v in ckpt.metadata.items()}
-    if ckpt.format == "safetensors" and ckpt.stamp is not None:
-        write_stamp(meta.setdefault("", {}), ckpt.stamp.revisions)
+    meta = {k: dict(v) for k, v in ckpt.metadata.items()}  # the stamp included, in any format
     return sd, meta, ckpt
 
 
@@ -85,7 +83,7 @@ def load(
     sd, meta, ckpt = _read_state_dict(path, trust_pickle, state_dict_key)
     report = LoadReport(
         Path(path),
-        state_dict_key="/".join(ckpt.state_path) or None,
+        state_dict_key="/".join(ckpt.training.state_path) if ckpt.training else None,
         wrapper_prefix=ckpt.wrapper_prefix,
     )
     if ckpt.wrapper_prefix:

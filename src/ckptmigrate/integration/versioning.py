@@ -27,7 +27,8 @@ from typing import Any, TypeVar
 import torch
 
 from ..errors import CkptMigrateError, LoadError
-from ..formats.checkpoint import WRAPPER_PREFIXES, strip_metadata_prefix, wrapper_prefix
+from ..formats import keyspace
+from ..formats.container import WRAPPER_PREFIXES, wrapper_prefix
 from ..formats.stamp import read_stamp, write_stamp
 from ..schema import Schema, compare
 from .lineage import Lineage, log
@@ -168,7 +169,7 @@ def _migrate_at(
     keys = [k for k in sd if k.startswith(prefix)] if prefix else list(sd)
     keys = _unwrap_at(module, sd, metadata, prefix, keys)
     stamp = read_stamp(metadata.get(root), where)  # a wrapper's stamp is at root now
-    sub = {k[len(prefix) :]: sd[k] for k in keys} if prefix else dict(sd)
+    sub = keyspace.keys_under({k: sd[k] for k in keys}, prefix)
     if target is None:
         if stamp is None and Schema.from_specs(specs_of(sub)).same_layout(own_schema(module)):
             return None  # e.g. an EMA copy of a model saved unstamped: nothing to migrate
@@ -179,7 +180,7 @@ def _migrate_at(
     if current is None or current == (target,):
         return None  # unknown (no stamp, no base schema): the strict load decides
     stamped = stamp is not None
-    sub_meta = _sub_metadata(metadata, root)
+    sub_meta = keyspace.metadata_under(metadata, prefix)
     try:
         outcome = migrate_state_dict(
             lineage.script_dir, sub, sub_meta, current, target, log=log.info
@@ -194,10 +195,7 @@ def _migrate_at(
         del sd[k]
     for k, v in outcome.state_dict.items():
         sd[prefix + k] = v
-    for name in [n for n in metadata if n == root or n.startswith(prefix)]:
-        del metadata[name]
-    for name, meta in outcome.metadata.items():
-        metadata[(prefix + name) if name else root] = meta
+    keyspace.replace_under(metadata, prefix, outcome.metadata)
     write_stamp(metadata.setdefault(root, {}), (target,))
     record = LineageRecord(
         prefix,
@@ -211,20 +209,6 @@ def _migrate_at(
     if records is not None:
         records.append(record)
     return record
-
-
-def _sub_metadata(
-    metadata: Mapping[str, Mapping[str, Any]], root: str
-) -> dict[str, dict[str, Any]]:
-    if not root:
-        return {k: dict(v) for k, v in metadata.items()}
-    out: dict[str, dict[str, Any]] = {}
-    for name, meta in metadata.items():
-        if name == root:
-            out[""] = dict(meta)
-        elif name.startswith(root + "."):
-            out[name[len(root) + 1 :]] = dict(meta)
-    return out
 
 
 def _unwrap_at(
@@ -251,12 +235,8 @@ def _unwrap_at(
     renamed = [prefix + key[len(prefix) + len(strip) :] for key in keys]
     values = [sd.pop(key) for key in keys]  # all out first: a new key may be an old one
     sd.update(zip(renamed, values))
-    root = prefix[:-1]
-    inner = _sub_metadata(metadata, root)
-    for name in [n for n in metadata if n == root or n.startswith(prefix)]:
-        del metadata[name]
-    for name, meta in strip_metadata_prefix(inner, strip).items():
-        metadata[(prefix + name) if name else root] = meta
+    inner = keyspace.metadata_under(metadata, prefix)
+    keyspace.replace_under(metadata, prefix, keyspace.metadata_under(inner, strip))
     log.info("stripped wrapper prefix %r from %s", strip, _describe(module, prefix))
     return renamed
 

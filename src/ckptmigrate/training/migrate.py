@@ -103,8 +103,10 @@ def migrate_container(
     Returns None when the container holds nothing to migrate (and always for
     a dry run, which prints what would happen to the optimizer state instead).
     """
-    container = ckpt.container
-    found = find_optimizers(container, ckpt.state_path)
+    if ckpt.training is None:
+        return None
+    container = ckpt.training.container
+    found = find_optimizers(container, ckpt.training.state_path)
     if not found:
         return None
     policy = _policy(config)
@@ -204,10 +206,11 @@ def _keep_or_drop(
 def _model_info(config: Config) -> ModelInfo | None:
     if not config.get("model"):
         return None
-    from ..autogenerate import model_schema
+    from ..model import configured_model
 
     try:
-        schema, model, spec = model_schema(config)
+        found = configured_model(config)
+        schema, model, spec = found.schema, found.module, found.spec
     except CkptMigrateError as exc:
         config.log(f"Note: not using the configured model for the optimizer state: {exc}")
         return None
@@ -416,7 +419,8 @@ def _count_error(
         f"the optimizer state at {where} holds {count} parameter"
         f"{'s' if count != 1 else ''}, but the checkpoint's state dict has {len(params)} "
         f"tensors that look like parameters{detail}, so its entries cannot be paired with "
-        f"parameters ({why})" + lightning.count_hint(ckpt.container, ckpt.key_prefix),
+        f"parameters ({why})"
+        + lightning.count_hint(ckpt.training.container if ckpt.training else None, ckpt.key_prefix),
         hint=f"set `model = package.module:build_model` in [{section}] so that parameters and "
         "buffers are known (or record the base schema from the model: ckptmigrate schema "
         "--record); an optimizer over only some of the parameters must be saved with "

@@ -1,0 +1,169 @@
+"""What a checkpoint's pickle may do when it is loaded: the safety policy in one place.
+
+Checkpoints are untrusted. By default a pickle is loaded with PyTorch's
+weights-only unpickler (tensors and plain containers, nothing that runs
+code); ``trust_pickle`` allows any global (the user vouched for the file);
+``opaque`` reads the structure of a pickle this process wrote from a trusted
+input without running anything in it (each unknown class becomes an inert
+stand-in). A refusal is reported as :class:`UnsafeCheckpointError` naming
+the global the pickle asked for, as Python 3 spells it.
+
+Importing this module does not import torch; the unpicklers do when used.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import io
+import pickle
+import re
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import UnsafeCheckpointError
+
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING"}
+# What the weights-only unpickler says when a pickle asks for code (as
+# opposed to bytes that are not a pickle at all).
+_UNSAFE_MARKERS = ("Unsupported global", "GLOBAL ", "unrecognized function", "Unsupported class")
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _allowed_globals() -> dict[str, Any]:
+    from torch import _weights_only_unpickler
+
+    allowed: dict[str, Any] = getattr(_weights_only_unpickler, "_get_allowed_globals", dict)()
+    return allowed
+
+
+def unpickle(
+    data: bytes,
+    persistent_load: Callable[[Any], Any],
+    *,
+    trust_pickle: bool = False,
+    opaque: bool = False,
+) -> Any:
+    """Load ``data`` under the policy; a refusal names the global the pickle asked for."""
+    if trust_pickle:
+        unpickler: Any = _TrustedUnpickler(io.BytesIO(data), encoding="utf-8")
+    elif opaque:
+        unpickler = _OpaqueUnpickler(io.BytesIO(data), encoding="utf-8")
+    else:
+        from torch import _weights_only_unpickler
+
+        unpickler = _weights_only_unpickler.Unpickler(io.BytesIO(data), encoding="utf-8")
+    unpickler.persistent_load = persistent_load
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": errors say enough
+            warnings.simplefilter("ignore")
+            return unpickler.load()
+    except pickle.UnpicklingError as exc:
+        # The weights-only unpickler knows GLOBAL only; a pickle importing
+        # code another way (STACK_GLOBAL, INST, OBJ: protocol 4, hand-made)
+        # fails as an "unsupported operand". Name what it asked for.
+        name = None if trust_pickle else disallowed_global(data)
+        if name is not None and "GLOBAL" not in str(exc):
+            raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {name}") from exc
+        raise
+
+
+def disallowed_global(data: bytes) -> str | None:
+    """The first global a pickle imports that PyTorch's weights-only load refuses.
+
+    Found by parsing the opcodes (nothing is executed); None when there is no
+    such import or the bytes stop parsing first.
+    """
+    import pickletools
+
+    allowed = _allowed_globals()
+    strings: list[str] = []
+    try:
+        for op, arg, _pos in pickletools.genops(data):
+            name = None
+            if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                name = ".".join(arg.split(" ", 1))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                name = f"{strings[-2]}.{strings[-1]}"
+            elif op.name in _STRING_OPS and isinstance(arg, (str, bytes)):
+                strings.append(arg if isinstance(arg, str) else arg.decode("latin-1"))
+            if name is not None and name not in allowed:
+                return name
+    except Exception:  # not parseable further: what was found so far is all there is
+        return None
+    return None
+
+
+def refusal(exc: pickle.UnpicklingError, where: str) -> UnsafeCheckpointError | None:
+    """The error to report when ``exc`` is the policy refusing code (None: a damaged pickle)."""
+    text = str(exc)
+    if not any(marker in text for marker in _UNSAFE_MARKERS):
+        return None
+    name = _unsafe_global(text)
+    what = f"the global {name}" if name else "objects outside the weights-only allow-list"
+    return UnsafeCheckpointError(
+        f"refusing to load {where}: its pickle needs {what}, which could run arbitrary code",
+        hint="if you trust the file's origin, pass --trust-pickle",
+    )
+
+
+def _unsafe_global(message: str) -> str | None:
+    """The global a refused pickle asked for, as Python 3 would resolve it.
+
+    PyTorch names builtins without their module (``GLOBAL eval``), and a
+    protocol-2 pickle spells some modules the Python 2 way (``commands.Popen``
+    is what ``subprocess.Popen`` becomes), so both are mapped back.
+    """
+    match = _GLOBAL.search(message)
+    if match is None:
+        return None
+    module, _, name = match.group(1).rpartition(".")
+    if not module:
+        return f"builtins.{name}"
+    module, name = _compat_pickle.NAME_MAPPING.get(
+        (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name)
+    )
+    return f"{module}.{name}"
+
+
+class _TrustedUnpickler(pickle.Unpickler):
+    """Any global (only with --trust-pickle); PyTorch's old module path mapped."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch.tensor":
+            module = "torch._tensor"
+        return super().find_class(module, name)
+
+
+class _Opaque(dict[Any, Any]):
+    """An inert stand-in for an object whose class is outside the allow-list.
+
+    A dict, so that a dict subclass's items (a training container of a custom
+    class) stay visible; list items and attribute state are kept aside.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _OpaqueUnpickler(pickle.Unpickler):
+    """Allow-listed globals as themselves, every other one as :class:`_Opaque`."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        # Python 2 spellings (protocol 2 pickles), mapped as pickle.Unpickler maps them
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        else:
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        found = _allowed_globals().get(f"{module}.{name}")
+        return found if found is not None else _Opaque

@@ -1,0 +1,260 @@
+"""The zip container under ``torch.save`` files: stored records, 64-byte aligned, zip64 when large.
+
+Nothing here knows about torch or pickles, so the container can be read and
+written (and tested) on plain bytes. Reading returns every record's data
+offset, checked against the file: a lazy reader slices tensors straight out
+of the file by those offsets, so a lying directory must be caught here.
+Writing produces the layout PyTorch's own writer does (``FB`` padding so each
+record's data starts on a 64-byte boundary, no timestamps, zip64 extra fields
+only where a size or offset needs them), so the output is bit-identical from
+run to run and readable by any zip reader.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from . import fileio
+
+ALIGN = 64
+_PAD_ID = 0x4246  # the "FB" padding extra field PyTorch's writer uses
+_ZIP64_LIMIT = 0xFFFFFFFF
+_DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01: no timestamps, reproducible files
+
+
+class BadZip(ValueError):
+    """The bytes are no valid zip of stored records; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Record:
+    name: str
+    data_offset: int
+    size: int
+    crc: int
+
+
+@dataclass(frozen=True)
+class ZipIndex:
+    """A zip's size and its records by name, in directory order."""
+
+    size: int
+    records: dict[str, Record]
+
+
+def crc32(buffer: memoryview | bytes, chunk: int = 1 << 24) -> int:
+    """zlib's CRC-32 in chunks, so a multi-GiB buffer never needs one huge call."""
+    view = memoryview(buffer)
+    crc = 0
+    for i in range(0, view.nbytes, chunk):
+        crc = zlib.crc32(view[i : i + chunk], crc)
+    return crc
+
+
+@contextmanager
+def _opened(source: Path | bytes | BinaryIO) -> Iterator[BinaryIO]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        yield io.BytesIO(source)
+    elif isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as fh:
+            yield fh
+    else:
+        yield source
+
+
+def read_index(source: Path | bytes | BinaryIO) -> ZipIndex:
+    """Every record with its data offset, each checked against its local header and the size.
+
+    ``source`` is a path, the zip's bytes, or a seekable binary file object.
+    Raises :class:`BadZip` naming the first problem.
+    """
+    with _opened(source) as fh:
+        size = fh.seek(0, io.SEEK_END)
+        try:
+            with zipfile.ZipFile(fh) as zf:
+                infos = zf.infolist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
+            raise BadZip(f"damaged zip directory: {exc}") from None
+        records: dict[str, Record] = {}
+        for info in infos:
+            records[info.filename] = _record(fh, info, size)
+    return ZipIndex(size, records)
+
+
+def _record(fh: BinaryIO, info: zipfile.ZipInfo, size: int) -> Record:
+    """One directory entry, checked against the local header it points at."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise BadZip(f"record {info.filename!r} is compressed")
+    if info.compress_size != info.file_size:
+        raise BadZip(f"record {info.filename!r} has two different sizes")
+    if not 0 <= info.header_offset < size:
+        raise BadZip(f"record {info.filename!r} has no valid local header")
+    fh.seek(info.header_offset)
+    head = fh.read(30)
+    if len(head) != 30 or head[:4] != b"PK\x03\x04":
+        raise BadZip(f"record {info.filename!r} has no valid local header")
+    flags, method = struct.unpack("<HH", head[6:10])
+    crc, csize, usize = struct.unpack("<III", head[14:26])
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    name = fh.read(name_len)
+    # Without a data descriptor (flag bit 3: what torch.save writes), the
+    # local header repeats the checksum and sizes; they must agree.
+    sizes_ok = (csize, usize) in ((info.file_size, info.file_size), (_ZIP64_LIMIT, _ZIP64_LIMIT))
+    if (
+        method != 0
+        or name != info.orig_filename.encode("utf-8", "replace")
+        or (not flags & 0x08 and (crc != info.CRC or not sizes_ok))
+    ):
+        raise BadZip(f"record {info.filename!r} disagrees with its local header")
+    data_offset = info.header_offset + 30 + name_len + extra_len
+    if data_offset + info.file_size > size:
+        raise BadZip(f"record {info.filename!r} runs past the end of the file")
+    return Record(info.filename, data_offset, info.file_size, info.CRC)
+
+
+class ZipWriter:
+    """Write stored records in PyTorch's layout to a binary file, then the directory."""
+
+    def __init__(self, fh: BinaryIO, prefix: str = "archive/") -> None:
+        self.fh = fh
+        self.prefix = prefix
+        self.entries: list[tuple[bytes, int, int, int]] = []  # name, header offset, size, crc
+        self.offset = 0
+
+    def _begin(self, name: str, size: int, crc: int) -> None:
+        raw = (self.prefix + name).encode("utf-8")
+        zip64 = size >= _ZIP64_LIMIT
+        extra = struct.pack("<HHQQ", 0x0001, 16, size, size) if zip64 else b""
+        base = self.offset + 30 + len(raw) + len(extra) + 4
+        pad = (-base) % ALIGN
+        extra += struct.pack("<HH", _PAD_ID, pad) + b"Z" * pad
+        header = struct.pack(
+            "<4sHHHHHIIIHH",
+            b"PK\x03\x04",
+            45 if zip64 else 20,
+            0x0800,  # UTF-8 names; sizes and CRC in the header (no data descriptor)
+            0,
+            0,
+            _DOS_DATE,
+            crc,
+            _ZIP64_LIMIT if zip64 else size,
+            _ZIP64_LIMIT if zip64 else size,
+            len(raw),
+            len(extra),
+        )
+        self.entries.append((raw, self.offset, size, crc))
+        self.fh.write(header + raw + extra)
+        self.offset += len(header) + len(raw) + len(extra)
+
+    @property
+    def last_crc(self) -> int:
+        """The checksum of the record written last."""
+        return self.entries[-1][3]
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        self._begin(name, len(data), zlib.crc32(data))
+        self.fh.write(data)
+        self.offset += len(data)
+
+    def add_buffer(self, name: str, buffer: memoryview) -> None:
+        self._begin(name, buffer.nbytes, crc32(buffer))
+        self.fh.write(buffer)
+        self.offset += buffer.nbytes
+
+    def add_copy(self, name: str, src_fd: int, record: Record) -> None:
+        """A record whose bytes (checksum known) are copied from another file in the kernel."""
+        self._begin(name, record.size, record.crc)
+        self.fh.flush()
+        fileio.copy_range(src_fd, self.fh.fileno(), record.data_offset, record.size)
+        self.offset += record.size
+        self.fh.seek(self.offset)
+
+    def close(self) -> None:
+        """Write the central directory (zip64 end records where sizes or counts need them)."""
+        start = self.offset
+        directory, big = self._directory()
+        self.fh.write(directory)
+        count = len(self.entries)
+        if big or start >= _ZIP64_LIMIT or count >= 0xFFFF:
+            end = start + len(directory)
+            self.fh.write(
+                struct.pack(
+                    "<4sQHHIIQQQQ",
+                    b"PK\x06\x06",
+                    44,
+                    45,
+                    45,
+                    0,
+                    0,
+                    count,
+                    count,
+                    len(directory),
+                    start,
+                )
+            )
+            self.fh.write(struct.pack("<4sIQI", b"PK\x06\x07", 0, end, 1))
+        self.fh.write(
+            struct.pack(
+                "<4sHHHHIIH",
+                b"PK\x05\x06",
+                0,
+                0,
+                min(count, 0xFFFF),
+                min(count, 0xFFFF),
+                min(len(directory), _ZIP64_LIMIT),
+                min(start, _ZIP64_LIMIT),
+                0,
+            )
+        )
+
+    def _directory(self) -> tuple[bytes, bool]:
+        """The central directory, and whether any entry needed zip64 fields."""
+        central = io.BytesIO()
+        any_big = False
+        for raw, offset, size, crc in self.entries:
+            big = size >= _ZIP64_LIMIT or offset >= _ZIP64_LIMIT
+            extra = b""
+            if big:
+                fields = b""
+                if size >= _ZIP64_LIMIT:
+                    fields += struct.pack("<QQ", size, size)
+                if offset >= _ZIP64_LIMIT:
+                    fields += struct.pack("<Q", offset)
+                extra = struct.pack("<HH", 0x0001, len(fields)) + fields
+                any_big = True
+            version = 45 if big else 20
+            stored = _ZIP64_LIMIT if size >= _ZIP64_LIMIT else size
+            central.write(
+                struct.pack(
+                    "<4sHHHHHHIIIHHHHHII",
+                    b"PK\x01\x02",
+                    version,
+                    version,
+                    0x0800,
+                    0,
+                    0,
+                    _DOS_DATE,
+                    crc,
+                    stored,
+                    stored,
+                    len(raw),
+                    len(extra),
+                    0,
+                    0,
+                    0,
+                    0,
+                    _ZIP64_LIMIT if offset >= _ZIP64_LIMIT else offset,
+                )
+                + raw
+                + extra
+            )
+        return central.getvalue(), any_big

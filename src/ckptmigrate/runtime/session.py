@@ -1,0 +1,347 @@
+"""The migration session: one checkpoint's trip along the lineage.
+
+``upgrade``, ``downgrade`` and ``stamp`` all go the same way: check the output
+path (before anything is read or locked), lock the file that will be
+replaced, open the checkpoint lazily, place it on the lineage (checking the
+claim), plan the steps, run them on the plan, carry the training state along,
+check the result against the schema at the target, and write it atomically.
+Each of those is one method here; formats, the plan and the training pass do
+the work behind them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..config import Config
+from ..errors import CkptMigrateError, CommandError, MultipleHeads, RevisionError
+from ..paths import display_path
+from ..script.directory import ScriptDirectory
+from ..script.revision import format_ids
+from .options import CheckpointOptions, MigrationOptions
+from .placement import Placement, place, stamped_heads
+from .route import refuse_wrong_way, steps_to
+
+if TYPE_CHECKING:
+    # Imported when a checkpoint has been opened: path errors answer before torch loads.
+    from ..formats.checkpoint import Checkpoint
+    from ..plan.state import PlanState
+    from .migration import MigrationStep
+    from .report import MigrationResult
+
+PathLike = str | os.PathLike[str]
+
+
+@contextlib.contextmanager
+def opened(
+    config: Config,
+    checkpoint: PathLike,
+    options: CheckpointOptions,
+    *,
+    keep_wrapper_prefix: bool | None = None,
+) -> Iterator[Checkpoint]:
+    """The checkpoint read lazily and focused on the lineage's keys, with its notes.
+
+    ``keep_wrapper_prefix`` is None for commands that write nothing.
+    """
+    from ..formats import read_checkpoint
+
+    if options.trust_pickle:
+        config.log(
+            "Warning: --trust-pickle: loading the checkpoint can run arbitrary code from the file"
+        )
+        # the pickle may name the project's own classes, importable as the model is
+        config.prepend_sys_path()
+    ckpt = read_checkpoint(
+        checkpoint,
+        trust_pickle=options.trust_pickle,
+        state_dict_key=options.state_dict_key or config.get("state_dict_key"),
+    )
+    try:
+        for note in ckpt.notes(keep_wrapper_prefix=keep_wrapper_prefix):
+            config.log(f"Note: {note}")
+        if keep_wrapper_prefix and not ckpt.wrapper_prefix:
+            config.log(
+                f"Note: --keep-wrapper-prefix: {display_path(checkpoint)} has no wrapper "
+                "prefix; its keys are written as they are"
+            )
+        yield ckpt.focus(options.key_prefix or config.get("key_prefix"))
+    finally:
+        ckpt.close()
+
+
+class MigrationSession:
+    """Runs ``upgrade``/``downgrade``/``stamp`` on one checkpoint with one set of options."""
+
+    def __init__(self, config: Config, options: MigrationOptions) -> None:
+        self.config = config
+        self.options = options
+
+    @functools.cached_property
+    def script_dir(self) -> ScriptDirectory:
+        return ScriptDirectory.from_config(self.config)
+
+    # ------------------------------------------------------------------ commands
+
+    def migrate(self, checkpoint: PathLike, target: str, *, upgrade: bool) -> MigrationResult:
+        """Bring ``checkpoint`` to ``target`` (up or down), written in place unless ``output``."""
+        self._check_output_path(checkpoint)
+        with self._locked(checkpoint), self._opened_to_write(checkpoint) as (ckpt, out):
+            return self._migrate(checkpoint, ckpt, out, target, upgrade)
+
+    def stamp(
+        self, checkpoint: PathLike, revisions: Sequence[str], *, purge: bool
+    ) -> tuple[str, ...]:
+        """Record ``revisions`` without migrating (checked against the file's schema)."""
+        if self.options.from_revision is not None or self.options.dry_run:
+            raise CommandError(
+                "stamp takes no from_revision or dry_run option",
+                hint="stamp records the revisions it is given; see 'ckptmigrate stamp --help'",
+            )
+        self._check_output_path(checkpoint)
+        with self._locked(checkpoint), self._opened_to_write(checkpoint) as (ckpt, out):
+            before = () if purge else (stamped_heads(self.script_dir, ckpt) or ())
+            after = self._heads_after_stamp(before, revisions)
+            if after:
+                from ..claims import STAMP, check_start
+
+                check_start(
+                    self.config,
+                    self.script_dir,
+                    ckpt,
+                    after,
+                    claimed_by=STAMP,
+                    force=self.options.force,
+                )
+            self._write(out, ckpt, ckpt.initial_state(), after or None)
+            where = display_path(out)
+            self.config.log(
+                f"Stamped {where} at {format_ids(after)}"
+                if after
+                else f"Removed the ckptmigrate stamp from {where}"
+            )
+            return after
+
+    # ------------------------------------------------------------------ the run
+
+    def _migrate(
+        self, checkpoint: PathLike, ckpt: Checkpoint, out: Path, target: str, upgrade: bool
+    ) -> MigrationResult:
+        from .report import MigrationResult, done_line, print_plan, progress_bar
+
+        opts, config = self.options, self.config
+        where = display_path(checkpoint)
+        placement = place(config, self.script_dir, ckpt, opts.from_revision)
+        current = placement.revisions
+        steps = steps_to(self.script_dir, current, target, upgrade, where)
+        # A copy at the target is still written where -o asks for one.
+        copy = not steps and opts.output is not None and not opts.dry_run
+        copy = copy and not _same_file(out, checkpoint)
+        self._check_claim(ckpt, placement, bool(steps) or copy)
+        result = MigrationResult(
+            Path(checkpoint),
+            Path(opts.output) if opts.output else None,
+            current,
+            current,
+            steps,
+            opts.dry_run,
+            placement.identified,
+        )
+        if not steps:
+            refuse_wrong_way(self.script_dir, current, target, upgrade, where)
+            if copy:
+                self._write(out, ckpt, ckpt.initial_state(), current)
+            written = f"; written to {display_path(out)}" if copy else ""
+            direction = "upgrade" if upgrade else "downgrade"
+            config.log(
+                f"Nothing to {direction}: {where} is at {format_ids(current) or 'base'}{written}"
+            )
+            return result
+        state = ckpt.initial_state()
+        result.to_revisions = self._run_steps(steps, state, current)
+        self._check_result(state, result, where)
+        if opts.dry_run:
+            print_plan(config, where, result, len(ckpt.schema), state)
+        container = self._training_state(ckpt, state, result)
+        if opts.dry_run:
+            return result
+        bar = progress_bar(config, ckpt, state)
+        self._write(out, ckpt, state, result.to_revisions, container=container, progress=bar)
+        if bar is not None:
+            bar.finish()
+        config.log(done_line(result, where, out, upgrade))
+        return result
+
+    def _run_steps(
+        self, steps: list[MigrationStep], state: PlanState, current: tuple[str, ...]
+    ) -> tuple[str, ...]:
+        from .migration import run_steps
+
+        dry = self.options.dry_run
+        rmap = self.script_dir.revision_map
+        heads = run_steps(
+            steps, state, current, rmap, symbolic=dry, log=None if dry else self.config.log
+        )
+        if not dry:
+            self._follow_model_order(state)
+        return heads
+
+    def _check_claim(self, ckpt: Checkpoint, placement: Placement, writes: bool) -> None:
+        """``--from`` always, and a stamp when it is about to be trusted for a write."""
+        from ..claims import FROM, STAMPED, check_start
+
+        if placement.claimed or (not placement.identified and writes):
+            check_start(
+                self.config,
+                self.script_dir,
+                ckpt,
+                placement.revisions,
+                claimed_by=FROM if placement.claimed else STAMPED,
+                force=self.options.force,
+            )
+
+    def _check_result(self, state: PlanState, result: MigrationResult, where: str) -> None:
+        from ..claims import check_result
+
+        check_result(
+            self.config,
+            self.script_dir,
+            state,
+            result.to_revisions,
+            where=where,
+            start=result.from_revisions,
+            force=self.options.force,
+        )
+
+    def _training_state(self, ckpt: Checkpoint, state: PlanState, result: MigrationResult) -> Any:
+        """The training container with its optimizer state carried along (None: nothing to do)."""
+        if ckpt.training is None:
+            return None
+        from ..training import migrate_training_state
+
+        return migrate_training_state(
+            self.config,
+            self.script_dir,
+            ckpt,
+            state,
+            result.from_revisions,
+            result.to_revisions,
+            result.steps,
+            dry_run=self.options.dry_run,
+        )
+
+    def _follow_model_order(self, state: PlanState) -> None:
+        """Write the keys in the configured model's order when they are exactly its keys.
+
+        Migrations append what they add; putting the result in ``model.state_dict()``
+        order keeps the file tidy and keeps file order equal to parameter order,
+        which is what an optimizer's state is keyed by.
+        """
+        if not self.config.get("model"):
+            return
+        from ..model import configured_model
+
+        try:
+            schema = configured_model(self.config).schema
+        except CkptMigrateError as exc:
+            self.config.log(f"Note: keeping the migration's key order ({exc.message})")
+            return
+        if set(schema) == set(state.entries) and list(schema) != list(state.entries):
+            state.entries = {k: state.entries[k] for k in schema}
+
+    def _heads_after_stamp(
+        self, before: tuple[str, ...], revisions: Sequence[str]
+    ) -> tuple[str, ...]:
+        try:
+            return self.script_dir.revision_map.heads_after_stamp(
+                before, list(revisions) or ["base"]
+            )
+        except MultipleHeads as exc:
+            raise CommandError(
+                exc.message, hint="name the revision(s) to stamp, or use 'heads'"
+            ) from exc
+        except RevisionError:
+            raise
+
+    # ------------------------------------------------------------------ files
+
+    def _check_output_path(self, checkpoint: PathLike) -> None:
+        """An ``-o`` path no file can be written at is refused before anything is read or locked."""
+        from ..formats import check_output_path
+
+        check_output_path(checkpoint, self.options.output)
+
+    @contextlib.contextmanager
+    def _locked(self, checkpoint: PathLike) -> Iterator[None]:
+        """Hold the lock on the file about to be rewritten, from before it is read."""
+        if self.options.dry_run:
+            yield
+            return
+        from ..formats import lock_path
+        from ..formats.lock import locked
+
+        path = self.options.output or checkpoint
+        with locked(lock_path(path), notify=self.config.log):
+            yield
+
+    @contextlib.contextmanager
+    def _opened_to_write(self, checkpoint: PathLike) -> Iterator[tuple[Checkpoint, Path]]:
+        """The checkpoint and where it goes, refused before any work if it cannot go there."""
+        from ..formats import WriteOptions, check_output
+
+        opts = self.options
+        keep = opts.keep_wrapper_prefix
+        with opened(self.config, checkpoint, opts.reading(), keep_wrapper_prefix=keep) as ckpt:
+            out = Path(opts.output) if opts.output else Path(checkpoint)
+            check_output(out, ckpt, WriteOptions(keep_wrapper_prefix=keep))
+            yield ckpt, out
+
+    def _write(
+        self,
+        out: Path,
+        ckpt: Checkpoint,
+        state: PlanState,
+        revisions: tuple[str, ...] | None,
+        *,
+        container: Any = None,
+        progress: Any = None,
+    ) -> None:
+        from ..formats import WriteOptions, write_checkpoint
+
+        opts = self.options
+        options = WriteOptions(
+            verify=opts.verify,
+            jobs=opts.jobs,
+            durable=self._durable(),
+            keep_wrapper_prefix=opts.keep_wrapper_prefix,
+            progress=progress,
+            container=container,
+        )
+        write_checkpoint(out, ckpt, state, revisions, options)
+
+    def _durable(self) -> bool:
+        """fsync before the switch? By default only when the file rewritten is the only copy.
+
+        In place, a power cut after an unsynced switch could lose the checkpoint;
+        with ``-o`` the input is still there to run the command again from.
+        """
+        if self.options.durable is not None:
+            return self.options.durable
+        setting = (self.config.get("fsync") or "auto").lower()
+        if setting in ("true", "yes", "1", "on"):
+            return True
+        if setting in ("false", "no", "0", "off"):
+            return False
+        return self.options.output is None
+
+
+def _same_file(a: Path, b: PathLike) -> bool:
+    try:
+        return a.resolve() == Path(b).resolve()
+    except OSError:  # pragma: no cover - resolve on a broken path
+        return False
