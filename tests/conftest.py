@@ -1,15 +1,17 @@
-"""Shared fixtures: a copy of the walkthrough project and an in-process CLI."""
+"""Shared fixtures and helpers: the walkthrough project, an in-process CLI, lineages."""
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from tests.harness.common import write_revision
 
 from ckptmigrate.cli import cli
 
@@ -108,31 +110,59 @@ def assert_same_tensors(
         assert torch.equal(a[k], b[k]), k
 
 
-def write_revision(
-    versions: Path, rev: str, down: object, up: str = "pass", down_body: str = "pass"
-) -> Path:
-    """A revision file with one-line upgrade()/downgrade() bodies (use ';' for more)."""
-    versions.mkdir(parents=True, exist_ok=True)
-    path = versions / f"{rev}.py"
-    path.write_text(
-        f'"""{rev}"""\nimport torch\nfrom ckptmigrate import op\n\n'
-        f"revision = {rev!r}\ndown_revision = {down!r}\nbranch_labels = None\n"
-        "depends_on = None\n\n"
-        f"def upgrade():\n    {up}\n\ndef downgrade():\n    {down_body}\n"
-    )
-    return path
-
-
 def make_lineage(
-    root: Path, name: str, base: str, revisions: list[tuple[str, object, str, str]]
+    root: Path,
+    name: str,
+    base: str | None,
+    revisions: Sequence[tuple[str, object, str, str]],
+    *,
+    ini: str | None = None,
+    model: str | None = None,
 ) -> str:
-    """A migrations folder: its base schema text and (rev, down, upgrade, downgrade) files."""
+    """A migrations folder ``root/name``: its base schema text (unless None) and
+    (rev, down, upgrade, downgrade) files; with ``ini``, an ini file of that name
+    in ``root`` pointing at it (and at ``model``, importable from ``root``)."""
     folder = root / name
-    (folder / "versions").mkdir(parents=True)
-    (folder / "base_schema.txt").write_text(base)
+    (folder / "versions").mkdir(parents=True, exist_ok=True)
+    if base is not None:
+        (folder / "base_schema.txt").write_text(base)
     for rev, down, up, down_body in revisions:
         write_revision(folder / "versions", rev, down, up, down_body)
+    if ini is not None:
+        text = f"[ckptmigrate]\nscript_location = %(here)s/{name}\n"
+        if model is not None:
+            text += f"prepend_sys_path = .\nmodel = {model}\n"
+        (root / ini).write_text(text)
     return str(folder)
+
+
+def two_step_lineage(
+    root: Path,
+    revs: tuple[str, str],
+    up: str,
+    down: str = "pass",
+    *,
+    name: str = "migrations",
+    model: str | None = None,
+) -> Path:
+    """``alembic_style.ini`` and the folder ``name`` with two revisions: the first
+    (the layout as saved, nothing to do), the second (``up``/``down``)."""
+    first, second = revs
+    steps = [(first, None, "pass", "pass"), (second, first, up, down)]
+    return Path(make_lineage(root, name, None, steps, ini="alembic_style.ini", model=model))
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    """Run the CLI in-process without asserting: (exit code, stderr)."""
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return result.exit_code, result.stderr
+
+
+def load_dict(path: str | Path) -> dict[str, Any]:
+    """A checkpoint file as the dict it holds (weights only)."""
+    obj = torch.load(path, weights_only=True)
+    assert isinstance(obj, dict)
+    return obj
 
 
 # A revision file with one upgrade() body, for tests that run a single step.

@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.conftest import Run, write_revision
+from tests.conftest import Run, two_step_lineage
 
 from ckptmigrate import command
 from ckptmigrate.config import Config
@@ -25,11 +25,7 @@ REV0, REV1 = "base00000001", "next00000002"
 
 
 def lineage(root: Path, up: str, down: str = "pass") -> Path:
-    versions = root / "mig" / "versions"
-    write_revision(versions, REV0, None)
-    write_revision(versions, REV1, REV0, up, down)
-    (root / "alembic_style.ini").write_text("[ckptmigrate]\nscript_location = %(here)s/mig\n")
-    return root / "mig"
+    return two_step_lineage(root, (REV0, REV1), up, down, name="mig")
 
 
 def tensors_of(obj: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -156,7 +152,8 @@ def _sharded_gpt2(root: Path) -> Any:
 def test_transformers_loads_the_upgraded_shards(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run
 ) -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers  # the test extra installs it: a missing package fails here
+
     monkeypatch.chdir(tmp_path)
     model = _sharded_gpt2(tmp_path)
     assert (tmp_path / "gpt" / "model.safetensors.index.json").exists()

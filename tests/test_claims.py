@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from examples.simple_model import SimpleModel
-from tests.conftest import ADD_FC3, INITIAL, Run, tensors, v1_state_dict, write_revision
+from tests.conftest import (
+    ADD_FC3,
+    INITIAL,
+    Run,
+    make_lineage,
+    tensors,
+    v1_state_dict,
+    write_revision,
+)
 
 import ckptmigrate
 from ckptmigrate.errors import ClaimError
@@ -185,14 +193,9 @@ def test_lineage_under_a_key_prefix_compares_only_its_keys(project: Path, run: R
 
 
 def _lineage(root: Path, name: str, base: str, revisions: list[tuple[str, object, str]]) -> Path:
-    folder = root / name
-    (folder / "versions").mkdir(parents=True)
-    (folder / "base_schema.txt").write_text(base)
-    for rev, down, up in revisions:
-        write_revision(folder / "versions", rev, down, up)
-    ini = root / f"{name}.ini"
-    ini.write_text(f"[ckptmigrate]\nscript_location = %(here)s/{name}\n")
-    return ini
+    steps = [(rev, down, up, "pass") for rev, down, up in revisions]
+    make_lineage(root, name, base, steps, ini=f"{name}.ini")
+    return root / f"{name}.ini"
 
 
 def test_keys_of_a_nested_lineage_are_left_to_it(

@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 from examples.simple_model import SimpleModel, SimpleModelV1
-from tests.conftest import ADD_FC3, INITIAL, REPO, Run, tensors, v1_state_dict, write_revision
+from tests.conftest import (
+    ADD_FC3,
+    INITIAL,
+    REPO,
+    Run,
+    make_lineage,
+    tensors,
+    v1_state_dict,
+)
 
 import ckptmigrate
 
@@ -84,13 +92,7 @@ def test_a_mixed_copy_is_not_a_uniform_match(project: Path, run: Run) -> None:
 
 
 def _lineage(root: Path, base: str, revisions: list[tuple[str, object, str, str]]) -> None:
-    (root / "migrations/versions").mkdir(parents=True)
-    (root / "migrations/base_schema.txt").write_text(base)
-    (root / "alembic_style.ini").write_text(
-        "[ckptmigrate]\nscript_location = %(here)s/migrations\n"
-    )
-    for rev, down, up, down_body in revisions:
-        write_revision(root / "migrations/versions", rev, down, up, down_body)
+    make_lineage(root, "migrations", base, revisions, ini="alembic_style.ini")
 
 
 @pytest.fixture

@@ -45,9 +45,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import pytest
-
-pytest.importorskip("alembic")
-
 from alembic.runtime.migration import HeadMaintainer
 from alembic.script import revision as arev
 from alembic.script.base import ScriptDirectory

@@ -12,10 +12,11 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner
+from tests.conftest import invoke
 from tests.harness.common import (
     DOWNGRADE_B,
     REV_A,
@@ -26,7 +27,6 @@ from tests.harness.common import (
     write_project,
 )
 
-from ckptmigrate.cli import cli
 from ckptmigrate.formats import lock
 
 # When the test sets a gate, upgrade() holds the lock until the gate file
@@ -51,15 +51,10 @@ def _project(root: Path) -> tuple[Path, Path]:
     return ini, ckpt
 
 
-def _invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    return result.exit_code, result.stderr
-
-
 def test_processes_upgrading_one_file_at_once(tmp_path: Path) -> None:
     ini, ckpt = _project(tmp_path)
     expected = tmp_path / "expected.pth"
-    code, err = _invoke("-c", str(ini), "upgrade", str(ckpt), "-o", str(expected))
+    code, err = invoke("-c", str(ini), "upgrade", str(ckpt), "-o", str(expected))
     assert code == 0, err
     gate = tmp_path / "gate"
     env = {**os.environ, "CKPTMIGRATE_TEST_GATE": str(gate)}
@@ -115,7 +110,7 @@ def test_a_writer_that_cannot_get_the_lock_fails_clearly(
     try:
         for command in (["upgrade"], ["downgrade", "base"], ["stamp", REV_B]):
             args = [command[0], str(ckpt), *command[1:]]
-            code, err = _invoke("-c", str(ini), *args)
+            code, err = invoke("-c", str(ini), *args)
             assert code == 1, err
             assert err.strip().splitlines()[-1] == (
                 f"Error: {ckpt} is being written by another ckptmigrate process; "
@@ -133,21 +128,37 @@ def test_a_waiting_writer_reads_the_file_the_other_one_wrote(
     """The other writer replaces the file while we wait: we lock and read the new one."""
     ini, ckpt = _project(tmp_path)
     upgraded = tmp_path / "upgraded.pth"
-    code, err = _invoke("-c", str(ini), "upgrade", str(ckpt), "-o", str(upgraded))
+    code, err = invoke("-c", str(ini), "upgrade", str(ckpt), "-o", str(upgraded))
     assert code == 0, err
     staged = tmp_path / "staged.pth"
     shutil.copyfile(upgraded, staged)
+    waiting = threading.Event()
+    real_locked = lock.locked
+
+    def locked(path: Path, **kwargs: Any) -> Any:
+        """The real lock, which also tells this test when it starts to wait."""
+        notify = kwargs.get("notify")
+
+        def told(message: str) -> None:
+            if notify is not None:
+                notify(message)
+            waiting.set()
+
+        return real_locked(path, **{**kwargs, "notify": told})
+
+    monkeypatch.setattr(lock, "locked", locked)
     fd = _hold(ckpt)
 
     def other_writer() -> None:
-        time.sleep(0.4)
+        waiting.wait(timeout=120)  # the timeout only ends a hang; the asserts below tell
         os.replace(staged, ckpt)  # its atomic switch, then its process ends
         os.close(fd)
 
     thread = threading.Thread(target=other_writer)
     thread.start()
-    code, err = _invoke("-c", str(ini), "upgrade", str(ckpt))
+    code, err = invoke("-c", str(ini), "upgrade", str(ckpt))
     thread.join()
+    assert waiting.is_set(), err
     assert code == 0, err
     assert err.startswith(f"Waiting for another ckptmigrate process writing {ckpt}")
     assert "Running upgrade" not in err

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from tests.conftest import invoke
 from tests.harness.common import (
     REV_A,
     REV_B,
@@ -29,8 +29,6 @@ from tests.harness.common import (
     standard_project,
     torch_zip_file,
 )
-
-from ckptmigrate.cli import cli
 
 
 class _Reduce:
@@ -108,18 +106,38 @@ KINDS = [
 ]
 
 
-def _invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    return result.exit_code, result.stderr
-
-
-def _wait_for(path: Path, seconds: float = 10.0) -> bool:
+def _wait_for(path: Path, seconds: float = 60.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if path.exists():
             return True
         time.sleep(0.02)
     return path.exists()
+
+
+def _child_processes() -> set[int]:
+    """This process's children: running, or exited and not yet reaped (a zombie stays listed)."""
+    me = str(os.getpid())
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, ...
+        except OSError:
+            continue  # ended meanwhile
+        if fields[1] == me:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _payload_ran(marker: Path, children_before: set[int]) -> bool:
+    """Whether a payload ran, decided now, without waiting.
+
+    ``os.system``, ``eval`` and ``exec`` create the marker before the command
+    returns. A ``Popen`` child is this process's child until it is reaped,
+    and only ``Popen``'s finaliser reaps it, once it exited, that is once the
+    marker exists.
+    """
+    return marker.exists() or bool(_child_processes() - children_before)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -132,10 +150,11 @@ def test_hostile_pickle_is_refused_and_never_runs(
     ckpt = tmp_path / "evil.pth"
     name = _write_payload(kind, ckpt, marker)
     before = ckpt.read_bytes()
+    children = _child_processes()
     for command in (["upgrade"], ["current"], ["stamp"], ["downgrade"]):
         args = ["-c", str(ini), *command, str(ckpt)]
         args += {"stamp": [REV_B], "downgrade": ["base"]}.get(command[0], [])
-        code, err = _invoke(*args)
+        code, err = invoke(*args)
         lines = err.strip().splitlines()
         assert code == 1, (command, err)
         assert len(lines) == 1 and lines[0].startswith("Error: refusing to load"), err
@@ -144,12 +163,12 @@ def test_hostile_pickle_is_refused_and_never_runs(
         assert "Traceback" not in err
         assert ckpt.read_bytes() == before
         assert leftovers(tmp_path) == []
-    time.sleep(0.2)  # a Popen payload would create the marker asynchronously
-    assert not marker.exists(), "the payload ran"
+    assert not _payload_ran(marker, children), "the payload ran"
 
     # Positive control: --trust-pickle is the way in, and then the payload runs.
-    code, err = _invoke("-c", str(ini), "current", str(ckpt), "--trust-pickle")
+    code, err = invoke("-c", str(ini), "current", str(ckpt), "--trust-pickle")
     assert err.startswith("Warning: --trust-pickle: loading the checkpoint can run arbitrary code")
+    assert _payload_ran(marker, children), (kind, code, err)
     assert _wait_for(marker), (kind, code, err)
 
 
@@ -166,11 +185,11 @@ def test_trust_pickle_loads_a_benign_unlisted_global_and_warns(
     torch.save({"state_dict": sd, "hparams": hparams, "epoch": 7}, ckpt)
     before = ckpt.read_bytes()
 
-    code, err = _invoke("-c", str(ini), "upgrade", str(ckpt))
+    code, err = invoke("-c", str(ini), "upgrade", str(ckpt))
     assert code == 1 and "argparse.Namespace" in err and "--trust-pickle" in err, err
     assert ckpt.read_bytes() == before
 
-    code, err = _invoke("-c", str(ini), "upgrade", str(ckpt), "--trust-pickle")
+    code, err = invoke("-c", str(ini), "upgrade", str(ckpt), "--trust-pickle")
     assert code == 0, err
     assert err.splitlines()[0] == (
         "Warning: --trust-pickle: loading the checkpoint can run arbitrary code from the file"
@@ -181,7 +200,7 @@ def test_trust_pickle_loads_a_benign_unlisted_global_and_warns(
     assert torch.equal(out["state_dict"]["renamed0"], sd["w0"])
     assert torch.equal(out["state_dict"]["w1"], sd["w1"] * 2)
     # Without the flag the upgraded file is still refused: the global is still there.
-    code, err = _invoke("-c", str(ini), "current", str(ckpt))
+    code, err = invoke("-c", str(ini), "current", str(ckpt))
     assert code == 1 and "argparse.Namespace" in err
 
 
@@ -228,8 +247,8 @@ def test_verification_never_runs_the_written_pickle(
     torch.save({"state_dict": _sd(), "extra": _Sneaky()}, ckpt)
     marker = tmp_path / "PWNED"
     monkeypatch.setattr(_Sneaky, "armed", marker)  # the output will carry os.system
-    code, err = _invoke("-c", str(ini), "upgrade", str(ckpt), "--trust-pickle")
+    code, err = invoke("-c", str(ini), "upgrade", str(ckpt), "--trust-pickle")
     assert code == 0, err
     assert not marker.exists(), "verification ran the output's pickle"
-    code, err = _invoke("-c", str(ini), "current", str(ckpt))
+    code, err = invoke("-c", str(ini), "current", str(ckpt))
     assert code == 1 and "posix.system" in err  # what verification read without running

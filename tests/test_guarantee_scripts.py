@@ -8,29 +8,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from tests.conftest import invoke
 from tests.harness.common import (
     DOWNGRADE_B,
     REV_A,
     REV_B,
     UPGRADE_B,
     leftovers,
+    revision_source,
     stamp_state_dict,
     write_project,
 )
-
-from ckptmigrate.cli import cli
 
 REV_C = "cccc00000003"
 
 
 def _script(rev: str, down: object, up: str = "    pass", extra: str = "") -> str:
-    return (
-        f'"""step {rev}"""\n{extra}import torch\nfrom ckptmigrate import op\n\n'
-        f"revision = {rev!r}\ndown_revision = {down!r}\nbranch_labels = None\n"
-        f"depends_on = None\n\n\ndef upgrade() -> None:\n{up}\n\n\n"
-        "def downgrade() -> None:\n    pass\n"
-    )
+    return revision_source(rev, down, up, doc=f"step {rev}", header=extra)
 
 
 def _b_with(up: str) -> Callable[[Path], None]:
@@ -139,11 +133,11 @@ def test_broken_script_is_named_and_nothing_is_written(
     edit, needles = CASES[case]
     edit(tmp_path / "migrations" / "versions")
     for args in (["upgrade", "model.pth"], ["upgrade", "model.pth", "-o", "out.pth"]):
-        result = CliRunner().invoke(cli, ["-c", str(ini), *args], catch_exceptions=False)
-        lines = result.stderr.strip().splitlines()
-        assert result.exit_code == 1, result.stderr
-        assert lines[-1].startswith("Error: ") and "Traceback" not in result.stderr
-        assert sum(line.startswith("Error:") for line in lines) == 1, result.stderr
+        code, err = invoke("-c", str(ini), *args)
+        lines = err.strip().splitlines()
+        assert code == 1, err
+        assert lines[-1].startswith("Error: ") and "Traceback" not in err
+        assert sum(line.startswith("Error:") for line in lines) == 1, err
         for needle in needles:
             assert needle in lines[-1], (needle, lines[-1])
         assert ckpt.read_bytes() == before

@@ -19,11 +19,11 @@ import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 import pytest
 import torch
-from click.testing import CliRunner
+from tests.conftest import invoke
 from tests.harness.common import (
     REV_A,
     REV_B,
@@ -33,7 +33,6 @@ from tests.harness.common import (
     write_project,
 )
 
-from ckptmigrate.cli import cli
 from ckptmigrate.formats import atomic, fileio, safetensors_file, torch_file, torch_save
 
 
@@ -42,11 +41,6 @@ def _checkpoint(path: Path, n: int = 256) -> OrderedDict[str, torch.Tensor]:
     sd = OrderedDict((f"w{i}", torch.randn(n, n, generator=gen)) for i in range(4))
     torch.save(stamp_state_dict(sd, REV_A), path)
     return sd
-
-
-def _invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    return result.exit_code, result.stderr
 
 
 def _assert_refused(code: int, err: str, *needles: str) -> str:
@@ -156,20 +150,26 @@ def test_checkpoint_replaced_by_a_directory_mid_run(
     )
     _checkpoint(ckpt)
     original = ckpt.read_bytes()
-    code, err = _invoke("-c", str(ini), "upgrade", str(ckpt))
+    code, err = invoke("-c", str(ini), "upgrade", str(ckpt))
     _assert_refused(code, err, f"cannot write {ckpt}", "directory", "the input is unchanged")
     assert moved.read_bytes() == original  # the file itself, untouched
     assert ckpt.is_dir() and not any(ckpt.iterdir())  # the directory, untouched
     assert leftovers(tmp_path) == []
 
 
+def _root_only(why: str) -> NoReturn:
+    """Skip a test that needs root powers this run does not have, saying which."""
+    __tracebackhide__ = True  # the summary names the caller's line, not this one
+    pytest.skip(f"root-only: {why}")
+
+
 @contextlib.contextmanager
 def _immutable(folder: Path) -> Iterator[None]:
     if shutil.which("chattr") is None:
-        pytest.skip("needs chattr")
+        _root_only("needs chattr (e2fsprogs) to make a folder immutable")
     done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, check=False)
     if done.returncode != 0:
-        pytest.skip("this file system or user cannot make a folder immutable")
+        _root_only("'chattr +i' needs CAP_LINUX_IMMUTABLE and a file system with that flag")
     try:
         probe = folder / "probe"
         try:
@@ -178,7 +178,7 @@ def _immutable(folder: Path) -> Iterator[None]:
             pass
         else:
             probe.unlink()
-            pytest.skip("the immutable flag does not stop this user")
+            _root_only("'chattr +i' was accepted but does not stop writes on this file system")
         yield
     finally:
         subprocess.run(["chattr", "-i", str(folder)], check=False)
@@ -194,9 +194,9 @@ def test_read_only_folder_for_real(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     _checkpoint(ckpt)
     before = _Snapshot(ckpt)
     with _immutable(folder):
-        code, err = _invoke("-c", str(ini), "upgrade", str(ckpt))
+        code, err = invoke("-c", str(ini), "upgrade", str(ckpt))
         _assert_refused(code, err, f"cannot write in {folder}: permission denied")
-        code, err = _invoke("-c", str(ini), "stamp", str(ckpt), REV_B)
+        code, err = invoke("-c", str(ini), "stamp", str(ckpt), REV_B)
         _assert_refused(code, err, "permission denied")
         assert before.unchanged()
         assert leftovers(folder) == []
@@ -211,7 +211,7 @@ def _tmpfs(folder: Path, size: str) -> Iterator[None]:
         check=False,
     )
     if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
+        _root_only("mounting a small tmpfs needs CAP_SYS_ADMIN")
     try:
         yield
     finally:
@@ -230,7 +230,7 @@ def test_disk_full_and_read_only_file_system_for_real(
         _checkpoint(ckpt)  # 1 MiB: the new file does not fit beside it
         before = _Snapshot(ckpt)
         free = os.statvfs(disk).f_bavail
-        code, err = _invoke("-c", str(ini), "upgrade", str(ckpt))
+        code, err = invoke("-c", str(ini), "upgrade", str(ckpt))
         _assert_refused(code, err, f"cannot write {ckpt}: the disk is full", "unchanged")
         assert before.unchanged()
         assert leftovers(disk) == []
@@ -238,8 +238,8 @@ def test_disk_full_and_read_only_file_system_for_real(
 
         remount = ["mount", "-o", "remount,ro", str(disk)]
         if subprocess.run(remount, capture_output=True, check=False).returncode != 0:
-            pytest.skip("cannot remount read-only")
-        code, err = _invoke("-c", str(ini), "upgrade", str(ckpt), "-o", str(disk / "out.pth"))
+            _root_only("remounting the tmpfs read-only needs CAP_SYS_ADMIN")
+        code, err = invoke("-c", str(ini), "upgrade", str(ckpt), "-o", str(disk / "out.pth"))
         _assert_refused(code, err, f"cannot write in {disk}: the file system is read-only")
         assert before.unchanged()
 
@@ -353,14 +353,14 @@ def test_injected_write_errors(
     before = _Snapshot(ckpt)
     with pytest.MonkeyPatch.context() as mp:
         inject(mp)
-        code, err = _invoke("-c", str(ini), "upgrade", "model.pth", *extra)
+        code, err = invoke("-c", str(ini), "upgrade", "model.pth", *extra)
     line = _assert_refused(code, err, needle)
     assert "the input is unchanged" in line
     assert before.unchanged()
     assert leftovers(ckpt.parent) == []
     assert not (ckpt.parent / "out.safetensors").exists()
     # and the same command works once the disk behaves
-    code, err = _invoke("-c", str(ini), "upgrade", "model.pth", *extra)
+    code, err = invoke("-c", str(ini), "upgrade", "model.pth", *extra)
     assert code == 0, err
 
 
@@ -433,13 +433,13 @@ def test_verification_stops_a_bad_write_and_no_verify_skips_it(
     inject, needle = VERIFY[case]
     before = _Snapshot(ckpt)
     inject(monkeypatch)
-    code, err = _invoke("-c", str(ini), "upgrade", "model.pth")
+    code, err = invoke("-c", str(ini), "upgrade", "model.pth")
     _assert_refused(code, err, f"model.pth {needle}", "the input is unchanged")
     assert before.unchanged()
     assert leftovers(ckpt.parent) == []
     # --no-verify: the same bad writer gets its file through, so the check
     # above is what kept the input.
-    code, err = _invoke("-c", str(ini), "upgrade", "model.pth", "--no-verify")
+    code, err = invoke("-c", str(ini), "upgrade", "model.pth", "--no-verify")
     assert code == 0, err
     assert not before.unchanged()
 
@@ -454,7 +454,7 @@ def test_verification_of_a_safetensors_output(
         real(target, [k for k in keys if k != "w1"], *rest)
 
     monkeypatch.setattr(safetensors_file, "write_safetensors", write)
-    code, err = _invoke("-c", str(ini), "upgrade", "model.pth", "-o", "out.safetensors")
+    code, err = invoke("-c", str(ini), "upgrade", "model.pth", "-o", "out.safetensors")
     _assert_refused(
         code, err, "out.safetensors does not match the migration plan after writing (missing ['w1']"
     )
@@ -468,7 +468,7 @@ def test_verification_of_a_safetensors_output(
 def test_next_command_removes_stale_temporary_files(setup: tuple[Path, Path]) -> None:
     """Left by killed writers: removed by the next command, even one with nothing to do."""
     ini, ckpt = setup
-    code, err = _invoke("-c", str(ini), "upgrade", "model.pth")
+    code, err = invoke("-c", str(ini), "upgrade", "model.pth")
     assert code == 0, err
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -479,7 +479,7 @@ def test_next_command_removes_stale_temporary_files(setup: tuple[Path, Path]) ->
         other = ckpt.parent / f".other.pth.{dead.pid}.ghi789.ckptmigrate-tmp"
         for p in (stale, running, other):
             p.write_bytes(b"partial")
-        code, err = _invoke("-c", str(ini), "upgrade", "model.pth")
+        code, err = invoke("-c", str(ini), "upgrade", "model.pth")
         assert code == 0 and "Nothing to upgrade" in err, err
         assert not stale.exists()  # its writer is gone
         assert running.exists()  # its writer may still be writing

@@ -12,14 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from examples.simple_model import SimpleModel, SimpleModelV1
-from tests.conftest import INITIAL, Run, write_revision
+from tests.conftest import INITIAL, Run, load_dict, write_revision
+from tests.harness.common import same
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-L = pytest.importorskip("lightning")
 
 R1, R2 = "bbbb00000001", "bbbb00000002"
 
@@ -86,31 +86,9 @@ def trained_checkpoint(path: str, net: nn.Module, steps: int = 3) -> None:
     t.save_checkpoint(path)
 
 
-def load(path: str) -> dict[str, Any]:
-    obj = torch.load(path, weights_only=True)
-    assert isinstance(obj, dict)
-    return obj
-
-
-def same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (
-            isinstance(a, torch.Tensor)
-            and isinstance(b, torch.Tensor)
-            and a.dtype == b.dtype
-            and a.shape == b.shape
-            and bool(torch.equal(a, b))
-        )
-    if isinstance(a, dict) and isinstance(b, dict):
-        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return bool(a == b)
-
-
 def test_lightning_checkpoint_upgrades_and_resumes(project: Path, run: Run) -> None:
     trained_checkpoint("v1.ckpt", SimpleModelV1())
-    before = load("v1.ckpt")
+    before = load_dict("v1.ckpt")
     assert list(before["state_dict"]) == [
         "log_temp",
         "model.fc1.weight",
@@ -121,7 +99,7 @@ def test_lightning_checkpoint_upgrades_and_resumes(project: Path, run: Run) -> N
     ]
     result = run("upgrade", "v1.ckpt", "--key-prefix", "model.", "--from", INITIAL, "-o", "up.ckpt")
     assert "Optimizer state at 'optimizer_states'[0]: 5 -> 7 parameters" in result.stderr
-    after = load("up.ckpt")
+    after = load_dict("up.ckpt")
     for key in before:
         if key not in ("state_dict", "optimizer_states"):
             assert same(after[key], before[key]), key  # epoch, loops, lr_schedulers, callbacks...
@@ -167,7 +145,7 @@ def test_lightning_rename_resumes_bit_identically(
     write_revision(versions, R2, R1, 'op.rename_prefix("fc1.", "enc.")')
     trained_checkpoint("v1.ckpt", SimpleModelV1())
     run("upgrade", "v1.ckpt", "--from", R1, "-o", "up.ckpt")
-    before, after = load("v1.ckpt"), load("up.ckpt")
+    before, after = load_dict("v1.ckpt"), load_dict("up.ckpt")
     assert same(after["optimizer_states"], before["optimizer_states"])
 
     old = Classifier(SimpleModelV1())
@@ -187,7 +165,7 @@ def test_lightning_drop_policy_resumes_with_a_fresh_optimizer(project: Path, run
     with open("alembic_style.ini", "a") as fh:
         fh.write("optimizer_state = drop\nkey_prefix = model.\n")
     run("upgrade", "v1.ckpt", "--from", INITIAL)
-    after = load("v1.ckpt")
+    after = load_dict("v1.ckpt")
     assert after["optimizer_states"] == [] and after["lr_schedulers"]
     module = Classifier(SimpleModel())
     t = trainer(5)

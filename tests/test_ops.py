@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 import torch
 from tests.conftest import REVISION_TEMPLATE
+from tests.harness.common import same
 
 from ckptmigrate import op
+from ckptmigrate.errors import OperationError
 from ckptmigrate.operations.checks import OpContext
 from ckptmigrate.operations.context import activate
 from ckptmigrate.plan.nodes import Source, TensorSpec
@@ -91,11 +93,6 @@ def run_file(
         return {}, state
     ev = Evaluator(state.entries, lambda k: sd[k])
     return {k: ev(k) for k in state.entries}, state
-
-
-def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit-identical: shape, dtype and every value."""
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
 
 
 # --------------------------------------------------------------------- renames
@@ -1009,5 +1006,9 @@ def test_reset_optimizer_state_leaves_the_tensor_and_follows_later_ops() -> None
 
 def test_reset_optimizer_state_of_a_missing_key_fails(tmp_path: Path) -> None:
     path = write_revision(tmp_path, 'op.reset_optimizer_state("fc9.weight")')
-    with pytest.raises(Exception, match=r"reset_optimizer_state\('fc9.weight'\).*does not exist"):
+    with pytest.raises(
+        OperationError, match=r"reset_optimizer_state\('fc9.weight'\).*does not exist"
+    ) as info:
         run_file(path, make_sd())
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "fc9" in text)
+    assert info.value.revision == REV and info.value.location == f"{path}, line {line}"

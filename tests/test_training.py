@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from examples.simple_model import SimpleModel, SimpleModelV1
-from tests.conftest import INITIAL, Run, write_revision
+from tests.conftest import INITIAL, Run, load_dict, two_step_lineage
+from tests.harness.common import same
 from torch import nn
 
 R1, R2 = "aaaa00000001", "aaaa00000002"
@@ -89,17 +90,6 @@ OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
 }
 
 
-def same(a: Any, b: Any) -> bool:
-    """Bit-identical tensors (shape, dtype, values)."""
-    return (
-        isinstance(a, torch.Tensor)
-        and isinstance(b, torch.Tensor)
-        and a.shape == b.shape
-        and a.dtype == b.dtype
-        and bool(torch.equal(a, b))
-    )
-
-
 def assert_same_state(new: dict[str, Any], old: dict[str, Any]) -> None:
     assert list(new) == list(old)
     for name, value in old.items():
@@ -107,22 +97,6 @@ def assert_same_state(new: dict[str, Any], old: dict[str, Any]) -> None:
             assert same(new[name], value), name
         else:
             assert new[name] == value, name
-
-
-def lineage(root: Path, up: str, down: str = "pass", model: str | None = None) -> None:
-    """A two-revision lineage in ``root``: R1 (the layout as trained), R2 (``up``)."""
-    ini = "[ckptmigrate]\nscript_location = %(here)s/migrations\nprepend_sys_path = .\n"
-    if model:
-        ini += f"model = {model}\n"
-    (root / "alembic_style.ini").write_text(ini)
-    write_revision(root / "migrations" / "versions", R1, None)
-    write_revision(root / "migrations" / "versions", R2, R1, up, down)
-
-
-def load(path: str | Path) -> dict[str, Any]:
-    obj = torch.load(path, weights_only=True)
-    assert isinstance(obj, dict)
-    return obj
 
 
 # --------------------------------------------------------------------- the walkthrough: add fc3
@@ -143,7 +117,7 @@ def test_add_fc3_adam_moments_move_with_the_layer_and_training_resumes(
     old_model = v1_training_checkpoint("ckpt.pt", lambda m: torch.optim.Adam(m.parameters(), 1e-2))
     result = run("upgrade", "ckpt.pt", "--from", INITIAL, "-o", "up.pt")
     assert "Optimizer state at 'optimizer': 4 -> 6 parameters" in result.stderr
-    before, after = load("ckpt.pt"), load("up.pt")
+    before, after = load_dict("ckpt.pt"), load_dict("up.pt")
     assert after["epoch"] == 3
     old_opt, new_opt = before["optimizer"], after["optimizer"]
     # the new model's parameter order: fc1.weight, fc1.bias, fc2.weight, fc2.bias, fc3.*
@@ -195,7 +169,7 @@ def test_several_param_groups_keep_their_members_and_settings(project: Path, run
 
     v1_training_checkpoint("ckpt.pt", make)
     run("upgrade", "ckpt.pt", "--from", INITIAL, "-o", "up.pt")
-    old_opt, new_opt = load("ckpt.pt")["optimizer"], load("up.pt")["optimizer"]
+    old_opt, new_opt = load_dict("ckpt.pt")["optimizer"], load_dict("up.pt")["optimizer"]
     g0, g1 = new_opt["param_groups"]
     # the new fc2 joins the group of the parameter before it (fc1's); fc3 keeps fc2's
     assert g0 == {**old_opt["param_groups"][0], "params": [0, 1, 2, 3]}
@@ -206,7 +180,7 @@ def test_several_param_groups_keep_their_members_and_settings(project: Path, run
             new_opt["state"][new_id]["momentum_buffer"], old_opt["state"][old_id]["momentum_buffer"]
         )
     model = SimpleModel()
-    model.load_state_dict(load("up.pt")["model"])
+    model.load_state_dict(load_dict("up.pt")["model"])
     opt = torch.optim.SGD(
         [
             {"params": [*model.fc1.parameters(), *model.fc2.parameters()], "lr": 0.1},
@@ -226,7 +200,7 @@ def test_downgrade_gives_back_the_original_optimizer_state(project: Path, run: R
     v1_training_checkpoint("ckpt.pt", lambda m: torch.optim.AdamW(m.parameters(), 1e-2))
     run("upgrade", "ckpt.pt", "--from", INITIAL, "-o", "up.pt")
     run("downgrade", "up.pt", INITIAL, "-o", "back.pt")
-    old_opt, back = load("ckpt.pt")["optimizer"], load("back.pt")["optimizer"]
+    old_opt, back = load_dict("ckpt.pt")["optimizer"], load_dict("back.pt")["optimizer"]
     assert back["param_groups"] == old_opt["param_groups"]
     assert list(back["state"]) == list(old_opt["state"])
     for pid, entry in old_opt["state"].items():
@@ -243,8 +217,12 @@ def test_rename_only_resume_is_bit_identical(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     model_spec = "tests.test_training:renamed_net" if with_model else None
-    lineage(
-        tmp_path, 'op.rename_prefix("fc1.", "enc.")', 'op.rename_prefix("enc.", "fc1.")', model_spec
+    two_step_lineage(
+        tmp_path,
+        (R1, R2),
+        'op.rename_prefix("fc1.", "enc.")',
+        'op.rename_prefix("enc.", "fc1.")',
+        model=model_spec,
     )
     make = OPTIMIZERS[name]
     torch.manual_seed(0)
@@ -253,7 +231,7 @@ def test_rename_only_resume_is_bit_identical(
     train(old, opt, batches(1, 3, (6,), 3))
     torch.save({"model": old.state_dict(), "optimizer": opt.state_dict(), "epoch": 3}, "ckpt.pt")
     run("upgrade", "ckpt.pt", "--from", R1, "-o", "up.pt")
-    before, after = load("ckpt.pt"), load("up.pt")
+    before, after = load_dict("ckpt.pt"), load_dict("up.pt")
     # same positions: buffers (running stats) never count, so nothing moved
     assert after["optimizer"]["param_groups"] == before["optimizer"]["param_groups"]
     for pid, entry in before["optimizer"]["state"].items():
@@ -284,7 +262,12 @@ def test_tied_parameters_count_once_and_resume_bit_identical(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    lineage(tmp_path, 'op.rename_prefix("mid.", "hidden.")', 'op.rename_prefix("hidden.", "mid.")')
+    two_step_lineage(
+        tmp_path,
+        (R1, R2),
+        'op.rename_prefix("mid.", "hidden.")',
+        'op.rename_prefix("hidden.", "mid.")',
+    )
     torch.manual_seed(0)
     old = Tied()
     opt = torch.optim.Adam(old.parameters(), 1e-2)
@@ -292,7 +275,7 @@ def test_tied_parameters_count_once_and_resume_bit_identical(
     train_tied(old, opt, 1, 3)
     torch.save({"model": old.state_dict(), "optimizer": opt.state_dict()}, "ckpt.pt")
     run("upgrade", "ckpt.pt", "--from", R1, "-o", "up.pt")
-    before, after = load("ckpt.pt"), load("up.pt")
+    before, after = load_dict("ckpt.pt"), load_dict("up.pt")
     assert after["optimizer"]["param_groups"][0]["params"] == [0, 1, 2, 3]
     for pid, entry in before["optimizer"]["state"].items():
         assert_same_state(after["optimizer"]["state"][pid], entry)
@@ -353,11 +336,11 @@ def test_every_transform_moves_the_state_like_the_weights(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    lineage(tmp_path, TRANSFORMS)
+    two_step_lineage(tmp_path, (R1, R2), TRANSFORMS)
     ckpt = handmade_checkpoint("ckpt.pt", steps={"q": 5.0, "k": 7.0})
     result = run("upgrade", "ckpt.pt", "--from", R1, "-o", "up.pt")
     assert "no configured model matches" in result.stderr  # the order is the plan's
-    out = load("up.pt")
+    out = load_dict("up.pt")
     keys = ["a", "b", "c", "d", "e", "qk", "s1", "s2", "h", "z"]
     assert list(out["model"]) == keys
     new = out["optimizer"]
@@ -391,22 +374,23 @@ def test_map_tensor_is_an_error_unless_the_state_is_reset(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    lineage(tmp_path, "op.map_tensor('a', lambda t: t * 2)")
+    two_step_lineage(tmp_path, (R1, R2), "op.map_tensor('a', lambda t: t * 2)")
     handmade_checkpoint("ckpt.pt")
     err = run("upgrade", "ckpt.pt", "--from", R1, "-o", "up.pt", code=1).stderr
     assert "the optimizer state of a ('optimizer') cannot follow map_tensor" in err
     assert f"(revision {R2})" in err and "op.reset_optimizer_state('a')" in err
     assert not Path("up.pt").exists()
 
-    lineage(
+    two_step_lineage(
         tmp_path,
+        (R1, R2),
         "op.map_tensor('a', lambda t: t * 2); op.reset_optimizer_state('a'); "
         "op.reset_optimizer_state('q'); op.concat(['q', 'k'], into='qk')",
     )
     ckpt = handmade_checkpoint("ckpt.pt")
     result = run("upgrade", "ckpt.pt", "--from", R1, "-o", "up.pt")
     assert "a: state reset, starts with none (#0)" not in result.stdout  # not a dry run
-    out = load("up.pt")
+    out = load_dict("up.pt")
     old = ckpt["optimizer"]["state"]
     new = out["optimizer"]["state"]
     assert 0 not in new  # a: afresh
@@ -439,7 +423,7 @@ def test_optimizer_over_some_parameters_needs_names(project: Path, run: Run) -> 
     old_opt = opt.state_dict()
     torch.save({"model": model.state_dict(), "optimizer": old_opt}, "ckpt.pt")
     run("upgrade", "ckpt.pt", "--from", INITIAL, "-o", "up.pt")
-    new_opt = load("up.pt")["optimizer"]
+    new_opt = load_dict("up.pt")["optimizer"]
     (group,) = new_opt["param_groups"]
     assert group["params"] == [0, 1] and group["param_names"] == ["fc3.weight", "fc3.bias"]
     for pid in (0, 1):
@@ -475,7 +459,7 @@ def test_optimizer_state_policy_keep_or_drop(project: Path, run: Run, policy: st
         fh.write(f"optimizer_state = {policy}\n")
     result = run("upgrade", "ckpt.pt", "--from", INITIAL, "-o", "up.pt")
     assert f"(optimizer_state = {policy})" in result.stderr
-    out, before = load("up.pt"), load("ckpt.pt")
+    out, before = load_dict("up.pt"), load_dict("ckpt.pt")
     assert out["epoch"] == 2 and "fc3.weight" in out["model"]
     if policy == "drop":
         assert "optimizer" not in out
@@ -501,7 +485,7 @@ def test_container_without_optimizer_is_untouched(project: Path, run: Run) -> No
     torch.save({"model": sd, "scheduler": {"last_epoch": 4}}, "ckpt.pt")
     result = run("upgrade", "ckpt.pt", "--from", INITIAL)
     assert "Optimizer state" not in result.stderr
-    assert load("ckpt.pt")["scheduler"] == {"last_epoch": 4}
+    assert load_dict("ckpt.pt")["scheduler"] == {"last_epoch": 4}
 
 
 class WithStats(Net):
@@ -519,7 +503,9 @@ def test_base_schema_kinds_tell_a_float_buffer_from_a_parameter(
     from ckptmigrate.schema import Schema, write_base_schema
 
     monkeypatch.chdir(tmp_path)
-    lineage(tmp_path, 'op.rename_prefix("fc1.", "enc.")', 'op.rename_prefix("enc.", "fc1.")')
+    two_step_lineage(
+        tmp_path, (R1, R2), 'op.rename_prefix("fc1.", "enc.")', 'op.rename_prefix("enc.", "fc1.")'
+    )
     torch.manual_seed(0)
     model = WithStats()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -532,7 +518,7 @@ def test_base_schema_kinds_tell_a_float_buffer_from_a_parameter(
 
     write_base_schema(tmp_path / "migrations", Schema.from_module(WithStats()), "the model")
     run("upgrade", "ckpt.pt", "--from", R1, "-o", "up.pt")
-    new, old = load("up.pt")["optimizer"], opt.state_dict()
+    new, old = load_dict("up.pt")["optimizer"], opt.state_dict()
     assert new["param_groups"] == old["param_groups"]
     for pid, entry in old["state"].items():
         assert_same_state(new["state"][pid], entry)
@@ -551,7 +537,7 @@ def test_parameter_names_as_ids_are_renamed(project: Path, run: Run, wrapper: st
     opt = {"state": state, "param_groups": [{"lr": 0.1, "params": names}]}
     torch.save({"model": {wrapper + k: v for k, v in sd.items()}, "optimizer": opt}, "ckpt.pt")
     run("upgrade", "ckpt.pt", "--from", INITIAL, "-o", "up.pt")
-    new = load("up.pt")["optimizer"]
+    new = load_dict("up.pt")["optimizer"]
     keys = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"]
     assert new["param_groups"] == [{"lr": 0.1, "params": [wrapper + k for k in keys]}]
     assert list(new["state"]) == [

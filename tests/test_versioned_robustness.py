@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 import ckptmigrate
-from ckptmigrate.errors import LoadError
+from ckptmigrate.errors import LoadError, StampError
 
 # The everyday lineage: at b1, Block has ln1/fc/ln_f; b2 renames fc to proj.
 BLOCK_BASE = (
@@ -517,3 +517,54 @@ def test_a_child_named_module_is_not_a_wrapper(tmp_path: Path) -> None:
         fresh.load_state_dict(sd)
         assert torch.equal(fresh.module.w, saved.module.w)
         assert torch.equal(fresh.module.v, saved.module.v)
+
+
+# ----------------------------------------------------------------------------- stamps on load
+
+
+def _newer_format(sd: OrderedDict[str, torch.Tensor], at: str = "") -> None:
+    """What a future ckptmigrate with another stamp layout would write."""
+    sd._metadata[at].update(  # type: ignore[attr-defined]
+        {"ckptmigrate.version": "99.0.0", "ckptmigrate.format": "99.0"}
+    )
+
+
+@pytest.mark.parametrize("saved_by", ["OldBlock", "Block"])
+def test_a_stamp_in_a_newer_format_is_refused_on_load(
+    blocks: tuple[type[nn.Module], type[nn.Module]], saved_by: str
+) -> None:
+    """At the class's own revision too: the stamp may mean something else in that format."""
+    OldBlock, Block = blocks
+    sd = _trained(OldBlock() if saved_by == "OldBlock" else Block()).state_dict()
+    _newer_format(sd)
+    fresh = Block()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(StampError) as info:
+        fresh.load_state_dict(sd)
+    message = str(info.value)
+    assert message.startswith("the state dict of Block was stamped by ckptmigrate 99.0.0")
+    assert "in stamp format 99.0, newer than this ckptmigrate" in message
+    assert message.endswith("upgrade ckptmigrate (pip install -U ckptmigrate)")
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+
+
+def test_a_newer_stamp_on_a_versioned_part_of_a_plain_model_is_refused(
+    blocks: tuple[type[nn.Module], type[nn.Module]], tmp_path: Path
+) -> None:
+    _OldBlock, Block = blocks
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(8, 2)
+            self.block = Block()
+
+    sd = _trained(Net()).state_dict()
+    _newer_format(sd, "block")
+    torch.save(sd, tmp_path / "net.pth")
+    for load in (
+        lambda model: model.load_state_dict(torch.load(tmp_path / "net.pth", weights_only=True)),
+        lambda model: ckptmigrate.load(model, tmp_path / "net.pth"),
+    ):
+        with pytest.raises(StampError, match=r"at 'block' was stamped .* stamp format 99\.0"):
+            load(Net())

@@ -28,7 +28,7 @@ import torch
 from .config import Config
 from .errors import StampError
 from .formats.checkpoint import Checkpoint
-from .formats.stamp import REVISION_KEY
+from .formats.stamp import is_stamped
 from .paths import display_path
 from .plan.nodes import TensorSpec, dtype_name
 from .schema import Schema, compare, read_base_schema
@@ -84,11 +84,7 @@ def _detail(have: Schema, want: Schema) -> tuple[int, str]:
 
 def nested_prefixes(metadata: Mapping[str, Mapping[str, Any]] | None) -> tuple[str, ...]:
     """Prefixes of modules stamped by a lineage of their own (the root is not one)."""
-    return tuple(
-        name + "."
-        for name, meta in (metadata or {}).items()
-        if name and isinstance(meta, Mapping) and REVISION_KEY in meta
-    )
+    return tuple(name + "." for name, meta in (metadata or {}).items() if name and is_stamped(meta))
 
 
 def _without(schema: Schema, prefixes: Sequence[str]) -> Schema:

@@ -1,16 +1,21 @@
-"""Small projects (ini + revision files) and checkpoints shared by the guarantee tests.
+"""What the tests and the harness programs share: revision files, small projects,
+checkpoints, and comparing what was read back.
 
 Imported both by the pytest tests and by the harness programs they start
-(``python -m tests.harness.crash``, ``python -m tests.harness.fuzz``).
+(``python -m tests.harness.crash``, ``python -m tests.harness.fuzz``), so it
+needs nothing from pytest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 TMP_SUFFIX = ".ckptmigrate-tmp"
 
@@ -19,21 +24,48 @@ REV_A = "aaaa00000001"
 REV_B = "bbbb00000002"
 
 
+def revision_source(
+    rev: str,
+    down: object,
+    up: str = "pass",
+    down_body: str = "pass",
+    *,
+    doc: str | None = None,
+    header: str = "",
+) -> str:
+    """A revision file's text: ``doc`` (default: the id) is its message, ``header``
+    comes before its imports; the bodies are Python source, indented or not."""
+
+    def body(code: str) -> str:
+        return textwrap.indent(textwrap.dedent(code), "    ")
+
+    return (
+        f'"""{rev if doc is None else doc}"""\n{header}import torch\nfrom ckptmigrate import op\n\n'
+        f"revision = {rev!r}\ndown_revision = {down!r}\nbranch_labels = None\n"
+        f"depends_on = None\n\n\ndef upgrade() -> None:\n{body(up)}\n\n\n"
+        f"def downgrade() -> None:\n{body(down_body)}\n"
+    )
+
+
+def write_revision(
+    versions: Path, rev: str, down: object, up: str = "pass", down_body: str = "pass", **kw: Any
+) -> Path:
+    """``versions/<rev>.py`` (see :func:`revision_source`)."""
+    versions.mkdir(parents=True, exist_ok=True)
+    path = versions / f"{rev}.py"
+    path.write_text(revision_source(rev, down, up, down_body, **kw), encoding="utf-8")
+    return path
+
+
 def write_project(root: Path, revisions: Sequence[tuple[str, str | None, str, str]]) -> Path:
     """``alembic_style.ini`` and ``migrations/versions/<rev>.py`` for each
-    (revision, down_revision, upgrade body, downgrade body); bodies are Python
-    source already indented by four spaces. Returns the ini path."""
-    versions = root / "migrations" / "versions"
-    versions.mkdir(parents=True, exist_ok=True)
+    (revision, down_revision, upgrade body, downgrade body). Returns the ini path."""
     ini = root / "alembic_style.ini"
     ini.write_text("[ckptmigrate]\nscript_location = %(here)s/migrations\n", encoding="utf-8")
+    (root / "migrations" / "versions").mkdir(parents=True, exist_ok=True)
     for rev, down, up, down_body in revisions:
-        (versions / f"{rev}.py").write_text(
-            f'"""step {rev}"""\nimport torch\nfrom ckptmigrate import op\n\n'
-            f"revision = {rev!r}\ndown_revision = {down!r}\nbranch_labels = None\n"
-            f"depends_on = None\n\n\ndef upgrade() -> None:\n{up}\n\n\n"
-            f"def downgrade() -> None:\n{down_body}\n",
-            encoding="utf-8",
+        write_revision(
+            root / "migrations" / "versions", rev, down, up, down_body, doc=f"step {rev}"
         )
     return ini
 
@@ -59,6 +91,24 @@ def standard_project(root: Path) -> Path:
     return write_project(
         root, [(REV_A, None, "    pass", "    pass"), (REV_B, REV_A, UPGRADE_B, DOWNGRADE_B)]
     )
+
+
+def same(a: Any, b: Any) -> bool:
+    """Bit-identical: tensors in shape, dtype and every value; dicts (in order) and
+    sequences item by item; anything else by ``==``."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and bool(torch.equal(a, b))
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return bool(a == b)
 
 
 def digest(path: Path) -> str:

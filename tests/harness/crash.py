@@ -32,6 +32,7 @@ from tests.harness.common import (
     digest,
     leftovers,
     quiet_fds,
+    same,
     standard_project,
     tmp_files_of,
 )
@@ -94,12 +95,6 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return list(a) == list(b) and all(
-        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a
-    )
-
-
 class Scenario:
     """One command killed again and again: the file goes from ``before`` to ``after``."""
 
@@ -159,7 +154,7 @@ def _trials(
             continue
         phases[phase] += 1
         try:
-            if not _same(_tensors(ckpt), expected):
+            if not same(_tensors(ckpt), expected):
                 failures.append(f"trial {trials}: the {state} file's tensors differ")
         except Exception as exc:  # not loadable: the guarantee is broken
             failures.append(f"trial {trials}: the {state} file does not load: {exc}")

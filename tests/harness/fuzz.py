@@ -1,15 +1,17 @@
 """Damaged and lying checkpoints, by the thousand: always one ``Error:`` line, exit 1.
 
 Run by tests/test_guarantee_fuzz.py as ``python -m tests.harness.fuzz WORKDIR``.
-One process imports everything once, caps its address space (RLIMIT_AS),
-and runs ``ckptmigrate upgrade CASE`` in-process (click's CliRunner) on every
-mutated file, each case under a wall-clock alarm. Per case it checks: exit 1,
-stderr's last line is the only ``Error: `` line, no traceback, no "internal
-error", no out-of-memory message, the input's bytes unchanged, no temporary
-file left. A mutation that hits bytes no reader gives meaning to (a zip
-field nothing reads, JSON whitespace) may upgrade fine: then the output must be
-bit-identical to a clean run's output, and the case is counted as "benign",
-by which field was hit. Prints a JSON report as the last line of stdout.
+One process imports everything once, caps its address space (RLIMIT_AS)
+and its CPU time (RLIMIT_CPU), and runs ``ckptmigrate upgrade CASE``
+in-process (click's CliRunner) on every mutated file, each case under a
+CPU-time alarm (ITIMER_PROF: a loaded machine does not make a case late).
+Per case it checks: exit 1, stderr's last line is the only ``Error: `` line,
+no traceback, no "internal error", no out-of-memory message, the input's
+bytes unchanged, no temporary file left. A mutation that hits bytes no
+reader gives meaning to (a zip field nothing reads, JSON whitespace) may
+upgrade fine: then the output must be bit-identical to a clean run's output,
+and the case is counted as "benign", by which field was hit. Prints a JSON
+report as the last line of stdout.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import random
 import re
@@ -59,11 +62,33 @@ FUZZ_DOWNGRADE = """\
 
 
 class CaseTimeout(BaseException):
-    """Raised by the alarm: a case ran past its time bound."""
+    """Raised by the alarm: a case used more CPU time than its bound."""
 
 
 def _alarm(_signum: int, _frame: FrameType | None) -> None:
     raise CaseTimeout
+
+
+def _out_of_cpu(_signum: int, _frame: FrameType | None) -> None:
+    # fd 2 itself: sys.stderr may be a CliRunner's capture just now
+    os.write(2, b"the fuzz run used up its CPU-time limit (RLIMIT_CPU)\n")
+    os._exit(3)
+
+
+def _bound(headroom_mb: int, cpu_seconds: int) -> dict[str, int]:
+    """Cap this process's address space and CPU time from here on; the limits in force."""
+    signal.signal(signal.SIGXCPU, _out_of_cpu)
+    signal.signal(signal.SIGPROF, _alarm)
+    address_space = _vm_size() + headroom_mb * (1 << 20)
+    resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    cpu = math.ceil(used.ru_utime + used.ru_stime) + cpu_seconds
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu if hard < 0 else min(cpu, hard), hard))
+    return {  # as the kernel has them now
+        "address_space_mb": resource.getrlimit(resource.RLIMIT_AS)[0] >> 20,
+        "cpu_seconds": resource.getrlimit(resource.RLIMIT_CPU)[0],
+    }
 
 
 # --------------------------------------------------------------------------- bases
@@ -535,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("workdir")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the case counts")
-    parser.add_argument("--case-timeout", type=float, default=10.0)
+    parser.add_argument("--case-cpu-seconds", type=float, default=10.0)
+    parser.add_argument("--cpu-seconds", type=int, default=600, help="RLIMIT_CPU for all cases")
     parser.add_argument("--headroom-mb", type=int, default=1536, help="RLIMIT_AS above start")
     args = parser.parse_args(argv)
 
@@ -627,10 +653,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     cases += st_lies(bases["safetensors"], rng, scaled(260))
 
-    # From here on: bounded memory, bounded time per case.
-    limit = _vm_size() + args.headroom_mb * (1 << 20)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    signal.signal(signal.SIGALRM, _alarm)
+    # From here on: bounded memory, bounded CPU time in all and per case.
+    limits = _bound(args.headroom_mb, args.cpu_seconds)
+    limits["case_cpu_seconds"] = args.case_cpu_seconds
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fds_start = len(os.listdir("/proc/self/fd"))
 
@@ -643,20 +668,20 @@ def main(argv: list[str] | None = None) -> int:
         path = root / f"case{suffix.get(case.base, '.pth')}"
         path.write_bytes(case.data)
         label = f"case {i} [{case.kind} / {case.base} / {case.detail}]"
-        t0 = time.perf_counter()
-        signal.setitimer(signal.ITIMER_REAL, args.case_timeout)
+        t0 = time.process_time()
+        signal.setitimer(signal.ITIMER_PROF, args.case_cpu_seconds)
         try:
             code, err = invoke(path)
         except CaseTimeout:
-            out.failures.append(f"{label}: no result after {args.case_timeout}s")
+            out.failures.append(f"{label}: no result after {args.case_cpu_seconds}s of CPU time")
             path.write_bytes(case.data)
             continue
         except BaseException as exc:  # anything escaping the CLI is a failure
             out.failures.append(f"{label}: escaped the CLI: {type(exc).__name__}: {exc}")
             continue
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        took = time.perf_counter() - t0
+            signal.setitimer(signal.ITIMER_PROF, 0)
+        took = time.process_time() - t0
         slowest = max(slowest, (took, label))
         problems = []
         left = leftovers(root)
@@ -700,14 +725,16 @@ def main(argv: list[str] | None = None) -> int:
         if problems:
             out.failures.extend(f"{label}: {p}" for p in problems)
     elapsed = time.perf_counter() - started
+    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))  # the cases are done: exit in peace
     rss_end = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     report = {
         "seed": args.seed,
         "cases": len(cases),
         "seconds": round(elapsed, 2),
-        "slowest_case_seconds": round(slowest[0], 3),
+        "slowest_case_cpu_seconds": round(slowest[0], 3),
         "slowest_case": slowest[1],
-        "address_space_limit_mb": limit >> 20,
+        "limits": limits,
         "peak_rss_mb_before": rss_start >> 10,
         "peak_rss_mb_after": rss_end >> 10,
         "open_fds_before": fds_start,

@@ -13,22 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..names import LOOSE, SIMILAR, best_match, name_similarity, path_similarity
 from ..plan.discards import count
 from ..plan.nodes import TensorSpec
-from ..schema import (
-    MAX_CANDIDATES,
-    Entry,
-    PrefixIndex,
-    Schema,
-    TailIndex,
-    ancestors,
-    likely_renames,
-)
+from ..schema import Entry, PrefixIndex, Schema, ancestors, likely_renames
 from .fuse import Fused, find_fused
-
-#: A module prefix (or a top-level key) and its tensors, tail -> key.
-Group = tuple[str, dict[str, str]]
+from .renames import TEMPORARY, Group, order_renames, resized_renames, subtree_renames
 
 
 @dataclass
@@ -75,20 +64,28 @@ def module_expr(module: torch.nn.Module) -> str | None:
     """Python that rebuilds ``module`` (same keys, shapes, dtypes), or None."""
     if not type(module).__module__.startswith("torch.nn"):
         return None
-    children = list(module.named_children())
     if isinstance(module, torch.nn.Sequential | torch.nn.ModuleList):
-        parts = [module_expr(child) for _, child in children]
-        if any(p is None for p in parts):
-            return None
-        inner = ", ".join(p for p in parts if p is not None)
-        expr = (
-            f"torch.nn.Sequential({inner})"
-            if isinstance(module, torch.nn.Sequential)
-            else f"torch.nn.ModuleList([{inner}])"
-        )
-        return expr if _rebuilds(expr, module) else None
-    if children:
+        return _container_expr(module)
+    if next(module.children(), None) is not None:
         return None
+    return _leaf_expr(module)
+
+
+def _container_expr(module: torch.nn.Sequential | torch.nn.ModuleList) -> str | None:
+    parts = [module_expr(child) for child in module.children()]
+    if any(p is None for p in parts):
+        return None
+    inner = ", ".join(p for p in parts if p is not None)
+    expr = (
+        f"torch.nn.Sequential({inner})"
+        if isinstance(module, torch.nn.Sequential)
+        else f"torch.nn.ModuleList([{inner}])"
+    )
+    return expr if _rebuilds(expr, module) else None
+
+
+def _leaf_expr(module: torch.nn.Module) -> str | None:
+    """The module's repr as a constructor call, with its dtype added when the repr omits it."""
     text = repr(module)
     if "\n" in text:
         return None
@@ -96,13 +93,11 @@ def module_expr(module: torch.nn.Module) -> str | None:
     if _rebuilds(expr, module):
         return expr
     dtypes = {t.dtype for t in module.state_dict().values() if isinstance(t, torch.Tensor)}
-    if len(dtypes) == 1 and expr.endswith(")"):
-        dtype = dtypes.pop()
-        sep = "" if expr.endswith("()") else ", "
-        with_dtype = f"{expr[:-1]}{sep}dtype=torch.{str(dtype).removeprefix('torch.')})"
-        if _rebuilds(with_dtype, module):
-            return with_dtype
-    return None
+    if len(dtypes) != 1 or not expr.endswith(")"):
+        return None
+    sep = "" if expr.endswith("()") else ", "
+    with_dtype = f"{expr[:-1]}{sep}dtype=torch.{str(dtypes.pop()).removeprefix('torch.')})"
+    return with_dtype if _rebuilds(with_dtype, module) else None
 
 
 def _rebuilds(expr: str, module: torch.nn.Module) -> bool:
@@ -118,29 +113,6 @@ def _rebuilds(expr: str, module: torch.nn.Module) -> bool:
     ) == list(module.state_dict())
 
 
-def _order_renames(renames: list[tuple[str, str]], existing: set[str]) -> list[tuple[str, str]]:
-    """Order key renames so no target is taken when it runs; break swaps with a temporary."""
-    pending = list(renames)
-    out: list[tuple[str, str]] = []
-    occupied = set(existing)
-    while pending:
-        for i, (src, dst) in enumerate(pending):
-            if dst not in occupied or dst == src:
-                out.append((src, dst))
-                occupied.discard(src)
-                occupied.add(dst)
-                del pending[i]
-                break
-        else:  # a cycle: park one source under a temporary name
-            src, dst = pending.pop(0)
-            tmp = src + ".__ckptmigrate_tmp"
-            out.append((src, tmp))
-            occupied.discard(src)
-            occupied.add(tmp)
-            pending.append((tmp, dst))
-    return out
-
-
 def diff_ops(head: Schema, target: Schema, model: torch.nn.Module | None = None) -> list[Op]:
     """Operations turning a checkpoint with schema ``head`` into one with ``target``.
 
@@ -148,189 +120,181 @@ def diff_ops(head: Schema, target: Schema, model: torch.nn.Module | None = None)
     unfused tensors, renamed modules whose size changed; only what none of
     these explains is dropped (marked, with what it throws away) or added.
     """
-    removed = {k: head[k] for k in head if k not in target}
-    added = {k: target[k] for k in target if k not in head}
-    changed = {k for k in head if k in target and not head[k].same_layout(target[k])}
-    # "old side" candidates for renames: removed keys, and changed keys' old layouts
-    old_side = {**removed, **{k: head[k] for k in changed}}
-    under = PrefixIndex(head) if removed or changed else PrefixIndex()
-    ops: list[Op] = []
-
-    def moved_away(k: str) -> None:
-        """``k`` was renamed; if the model still has ``k`` in a new layout, that is an addition."""
-        old_side.pop(k, None)
-        removed.pop(k, None)
-        if k in changed:
-            changed.discard(k)
-            added[k] = target[k]
-
-    # 1. whole subtrees renamed
-    reappearing = {k: target[k] for k in changed}
-    for pa, pb, moved in _subtree_renames(head, under, old_side, added, reappearing):
-        ops.append(
-            Op(
-                "rename_prefix",
-                (pa, pb),
-                review="guessed rename: same keys, shapes and dtypes",
-                inverse=[Op("rename_prefix", (pb, pa))],
-            )
-        )
-        for k in moved:
-            added.pop(pb + k[len(pa) :])
-            moved_away(k)
-
-    # 2. single keys renamed
-    key_renames = likely_renames(old_side, added)
-    for o, n in _order_renames(key_renames, set(head)):
-        ops.append(
-            Op(
-                "rename_key",
-                (o, n),
-                review="guessed rename: same shape and dtype, similar name"
-                if not n.endswith(".__ckptmigrate_tmp")
-                else None,
-                inverse=[Op("rename_key", (n, o))],
-            )
-        )
-    for o, n in key_renames:
-        added.pop(n, None)
-        moved_away(o)
-
-    # 3. one tensor cut into several, and several joined into one
-    for f in find_fused(removed, added):
-        ops.append(_fuse_op(f, split=True))
-        del removed[f.whole]
-        for p in f.parts:
-            del added[p]
-    for f in find_fused(added, removed):
-        ops.append(_fuse_op(f, split=False))
-        del added[f.whole]
-        for p in f.parts:
-            del removed[p]
-
-    # 4. renamed modules whose tensors changed size
-    for (pa, old), (pb, new) in _resized_renames(removed, added):
-        ops.extend(_rename_and_resize(head, target, under, (pa, old), (pb, new)))
-        for k in old.values():
-            del removed[k]
-        for k in new.values():
-            del added[k]
-
-    # 5. drops of what is left, as whole subtrees where possible
-    ops.extend(_drops(head, under, removed))
-
-    # 6. tensors whose shape or dtype changed
-    for key in [k for k in head if k in changed]:
-        was, now = head[key].spec, target[key].spec
-        if was is None or now is None:
-            ops.append(Op("drop_key", (key,), review=_discards([head[key]]), inverse=[]))
-            added[key] = target[key]
-            continue
-        if was.dtype != now.dtype:
-            ops.append(
-                Op(
-                    "cast",
-                    (key, now.dtype),
-                    review=f"dtype changed from {_dt(was)}",
-                    inverse=[Op("cast", (key, was.dtype))],
-                )
-            )
-        if was.shape != now.shape:
-            ops.extend(_shape_change(key, was, now))
-
-    # 7. additions, whole new submodules as one add_module
-    ops.extend(_additions(added, model))
-    return ops
+    return _Comparison(head, target, model).ops()
 
 
-def _subtree_renames(
-    head: Schema,
-    under: PrefixIndex,
-    old_side: dict[str, Entry],
-    added: dict[str, Entry],
-    reappearing: dict[str, Entry],
-) -> list[tuple[str, str, list[str]]]:
-    """(old prefix, new prefix, keys moved): subtrees whose keys, shapes and dtypes all moved.
+class _Comparison:
+    """What is still unexplained between two schemas, narrowed phase by phase.
 
-    Prefix pairs are found through shared key tails; the pair most keys
-    support wins. When several new prefixes fit one old one equally (an
-    ``out_proj`` that could be ``q``, ``k``, ``v`` or ``o``), or several old
-    ones one new one, the names decide, and if they cannot, there is no
-    guess. A moved key in ``reappearing`` is free again, in its new layout,
-    for the next rename (``fc2`` -> ``fc3``, then ``fc1`` -> ``fc2``).
+    ``removed`` and ``added`` are the keys only one side has, ``changed`` the
+    keys both have in different layouts; ``old_side`` holds the candidates
+    for a rename (removed keys, and changed keys in their old layout). Each
+    phase returns its operations and takes what it explained out of them.
     """
-    old_side, added = dict(old_side), dict(added)
-    ambiguous: set[str] = set()
-    found: list[tuple[str, str, list[str]]] = []
-    while True:
-        index = TailIndex(added)
-        support: dict[str, dict[str, int]] = {}
-        for o, oe in old_side.items():
-            tail, cands = index.candidates(o, oe)
-            if not tail or len(cands) > MAX_CANDIDATES:
-                continue
-            for a in cands:
-                pa, pb = o[: -len(tail)], a[: -len(tail)]
-                if pa not in ambiguous:
-                    to = support.setdefault(pa, {})
-                    to[pb] = to.get(pb, 0) + 1
-        # every pair that fits: all keys under the old prefix reappear, same layout
-        fits: dict[str, list[str]] = {}
-        for pa, counts in support.items():
-            moved = under.under(pa)
-            if len(moved) < 2 or not all(k in old_side for k in moved):
-                continue
-            ok = [
-                pb
-                for pb in counts
-                if all(
-                    pb + k[len(pa) :] in added and added[pb + k[len(pa) :]].same_layout(head[k])
-                    for k in moved
-                )
-            ]
-            if ok:
-                fits[pa] = ok
-        rivals: dict[str, list[str]] = {}
-        for pa, pbs in fits.items():
-            for pb in pbs:
-                rivals.setdefault(pb, []).append(pa)
-        # every old prefix whose names agree with a free new one, all in one pass
-        batch: list[tuple[str, str, list[str]]] = []
-        taken: set[str] = set()
-        for pa in sorted(fits, key=lambda p: (-max(support[p].values()), len(p), p)):
-            to_pb = _by_name(pa, fits[pa])
-            back = _by_name(to_pb, rivals[to_pb]) if to_pb is not None else None
-            if to_pb is None or back is None:
-                ambiguous.add(pa)
-                continue
-            if back != pa:  # the rival that names it better takes it
-                continue
-            moved = under.under(pa)
-            targets = [to_pb + k[len(pa) :] for k in moved]
-            if taken.intersection(moved) or taken.intersection(targets):
-                continue  # inside a subtree this pass already moves
-            taken.update(moved + targets)
-            batch.append((pa, to_pb, moved))
-        if not batch:
-            return found
-        for pa, pb, moved in batch:
-            found.append((pa, pb, moved))
+
+    def __init__(self, head: Schema, target: Schema, model: torch.nn.Module | None) -> None:
+        self.head, self.target, self.model = head, target, model
+        self.removed = {k: head[k] for k in head if k not in target}
+        self.added = {k: target[k] for k in target if k not in head}
+        self.changed = {k for k in head if k in target and not head[k].same_layout(target[k])}
+        self.old_side = {**self.removed, **{k: head[k] for k in self.changed}}
+        self.under = PrefixIndex(head) if self.removed or self.changed else PrefixIndex()
+
+    def ops(self) -> list[Op]:
+        phases = (
+            self.subtree_renames,
+            self.key_renames,
+            self.fusions,
+            self.resized_renames,
+            self.drops,
+            self.layout_changes,
+            self.additions,
+        )
+        return [op for phase in phases for op in phase()]
+
+    def _moved_away(self, key: str) -> None:
+        """``key`` was renamed; if the model still has ``key``, in a new layout, that is new."""
+        self.old_side.pop(key, None)
+        self.removed.pop(key, None)
+        if key in self.changed:
+            self.changed.discard(key)
+            self.added[key] = self.target[key]
+
+    def subtree_renames(self) -> list[Op]:
+        """Whole subtrees renamed: one ``rename_prefix`` each."""
+        reappearing = {k: self.target[k] for k in self.changed}
+        moves = subtree_renames(self.head, self.under, self.old_side, self.added, reappearing)
+        ops: list[Op] = []
+        for pa, pb, moved in moves:
+            ops.append(_rename("rename_prefix", pa, pb, "same keys, shapes and dtypes"))
             for k in moved:
-                old_side.pop(k)
-                added.pop(pb + k[len(pa) :])
-                if k in reappearing:
-                    added[k] = reappearing[k]
+                self.added.pop(pb + k[len(pa) :])
+                self._moved_away(k)
+        return ops
+
+    def key_renames(self) -> list[Op]:
+        """Single keys renamed, ordered so that no rename lands on a key still in use."""
+        renames = likely_renames(self.old_side, self.added)
+        why = "same shape and dtype, similar name"
+        ops = [
+            _rename("rename_key", o, n, None if n.endswith(TEMPORARY) else why)
+            for o, n in order_renames(renames, set(self.head))
+        ]
+        for o, n in renames:
+            self.added.pop(n, None)
+            self._moved_away(o)
+        return ops
+
+    def fusions(self) -> list[Op]:
+        """One tensor cut into several (``split``), then several joined into one (``concat``)."""
+        split = _fused(self.removed, self.added, split=True)
+        return split + _fused(self.added, self.removed, split=False)
+
+    def resized_renames(self) -> list[Op]:
+        """Renamed modules whose tensors changed size: a rename, then each resize."""
+        ops: list[Op] = []
+        for old, new in resized_renames(self.removed, self.added):
+            ops.extend(_rename_and_resize(self.head, self.target, self.under, old, new))
+            for k in old[1].values():
+                del self.removed[k]
+            for k in new[1].values():
+                del self.added[k]
+        return ops
+
+    def drops(self) -> list[Op]:
+        """What is left of the old side: ``drop_prefix`` for whole subtrees, else ``drop_key``.
+
+        Each drop says in its review what trained values it discards.
+        """
+        ops: list[Op] = []
+        done: set[str] = set()
+        for key in list(self.removed):
+            if key in done:
+                continue
+            subtree = self._removed_subtree(key)
+            prefix, keys = subtree if subtree is not None else (None, [key])
+            ops.append(_drop(self.head, keys, prefix))
+            done.update(keys)
+        return ops
+
+    def _removed_subtree(self, key: str) -> tuple[str, list[str]] | None:
+        """The shallowest subtree above ``key`` removed whole (two keys at least), and its keys."""
+        for prefix in reversed(ancestors(key)[:-1]):
+            keys = self.under.under(prefix)
+            if len(keys) >= 2 and all(k in self.removed for k in keys):
+                return prefix, keys
+        return None
+
+    def layout_changes(self) -> list[Op]:
+        """Keys on both sides whose dtype or shape changed."""
+        ops: list[Op] = []
+        for key in [k for k in self.head if k in self.changed]:
+            was, now = self.head[key].spec, self.target[key].spec
+            if was is None or now is None:  # to or from a non-tensor: nothing to carry over
+                ops.append(Op("drop_key", (key,), review=_discards([self.head[key]]), inverse=[]))
+                self.added[key] = self.target[key]
+                continue
+            if was.dtype != now.dtype:
+                ops.append(
+                    Op(
+                        "cast",
+                        (key, now.dtype),
+                        review=f"dtype changed from {_dt(was)}",
+                        inverse=[Op("cast", (key, was.dtype))],
+                    )
+                )
+            if was.shape != now.shape:
+                ops.extend(_shape_change(key, was, now))
+        return ops
+
+    def additions(self) -> list[Op]:
+        """New tensors: a whole new submodule as one ``add_module``, the rest as ``add_tensor``."""
+        ops = self._new_modules()
+        for key, entry in self.added.items():
+            if entry.spec is not None:
+                op = _add_tensor(key, entry, "initialisation guessed")
+                op.inverse = [Op("drop_key", (key,))]
+                ops.append(op)
+        return ops
+
+    def _new_modules(self) -> list[Op]:
+        """``add_module`` for each submodule of the model whose keys are all new, outermost first.
+
+        Only modules :func:`module_expr` can rebuild; their keys leave ``added``.
+        """
+        ops: list[Op] = []
+        if self.model is None or not self.added:
+            return ops
+        for name, module in sorted(self.model.named_modules(), key=lambda nm: nm[0].count(".")):
+            keys = [k for k in self.added if k.startswith(name + ".")] if name else []
+            if not keys or sorted(keys) != sorted(module.state_dict(prefix=name + ".")):
+                continue
+            expr = module_expr(module)
+            if expr is None:
+                continue
+            ops.append(
+                Op("add_module", (name, _Expr(expr)), inverse=[Op("drop_prefix", (name + ".",))])
+            )
+            for k in keys:
+                self.added.pop(k)
+        return ops
 
 
-def _by_name(prefix: str, options: list[str]) -> str | None:
-    """The option whose name is closest to ``prefix``; None when the names cannot tell."""
-    if len(options) == 1:
-        return options[0]
-    names = {o.removesuffix("."): o for o in options}
-    pick = best_match(
-        prefix.removesuffix("."), list(names), similarity=path_similarity, threshold=0.0
-    )
-    return names[pick[0]] if pick is not None else None
+def _rename(name: str, old: str, new: str, why: str | None) -> Op:
+    """A guessed ``rename_key``/``rename_prefix`` (``why`` makes it likely), and its inverse."""
+    review = f"guessed rename: {why}" if why is not None else None
+    return Op(name, (old, new), review=review, inverse=[Op(name, (new, old))])
+
+
+def _fused(wholes: dict[str, Entry], pieces: dict[str, Entry], *, split: bool) -> list[Op]:
+    """Each of ``wholes`` that is several of ``pieces`` side by side; both lose what it explains."""
+    ops: list[Op] = []
+    for f in find_fused(wholes, pieces):
+        ops.append(_fuse_op(f, split=split))
+        del wholes[f.whole]
+        for p in f.parts:
+            del pieces[p]
+    return ops
 
 
 def _fuse_op(f: Fused, *, split: bool) -> Op:
@@ -351,111 +315,17 @@ def _fuse_op(f: Fused, *, split: bool) -> Op:
     return op
 
 
-def _groups(entries: dict[str, Entry]) -> dict[str, dict[str, str]]:
-    """Keys by module: ``lm_head.`` -> {weight: lm_head.weight, ...}; a top-level key alone."""
-    out: dict[str, dict[str, str]] = {}
-    for key, entry in entries.items():
-        if entry.spec is None:
-            continue
-        if "." in key:
-            parent, tail = key.rsplit(".", 1)
-            out.setdefault(parent + ".", {})[tail] = key
-        else:
-            out[key] = {"": key}
-    return out
-
-
-def _resizable(old: TensorSpec, new: TensorSpec) -> bool:
-    """Same dtype and rank, and different sizes along one dim at most: a resize keeps the rest."""
-    return (
-        old.dtype == new.dtype
-        and len(old.shape) == len(new.shape)
-        and sum(a != b for a, b in zip(old.shape, new.shape)) <= 1
-    )
-
-
-def _resized_renames(
-    removed: dict[str, Entry], added: dict[str, Entry]
-) -> list[tuple[Group, Group]]:
-    """Pairs (old module, new module) with the same tensors, some resized.
-
-    ``lm_head`` [100, 16] + [100] and ``out`` [128, 16] + [128] are one
-    module renamed with a wider vocabulary. A module that is the only fit,
-    and fits nothing else, is taken on its structure; among several fits the
-    names decide. A single top-level tensor needs a similar name.
-    """
-    olds, news = _groups(removed), _groups(added)
-
-    def signature(group: dict[str, str], entries: dict[str, Entry]) -> tuple[object, ...]:
-        specs = {t: entries[k].spec for t, k in group.items()}
-        return tuple(sorted((t, str(s.dtype), len(s.shape)) for t, s in specs.items() if s))
-
-    by_sig: dict[tuple[object, ...], list[str]] = {}
-    for name, group in news.items():
-        by_sig.setdefault(signature(group, added), []).append(name)
-    near: PrefixIndex | None = None
-    fits: dict[str, list[str]] = {}
-    wanted: dict[str, int] = {}
-    for name, group in olds.items():
-        cands = by_sig.get(signature(group, removed), [])
-        if len(cands) > MAX_CANDIDATES:  # every layer has one: look in the same layer
-            near = near or PrefixIndex(news)
-            cands = near.nearest(name.removesuffix("."), set(cands).__contains__)
-            if len(cands) > MAX_CANDIDATES:
-                continue
-        fits[name] = [
-            c
-            for c in cands
-            if (c.endswith(".") == name.endswith("."))
-            and all(_resizable(_spec(removed, group[t]), _spec(added, news[c][t])) for t in group)
-        ]
-        for c in fits[name]:
-            wanted[c] = wanted.get(c, 0) + 1
-    picks: list[tuple[float, str, str]] = []
-    for name, cands in fits.items():
-        module = name.endswith(".")
-        alone = len(cands) == 1 and wanted[cands[0]] == 1
-        if module and alone:
-            picks.append((1.0, name, cands[0]))
-            continue
-        pick = best_match(
-            name.removesuffix("."),
-            [c.removesuffix(".") for c in cands],
-            similarity=path_similarity if module else name_similarity,
-            threshold=LOOSE if module else SIMILAR,
-        )
-        if pick is not None:
-            picks.append((pick[1], name, pick[0] + ("." if module else "")))
-    out = []
-    taken: set[str] = set()
-    for _score, name, new in sorted(picks, key=lambda p: (-p[0], p[1])):
-        if new not in taken:
-            taken.add(new)
-            out.append(((name, olds[name]), (new, news[new])))
-    return out
-
-
-def _spec(entries: dict[str, Entry], key: str) -> TensorSpec:
-    spec = entries[key].spec
-    assert spec is not None
-    return spec
-
-
 def _rename_and_resize(
     head: Schema, target: Schema, under: PrefixIndex, old: Group, new: Group
 ) -> list[Op]:
     """A module renamed (one rename_prefix where it moves whole), then each tensor resized."""
     (pa, olds), (pb, news) = old, new
-    ops: list[Op] = []
     resized = any(head[olds[t]].spec != target[news[t]].spec for t in olds)
-    why = "guessed rename: same keys, " + (
-        "a change of size" if resized else "same shapes and dtypes"
-    )
+    why = "same keys, " + ("a change of size" if resized else "same shapes and dtypes")
     whole = pa.endswith(".") and sorted(under.under(pa)) == sorted(olds.values())
     pairs = [(pa, pb)] if whole else [(olds[t], news[t]) for t in olds]
     name = "rename_prefix" if whole else "rename_key"
-    for a, b in pairs:
-        ops.append(Op(name, (a, b), review=why, inverse=[Op(name, (b, a))]))
+    ops = [_rename(name, a, b, why) for a, b in pairs]
     for t in olds:
         was, now = head[olds[t]].spec, target[news[t]].spec
         assert was is not None and now is not None
@@ -464,35 +334,12 @@ def _rename_and_resize(
     return ops
 
 
-def _drops(head: Schema, under: PrefixIndex, removed: dict[str, Entry]) -> list[Op]:
-    """``drop_prefix`` for whole removed subtrees, else ``drop_key``; each says what it discards."""
-    drops: list[Op] = []
-    done: set[str] = set()
-    for key in list(removed):
-        if key in done:
-            continue
-        chosen = None
-        for prefix in reversed(ancestors(key)[:-1]):  # shallowest first
-            keys = under.under(prefix)
-            if len(keys) >= 2 and all(k in removed for k in keys):
-                chosen = (prefix, keys)
-                break
-        if chosen is not None:
-            prefix, keys = chosen
-            drops.append(
-                Op(
-                    "drop_prefix",
-                    (prefix,),
-                    review=_discards([head[k] for k in keys]),
-                    inverse=[_restore(k, head[k]) for k in keys if head[k].spec is not None],
-                )
-            )
-            done.update(keys)
-        else:
-            inv = [_restore(key, head[key])] if head[key].spec is not None else []
-            drops.append(Op("drop_key", (key,), review=_discards([head[key]]), inverse=inv))
-            done.add(key)
-    return drops
+def _drop(head: Schema, keys: list[str], prefix: str | None) -> Op:
+    """``drop_prefix`` of the subtree ``keys``, or ``drop_key`` of the one key; re-added to undo."""
+    op = Op("drop_key", (keys[0],)) if prefix is None else Op("drop_prefix", (prefix,))
+    op.review = _discards([head[k] for k in keys])
+    op.inverse = [_restore(k, head[k]) for k in keys if head[k].spec is not None]
+    return op
 
 
 def _restore(key: str, entry: Entry) -> Op:
@@ -513,35 +360,6 @@ def _discards(entries: list[Entry]) -> str:
     else:
         what = f"{others} non-tensor entr{'ies' if others != 1 else 'y'}"
     return f"discards trained values: {what}"
-
-
-def _additions(added: dict[str, Entry], model: torch.nn.Module | None) -> list[Op]:
-    """New tensors: a whole new submodule as one add_module, the rest as add_tensor."""
-    ops: list[Op] = []
-    added = dict(added)
-    if model is not None and added:
-        for name, module in sorted(model.named_modules(), key=lambda nm: nm[0].count(".")):
-            if not name:
-                continue
-            keys = [k for k in added if k.startswith(name + ".")]
-            sub_keys = list(module.state_dict(prefix=name + "."))
-            if not keys or sorted(keys) != sorted(sub_keys):
-                continue
-            expr = module_expr(module)
-            if expr is None:
-                continue
-            ops.append(
-                Op("add_module", (name, _Expr(expr)), inverse=[Op("drop_prefix", (name + ".",))])
-            )
-            for k in keys:
-                added.pop(k)
-    for key, entry in added.items():
-        if entry.spec is None:
-            continue
-        op = _add_tensor(key, entry, "initialisation guessed")
-        op.inverse = [Op("drop_key", (key,))]
-        ops.append(op)
-    return ops
 
 
 def _dt(spec: TensorSpec) -> str:

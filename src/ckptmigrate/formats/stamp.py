@@ -33,6 +33,11 @@ class Stamp:
     format: str | None = None
 
 
+def is_stamped(meta: Mapping[str, Any] | None) -> bool:
+    """Whether ``meta`` carries a stamp; :func:`read_stamp` says which, and checks its format."""
+    return isinstance(meta, Mapping) and REVISION_KEY in meta
+
+
 def read_stamp(meta: Mapping[str, Any] | None, where: str) -> Stamp | None:
     """The stamp in ``meta``, None when there is none."""
     if not meta or REVISION_KEY not in meta:

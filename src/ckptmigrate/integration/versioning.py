@@ -29,7 +29,7 @@ import torch
 from ..errors import CkptMigrateError, LoadError
 from ..formats import keyspace
 from ..formats.container import WRAPPER_PREFIXES, wrapper_prefix
-from ..formats.stamp import write_stamp
+from ..formats.stamp import read_stamp, write_stamp
 from ..schema import Schema, compare
 from .lineage import Lineage, log
 
@@ -162,24 +162,24 @@ def _migrate_at(
 
     root = prefix[:-1]
     target = lineage.resolve()
-    stamp = (metadata.get(root) or {}).get("ckptmigrate.revision")
-    if stamp is not None and stamp == target:
+    where = _describe(module, prefix)
+    stamp = read_stamp(metadata.get(root), where)
+    if stamp is not None and stamp.revisions == (target,):
         return None  # the common case: already at the class's revision
     keys = [k for k in sd if k.startswith(prefix)] if prefix else list(sd)
     keys = _unwrap_at(module, sd, metadata, prefix, keys)
-    stamp = (metadata.get(root) or {}).get("ckptmigrate.revision")
-    where = _describe(module, prefix)
+    stamp = read_stamp(metadata.get(root), where)  # a wrapper's stamp is at root now
     sub = keyspace.keys_under({k: sd[k] for k in keys}, prefix)
     if target is None:
         if stamp is None and Schema.from_specs(specs_of(sub)).same_layout(own_schema(module)):
             return None  # e.g. an EMA copy of a model saved unstamped: nothing to migrate
-        raise lineage.load_error(where, stamp)
-    if stamp == target:
+        raise lineage.load_error(where, ",".join(stamp.revisions) if stamp else None)
+    if stamp is not None and stamp.revisions == (target,):
         return None
     current = lineage.current(sub, metadata.get(root), where)
     if current is None or current == (target,):
         return None  # unknown (no stamp, no base schema): the strict load decides
-    stamped = (metadata.get(root) or {}).get("ckptmigrate.revision") is not None
+    stamped = stamp is not None
     sub_meta = keyspace.metadata_under(metadata, prefix)
     try:
         outcome = migrate_state_dict(
