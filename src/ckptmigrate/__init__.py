@@ -11,7 +11,7 @@ from ._version import __version__
 from .errors import CkptMigrateError, LineageWarning
 
 if TYPE_CHECKING:
-    from . import op
+    from . import dcp, op
     from .api import current, downgrade, stamp, upgrade
     from .config import Config
     from .integration import LoadReport, load, save, upgrade_state_dict, versioned
@@ -23,6 +23,7 @@ __all__ = [
     "LoadReport",
     "__version__",
     "current",
+    "dcp",
     "downgrade",
     "load",
     "op",
@@ -41,6 +42,7 @@ _LAZY = {
     "stamp": (".api", "stamp"),
     "current": (".api", "current"),
     "versioned": (".integration", "versioned"),
+    "dcp": (".dcp", None),
     "load": (".integration", "load"),
     "save": (".integration", "save"),
     "upgrade_state_dict": (".integration", "upgrade_state_dict"),

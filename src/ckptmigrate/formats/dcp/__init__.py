@@ -97,7 +97,8 @@ class DCPFormat:
         if source is self:  # a DCP checkpoint stays one, unless -o names a file format
             suffix = target.suffix.lower()
             return not any(suffix in f.suffixes for f in formats() if f is not self)
-        return _is_output_folder(folder_of(target))
+        # another checkpoint converted into a folder that is empty (or a DCP checkpoint)
+        return source is not None and _is_output_folder(folder_of(target))
 
     def open(self, path: Path, options: ReadOptions) -> Checkpoint:
         from .reading import read_dcp
