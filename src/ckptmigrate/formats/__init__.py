@@ -44,6 +44,7 @@ __all__ = [
     "WriteOptions",
     "check_output",
     "check_output_path",
+    "clean_interrupted",
     "formats",
     "lock_path",
     "open_checkpoint",
@@ -139,6 +140,20 @@ def lock_path(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
     fmt = _recognised(p)
     return fmt.lock_path(p) if fmt is not None else p
+
+
+def clean_interrupted(path: str | os.PathLike[str]) -> None:
+    """Remove what killed writers of ``path`` left beyond their temporary file (lock held).
+
+    A format whose writes leave more than one temporary file (a DCP folder's
+    new data files) says so with a ``clean(path)`` method; the temporary files
+    themselves are removed by the lock.
+    """
+    p = Path(path)
+    fmt = _recognised(p)
+    clean = getattr(fmt, "clean", None)
+    if clean is not None:
+        clean(p)
 
 
 def check_output_path(

@@ -316,11 +316,12 @@ class MigrationSession:
         if self.options.dry_run:
             yield
             return
-        from ..formats import lock_path
+        from ..formats import clean_interrupted, lock_path
         from ..formats.lock import locked
 
         path = self.options.output or checkpoint
         with locked(lock_path(path), notify=self.config.log):
+            clean_interrupted(path)
             yield
 
     @contextlib.contextmanager

@@ -7,11 +7,12 @@ optimizer's state by fully qualified name, not by position::
      "param_groups": [{"lr": ..., ..., "params": ["layers.0.weight", ...]}]}
 
 and ``dcp.save`` stores every value as its own entry. A DCP checkpoint opens
-as a *lazy* container: its values are plan nodes, and nothing is read yet
-(only the ``params`` lists). The pass in :mod:`.migrate` runs on shape-only
-stand-ins of those values, with the very rules, pairing (by name: the ids
-are names), param-group placement and reports it uses for a torch file;
-then :func:`planned` turns each new state value back into a node:
+as a *lazy* container: its values are plan nodes, and nothing is read yet.
+The pass in :mod:`.migrate` runs on shape-only stand-ins of those values
+(only the groups' ``params`` lists, a few names each, are read), with the
+very rules, pairing (by name: the ids are names), param-group placement and
+reports it uses for a torch file; then :func:`planned` turns each new state
+value back into a node:
 
 * where the parameter itself only moved (a rename, or nothing at all), its
   state is the input entry itself, so the checkpoint's writer references it
@@ -41,26 +42,35 @@ from .rebuild import Rebuilt, _old_state
 StandIns = dict[int, Node]
 
 
+#: Objects read to pair an optimizer with its parameters: each group's names.
+NAMES = ("params", "param_names")
+
+
 def stand_ins(container: Any) -> tuple[Any, StandIns]:
-    """A copy of the container's structure with every tensor node a meta tensor of its shape."""
+    """A copy of the container's structure with every tensor node a meta tensor of its shape.
+
+    A param group's ``params`` (and ``param_names``) are read: the names say
+    which parameter each state belongs to. Other objects stay nodes.
+    """
     table: StandIns = {}
 
-    def copy(value: Any) -> Any:
+    def copy(value: Any, path: tuple[Any, ...]) -> Any:
         if isinstance(value, Node):
             if value.spec is None:
-                return value  # an object (a hyper-parameter): carried through as it is
+                names = len(path) >= 3 and path[-3] == "param_groups" and path[-1] in NAMES
+                return value.compute(()) if names else value
             meta = value.spec.meta()
             table[id(meta)] = value
             return meta
         if isinstance(value, Mapping):
-            return {k: copy(v) for k, v in value.items()}
+            return {k: copy(v, (*path, k)) for k, v in value.items()}
         if isinstance(value, list):
-            return [copy(v) for v in value]
+            return [copy(v, (*path, i)) for i, v in enumerate(value)]
         if isinstance(value, tuple):
-            return tuple(copy(v) for v in value)
+            return tuple(copy(v, (*path, i)) for i, v in enumerate(value))
         return value
 
-    return copy(container), table
+    return copy(container, ()), table
 
 
 def planned(

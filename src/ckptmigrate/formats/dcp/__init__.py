@@ -145,5 +145,11 @@ class DCPFormat:
     def lock_path(self, path: Path) -> Path:
         return folder_of(path) / METADATA_NAME
 
+    def clean(self, path: Path) -> None:
+        """Remove the data files interrupted writes left (the lock on .metadata is held)."""
+        from .writing import remove_leftovers
+
+        remove_leftovers(folder_of(path))
+
 
 FORMAT = register(DCPFormat())

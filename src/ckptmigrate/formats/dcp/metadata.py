@@ -19,8 +19,10 @@ file, and a rename chain writes no data file at all.
 
 The stamp lives in ``planner_data`` under :data:`STAMP_KEY`, a flat
 ``str -> str`` map as in a safetensors header (``ckptmigrate.revision``,
-``<module>:ckptmigrate.revision``). DCP's loaders look ``planner_data`` up only
-by the keys of ``state_dict_metadata``, so the entry is invisible to
+``<module>:ckptmigrate.revision``); :data:`REPLACED_KEY` lists the data files
+the write that produced it replaced, so that they are removed even if that
+write was killed before it could. DCP's loaders look ``planner_data`` up only
+by the keys of ``state_dict_metadata``, so both entries are invisible to
 ``dcp.load``, ``dcp_to_torch_save`` and ``set_state_dict``.
 """
 
@@ -38,6 +40,8 @@ from ...errors import CheckpointError, UnsafeCheckpointError
 METADATA_NAME = ".metadata"
 #: The key in ``planner_data`` that holds the stamp entries.
 STAMP_KEY = "__ckptmigrate__"
+#: The data files a write replaced, removed after its switch (or by the next writer).
+REPLACED_KEY = "__ckptmigrate_replaced__"
 #: The version DCP's FileSystemWriter records.
 DCP_VERSION = "1.0.0"
 
@@ -187,6 +191,9 @@ def check(md: Any, path: Path) -> None:
                 isinstance(k, str) and isinstance(v, str) for k, v in where.items()
             ):
                 raise _invalid(path, "its ckptmigrate stamp is not a map of strings")
+        elif key == REPLACED_KEY:
+            if not isinstance(where, list) or not all(isinstance(n, str) for n in where):
+                raise _invalid(path, "its list of replaced data files is not a list of names")
         elif not isinstance(where, tuple) or not all(isinstance(p, (str, int)) for p in where):
             raise _invalid(path, f"planner_data holds {where!r} as the path of {key!r}")
 

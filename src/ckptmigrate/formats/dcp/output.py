@@ -117,9 +117,8 @@ def _leaf(path: tuple[PathItem, ...], value: Any, dcp: DCPCheckpoint | None) -> 
             return Leaf(path, key, ref=value.key)
         if isinstance(value, Source) and value.key in dcp.flat_of:
             return Leaf(path, key, ref=dcp.flat_of[value.key])
-        old = dcp.eager.get(key)
-        if key in dcp.eager and not _is_leaf_value(value) and _same(old, value):
-            return Leaf(path, key, ref=key)
+        if key in dcp.objects and not _is_leaf_value(value) and _same(dcp.objects[key], value):
+            return Leaf(path, key, ref=key)  # an object read, and found unchanged
     if isinstance(value, torch.Tensor):
         return Leaf(path, key, node=Constant(value))
     if isinstance(value, Node):

@@ -7,8 +7,8 @@ in ``planner_data``, its path in the nested state dict that was saved
 lineage's state dict is found in it as in a torch training container (under
 ``model``, ``state_dict`` or ``model_state_dict``, or ``--state-dict-key``),
 and everything else becomes a *lazy* training container whose values are plan
-nodes (:class:`Stored`) read only if a migration computes from them. Only the
-optimizer's small ``params`` lists (parameter names) are read at once.
+nodes (:class:`Stored`) read only if a migration computes from them (or, for
+an optimizer's ``params`` lists of parameter names, when its state is carried).
 
 Opening reads ``.metadata`` and looks at which data files exist; it reads no
 byte of them.
@@ -31,10 +31,6 @@ from . import metadata as dcp_metadata
 from .store import ChunkStore
 
 PathItem = str | int
-#: Entries read when the checkpoint is opened: an optimizer's parameter names per group.
-EAGER = ("params", "param_names")
-
-
 @dataclass
 class Entry:
     """One entry of ``.metadata``: its flat key, its path in the saved state dict, its storage."""
@@ -63,19 +59,20 @@ class DCPCheckpoint(Checkpoint):
     entries: dict[str, Entry]
     flat_of: dict[str, str]  # lineage key -> flat key
     state_path: tuple[str, ...]
-    eager: dict[str, Any] = field(default_factory=dict)  # flat key -> value read at open
     store: ChunkStore
+    #: objects read so far (hyper-parameters, names: small), by flat key
+    objects: dict[str, Any] = field(default_factory=dict)
 
     def read_entry(self, key: str) -> Any:
         """The value of the entry with flat key ``key`` (a tensor or an object)."""
-        if key in self.eager:
-            return self.eager[key]
         entry = self.entries[key]
-        if entry.spec is None:
+        if entry.spec is not None:
+            return self.store.tensor(key, entry.md, self.md.storage_data)
+        if key not in self.objects:
             from torch.distributed.checkpoint.metadata import MetadataIndex
 
-            return self.store.load(self.md.storage_data[MetadataIndex(key)], key)
-        return self.store.tensor(key, entry.md, self.md.storage_data)
+            self.objects[key] = self.store.load(self.md.storage_data[MetadataIndex(key)], key)
+        return self.objects[key]
 
     def stored(self, key: str) -> Stored:
         return Stored(key, self.entries[key].spec, self)
@@ -86,11 +83,16 @@ class DCPCheckpoint(Checkpoint):
 
     def files(self) -> set[str]:
         """The data files ``.metadata`` references (``.metadata`` itself left out)."""
-        return {
-            info.relative_path
-            for info in self.md.storage_data.values()
-            if info.relative_path != dcp_metadata.METADATA_NAME
-        }
+        return referenced(self.md)
+
+
+def referenced(md: Any) -> set[str]:
+    """The data files a ``Metadata`` references (``.metadata`` itself left out)."""
+    return {
+        info.relative_path
+        for info in md.storage_data.values()
+        if info.relative_path != dcp_metadata.METADATA_NAME
+    }
 
 
 @dataclass(eq=False)
@@ -217,7 +219,7 @@ def _lineage(
 
 
 def _container(ckpt: DCPCheckpoint) -> dict[str, Any]:
-    """Everything outside the lineage as plan nodes (the optimizer's names as values)."""
+    """Everything outside the lineage as plan nodes, the state dict where its first entry was."""
     from torch.distributed.checkpoint._traverse import set_element
 
     lineage = set(ckpt.flat_of.values())
@@ -230,17 +232,5 @@ def _container(ckpt: DCPCheckpoint) -> dict[str, Any]:
                 set_element(out, ckpt.state_path, sd)
                 placed = True
             continue
-        value: Any = ckpt.stored(key)
-        if entry.spec is None and _is_eager(entry.path):
-            value = ckpt.eager[key] = ckpt.read_entry(key)
-        set_element(out, entry.path, value)
+        set_element(out, entry.path, ckpt.stored(key))
     return out
-
-
-def _is_eager(path: tuple[PathItem, ...]) -> bool:
-    return (
-        len(path) >= 3
-        and path[-3] == "param_groups"
-        and isinstance(path[-2], int)
-        and path[-1] in EAGER
-    )

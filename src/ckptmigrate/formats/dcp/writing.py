@@ -47,6 +47,7 @@ from . import DATA_SUFFIX, OWN_PREFIX
 from . import metadata as dcp_metadata
 from .output import Box, Leaf, computing, plan_output, region
 from .reading import DCPCheckpoint, flat_key, read_dcp
+from .reading import referenced as files_of
 
 
 @dataclass
@@ -77,7 +78,7 @@ def write_dcp(
     same = dcp is not None and folder.resolve() == dcp.folder.resolve()
     previous = dcp if same else _existing(folder)
     referenced = previous.files() if previous is not None else set()
-    _remove_leftovers(folder, referenced)
+    remove_leftovers(folder)
     leaves = plan_output(source, full.entries, options.container)
     stamps = _stamps(source, metadata)
     tag = _tag(leaves, stamps)
@@ -86,6 +87,9 @@ def write_dcp(
         infos = _write_data(folder, tag, source, leaves, options, written)
         names = _carry_files(folder, dcp, leaves, same, referenced, options, written)
         md, blobs = _metadata(source, dcp, leaves, infos, names, stamps)
+        replaced = sorted(referenced - files_of(md))
+        if replaced and isinstance(md.planner_data, dict):  # for the next writer, if killed
+            md.planner_data[dcp_metadata.REPLACED_KEY] = replaced
         data = dcp_metadata.encode(md, blobs)
         if options.durable:
             fsync_dir(folder)
@@ -99,8 +103,7 @@ def write_dcp(
         if isinstance(exc, OSError):
             raise write_error(folder, exc) from exc
         raise
-    now = {i.relative_path for i in md.storage_data.values()}
-    for name in referenced - now - {dcp_metadata.METADATA_NAME}:
+    for name in replaced:
         (folder / name).unlink(missing_ok=True)  # no longer part of the checkpoint
 
 
@@ -118,12 +121,27 @@ def _existing(folder: Path) -> DCPCheckpoint | None:
         ) from exc
 
 
-def _remove_leftovers(folder: Path, referenced: set[str]) -> None:
-    """Data files of interrupted writes: ours, and referenced by no ``.metadata``."""
-    for path in folder.iterdir():
-        name = path.name
-        if name.startswith(OWN_PREFIX) and name.endswith(DATA_SUFFIX) and name not in referenced:
-            path.unlink(missing_ok=True)
+def remove_leftovers(folder: Path) -> None:
+    """Data files interrupted writes left: ours, or replaced, and referenced by no ``.metadata``.
+
+    Run holding the lock on ``.metadata`` (or before writing a new folder).
+    """
+    names: set[str] = set()
+    replaced: list[str] = []
+    path = folder / dcp_metadata.METADATA_NAME
+    if path.is_file():
+        try:
+            md = dcp_metadata.load(path)
+        except CkptMigrateError:
+            return  # reading the checkpoint says what is wrong with it
+        names = files_of(md)
+        if isinstance(md.planner_data, dict):
+            replaced = list(md.planner_data.get(dcp_metadata.REPLACED_KEY, []))
+    for file in folder.iterdir():
+        name = file.name
+        ours = name.startswith(OWN_PREFIX) and name.endswith(DATA_SUFFIX)
+        if name not in names and (ours or name in replaced):
+            file.unlink(missing_ok=True)
 
 
 def _stamps(source: Checkpoint, metadata: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
