@@ -190,8 +190,8 @@ def fork_cli(
             os.dup2(fd, 2)
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, 1)
-            sys.stderr = open(2, "w", buffering=1, closefd=False)  # (pytest replaced them)
-            sys.stdout = open(1, "w", closefd=False)
+            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115 (pytest replaced them)
+            sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
             os.environ.update(env or {})
             if before is not None:
                 before()
