@@ -31,6 +31,8 @@ from . import metadata as dcp_metadata
 from .store import ChunkStore
 
 PathItem = str | int
+
+
 @dataclass
 class Entry:
     """One entry of ``.metadata``: its flat key, its path in the saved state dict, its storage."""
