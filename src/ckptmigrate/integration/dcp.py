@@ -161,11 +161,12 @@ class Reader(FileSystemReader):
         plain = {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state_dict.items()}
         flat, paths = flatten_state_dict(plain)
         entries = self.view.state_dict_metadata
+        migrated = list(entries)
         missing, mismatched = [], []
         for key, value in flat.items():
             entry = entries.get(key)
             if entry is None:
-                if isinstance(value, torch.Tensor) and self._fresh(paths[key]):
+                if isinstance(value, torch.Tensor) and _fresh(paths[key], migrated):
                     size = torch.Size(value.shape)
                     entries[key] = TensorStorageMetadata(
                         TensorProperties(dtype=value.dtype),
@@ -197,17 +198,6 @@ class Reader(FileSystemReader):
                 hint="is the model at another revision? Pass revision= (or model= for a "
                 "@ckptmigrate.versioned class); 'ckptmigrate diff CKPT' shows the difference",
             )
-
-    def _fresh(self, path: tuple[Any, ...]) -> bool:
-        """A parameter's optimizer state (``.../state/<fqn>/<name>``) the checkpoint has none of."""
-        if len(path) < 4 or path[-3] != "state":
-            return False
-        param = flat_key(path[:-1]) + "."
-        groups = flat_key((*path[:-3], "param_groups")) + "."
-        keys = self.view.state_dict_metadata
-        return any(k.startswith(groups) for k in keys) and not any(
-            k.startswith(param) for k in keys
-        )
 
     # ------------------------------------------------------------------ the StorageReader side
 
@@ -252,6 +242,15 @@ class Reader(FileSystemReader):
             return self._values[key]
         value = self._compute(key)
         return plain_tensor(value) if isinstance(value, torch.Tensor) else value
+
+
+def _fresh(path: tuple[Any, ...], keys: list[str]) -> bool:
+    """A parameter's optimizer state (``.../state/<fqn>/<name>``) the checkpoint has none of."""
+    if len(path) < 4 or path[-3] != "state":
+        return False
+    param = flat_key(path[:-1]) + "."
+    groups = flat_key((*path[:-3], "param_groups")) + "."
+    return any(k.startswith(groups) for k in keys) and not any(k.startswith(param) for k in keys)
 
 
 def _view(ckpt: DCPCheckpoint, leaves: list[Leaf]) -> Any:
