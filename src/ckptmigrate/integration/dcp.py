@@ -269,13 +269,8 @@ def _view(ckpt: DCPCheckpoint, leaves: list[Leaf]) -> Any:
     storage: dict[Any, Any] = {}
     for leaf in leaves:
         if leaf.ref is not None:
-            entry = ckpt.entries[leaf.ref]
-            entries[leaf.key] = entry.md
-            if entry.spec is None:
-                storage[MetadataIndex(leaf.key)] = ckpt.md.storage_data[MetadataIndex(leaf.ref)]
-            for i, chunk in enumerate(entry.md.chunks if entry.spec is not None else []):
-                info = ckpt.md.storage_data[MetadataIndex(leaf.ref, chunk.offsets)]
-                storage[MetadataIndex(leaf.key, chunk.offsets, i)] = info
+            entries[leaf.key] = ckpt.entries[leaf.ref].md
+            storage.update(ckpt.storage_of(leaf.ref, leaf.key))
         elif leaf.spec is not None:
             size = torch.Size(leaf.spec.shape)
             whole = ChunkStorageMetadata(torch.Size([0] * len(size)), size)

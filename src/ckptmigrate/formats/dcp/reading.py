@@ -76,6 +76,22 @@ class DCPCheckpoint(Checkpoint):
             self.objects[key] = self.store.load(self.md.storage_data[MetadataIndex(key)], key)
         return self.objects[key]
 
+    def storage_of(self, key: str, under: str | None = None) -> list[tuple[Any, Any]]:
+        """The storage entries (one per chunk, or one for an object) of entry ``key``.
+
+        Each as ``(index, info)``, the index naming ``under`` (default: ``key``):
+        a renamed entry is the same chunks under its new key.
+        """
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        entry, name = self.entries[key], key if under is None else under
+        if entry.spec is None:
+            return [(MetadataIndex(name), self.md.storage_data[MetadataIndex(key)])]
+        return [
+            (MetadataIndex(name, c.offsets, i), self.md.storage_data[MetadataIndex(key, c.offsets)])
+            for i, c in enumerate(entry.md.chunks)
+        ]
+
     def stored(self, key: str) -> Stored:
         return Stored(key, self.entries[key].spec, self)
 

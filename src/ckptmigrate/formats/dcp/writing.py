@@ -272,7 +272,7 @@ def _carry_files(
         info.relative_path
         for leaf in leaves
         if leaf.ref is not None
-        for info in _infos(dcp, leaf.ref)
+        for _, info in dcp.storage_of(leaf.ref)
         if info.relative_path != dcp_metadata.METADATA_NAME
     }
     if same:
@@ -291,16 +291,6 @@ def _carry_files(
                 os.fsync(dst.fileno())
         names[name] = target
     return names
-
-
-def _infos(dcp: DCPCheckpoint, key: str) -> list[Any]:
-    """The storage entries (one per chunk, or one for an object) of an input entry."""
-    from torch.distributed.checkpoint.metadata import MetadataIndex
-
-    entry = dcp.entries[key]
-    if entry.spec is None:
-        return [dcp.md.storage_data[MetadataIndex(key)]]
-    return [dcp.md.storage_data[MetadataIndex(key, c.offsets)] for c in entry.md.chunks]
 
 
 def _metadata(
@@ -331,15 +321,8 @@ def _metadata(
         planner[leaf.key] = leaf.path
         if leaf.ref is not None:
             assert dcp is not None
-            entry = dcp.entries[leaf.ref]
-            entries[leaf.key] = entry.md
-            chunks = entry.md.chunks if entry.spec is not None else [None]
-            for i, (chunk, info) in enumerate(zip(chunks, _infos(dcp, leaf.ref))):
-                index = (
-                    MetadataIndex(leaf.key, chunk.offsets, i)
-                    if chunk is not None
-                    else MetadataIndex(leaf.key)
-                )
+            entries[leaf.key] = dcp.entries[leaf.ref].md
+            for index, info in dcp.storage_of(leaf.ref, leaf.key):
                 if info.relative_path == dcp_metadata.METADATA_NAME:
                     blob = dcp_metadata.Blob(dcp.store.raw(info), _copy_info(info))
                     blobs.append(blob)
