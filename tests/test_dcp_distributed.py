@@ -26,12 +26,9 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from click.testing import CliRunner
+from tests.harness import dcp_job
 from tests.harness import dcp_models as tiny
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import get_state_dict
 
 import ckptmigrate
 import ckptmigrate.dcp
@@ -127,13 +124,7 @@ def test_resumed_on_one_rank(work: Path) -> None:
                 ckptmigrate.dcp.load(state, folder, location=config)
             else:
                 dcp.load(state, checkpoint_id=folder)
-        set_state_dict(
-            model,
-            opt,
-            model_state_dict=state["model"],
-            optim_state_dict=state["optim"],
-            options=StateDictOptions(strict=False),
-        )
+        dcp_job.restore(model, opt, state)
         assert tiny.train(model, opt, range(3, 6)) == continued, (folder, migrate)
 
 

@@ -68,6 +68,13 @@ def resume(cls: Any, ckpt: Path, mesh: Any, *, migrate: bool) -> list[float]:
         if "old_scale" in osd["state"]:  # never trained: the checkpoint has no state for it
             del osd["state"]["old_scale"]
         dcp.load(state, checkpoint_id=ckpt)
+    restore(model, opt, state)
+    assert state["step"] == len(SAVED_AT)
+    return tiny.train(model, opt, RESUMED)
+
+
+def restore(model: Any, opt: Any, state: dict[str, Any]) -> None:
+    """The loaded state into the model and its optimizer (``old_scale``'s Adam state is fresh)."""
     set_state_dict(
         model,
         opt,
@@ -75,8 +82,6 @@ def resume(cls: Any, ckpt: Path, mesh: Any, *, migrate: bool) -> list[float]:
         optim_state_dict=state["optim"],
         options=StateDictOptions(strict=False),
     )
-    assert state["step"] == len(SAVED_AT)
-    return tiny.train(model, opt, RESUMED)
 
 
 def main() -> None:
