@@ -296,3 +296,39 @@ def test_convert_weights_to_safetensors(restructure: Path, run: Run) -> None:
         dcp.save(dict(model.state_dict()), checkpoint_id=plain)
     run("upgrade", str(plain), "--from", V1, "-o", str(restructure / "v2.safetensors"))
     assert_equal(load_file(restructure / "v2.safetensors"), tiny.expected_v2(model.state_dict()))
+
+
+@pytest.mark.parametrize("output", ["v2.pt", "v2.safetensors", "v2", None])
+def test_tensors_are_read_one_at_a_time(
+    restructure: Path, run: Run, monkeypatch: pytest.MonkeyPatch, output: str | None
+) -> None:
+    """Converting or migrating a folder holds at most a few read tensors at once, not all."""
+    import weakref
+
+    from ckptmigrate.formats.dcp.store import ChunkStore
+
+    ckpt = restructure / "ckpt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        extra = {f"extra.{i}": torch.randn(64, 64) for i in range(12)}
+        dcp.save({**tiny.TinyV1().state_dict(), **extra}, checkpoint_id=ckpt)
+    alive: list[weakref.ref[torch.Tensor]] = []
+    keys: list[str] = []
+    most = [0]
+    read = ChunkStore.tensor
+
+    def spy(self: ChunkStore, key: str, entry: Any, storage: Any) -> torch.Tensor:
+        value = read(self, key, entry, storage)
+        alive.append(weakref.ref(value))
+        keys.append(key)
+        most[0] = max(most[0], sum(r() is not None for r in alive))
+        return value
+
+    monkeypatch.setattr(ChunkStore, "tensor", spy)
+    args = ["-o", str(restructure / output)] if output else []
+    run("upgrade", str(ckpt), "--from", V1, *args)
+    if output in ("v2", None):  # a DCP folder again: what is not computed stays where it is
+        assert not any(k.startswith("extra.") for k in keys), keys
+    else:  # a file: every tensor is read to be written
+        assert sorted(k for k in keys if k.startswith("extra.")) == sorted(extra)
+    assert most[0] <= 2, most[0]  # one tensor (and the one it is computed from), never all

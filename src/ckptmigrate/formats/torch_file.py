@@ -273,8 +273,12 @@ def write_torch(
     from ..plan.nodes import Source
     from . import torch_save
 
+    # a torch file's tensors are views of its map, copied record by record; any other
+    # source's are read into memory, so each is read only when its record is written
+    views = isinstance(source, TorchCheckpoint)
+
     def value(key: str, node: Node) -> Any:
-        if isinstance(node, Source) and source is not None:
+        if isinstance(node, Source) and source is not None and (views or node.spec is None):
             return source.read(node.key)
         if node.spec is None:
             return produce(key)
