@@ -94,9 +94,11 @@ class DCPFormat:
         return (folder / METADATA_NAME).is_file() or _refusal(folder) is not None
 
     def accepts_output(self, target: Path, source: Format | None) -> bool:
-        if source is self:  # a DCP checkpoint stays one, unless -o names a file format
-            suffix = target.suffix.lower()
-            return not any(suffix in f.suffixes for f in formats() if f is not self)
+        suffix = target.suffix.lower()
+        if any(suffix in f.suffixes for f in formats() if f is not self):
+            return False  # -o names a file format (an existing folder of that name is an error)
+        if source is self:  # a DCP checkpoint stays one
+            return True
         # another checkpoint converted into a folder that is empty (or a DCP checkpoint)
         return source is not None and _is_output_folder(folder_of(target))
 
