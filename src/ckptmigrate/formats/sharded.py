@@ -116,6 +116,8 @@ def _read_index(path: Path) -> tuple[dict[str, Any], dict[str, str], dict[str, A
         index = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise _bad(path, f"cannot read it as JSON ({exc})") from None
+    except RecursionError:  # [[[[...]]]] nested deeper than the parser's stack
+        raise _bad(path, "it is JSON nested too deeply to be an index") from None
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         raise _bad(path, "no 'weight_map' object")
     weight_map = index["weight_map"]
@@ -123,9 +125,24 @@ def _read_index(path: Path) -> tuple[dict[str, Any], dict[str, str], dict[str, A
     if not isinstance(meta, dict):
         raise _bad(path, "'metadata' is not an object")
     for key, shard in weight_map.items():
-        if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard.startswith("."):
-            raise _bad(path, f"key {key!r} names an invalid shard {shard!r}")
+        if not _plain_file_name(shard):
+            raise _bad(path, f"key {key!r} names an invalid shard {_short(shard)}")
     return index, weight_map, meta
+
+
+def _plain_file_name(name: object) -> bool:
+    """A file right in the index's folder: not empty, hidden, elsewhere or unwritable."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name.encode("utf-8", "surrogatepass")) <= 255
+        and not name.startswith(".")
+        and not any(c in name for c in "/\\\0")
+    )
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def read_sharded(path: Path, *, trust_pickle: bool = False) -> ShardedCheckpoint:
@@ -136,8 +153,9 @@ def read_sharded(path: Path, *, trust_pickle: bool = False) -> ShardedCheckpoint
     shards: dict[str, Checkpoint] = {}
     for shard in dict.fromkeys(weight_map.values()):
         shard_path = path.parent / shard
-        if not shard_path.exists():
-            raise _bad(path, f"shard {shard} is missing")
+        if not shard_path.is_file():
+            what = "not a file" if shard_path.exists() else "missing"
+            raise _bad(path, f"shard {shard} is {what}")
         shards[shard] = open_checkpoint(shard_path, ReadOptions(trust_pickle=trust_pickle))
     schema: dict[str, TensorSpec | None] = {}
     for key, shard in weight_map.items():
