@@ -161,7 +161,14 @@ def atomic_output(target: Path, *, durable: bool = True) -> Iterator[Path]:
                 hint="free space or fix permissions; the input is unchanged",
             ) from exc
         if durable:
-            fsync_dir(parent)
+            try:
+                fsync_dir(parent)
+            except OSError as exc:
+                raise WriteError(
+                    f"wrote {target}, but could not sync its folder: {_explain(exc)}",
+                    hint="the new file is in place; check the disk before trusting it "
+                    "to survive a power cut",
+                ) from exc
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
