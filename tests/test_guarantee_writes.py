@@ -478,13 +478,19 @@ def test_next_command_removes_stale_temporary_files(setup: tuple[Path, Path]) ->
         stale = ckpt.parent / f".model.pth.{dead.pid}.abc123.ckptmigrate-tmp"
         running = ckpt.parent / f".model.pth.{alive.pid}.def456.ckptmigrate-tmp"
         other = ckpt.parent / f".other.pth.{dead.pid}.ghi789.ckptmigrate-tmp"
-        for p in (stale, running, other):
+        here = ckpt.parent / f".model.pth.{dead.pid}@{atomic._host()}.jkl.ckptmigrate-tmp"
+        # a folder shared with another machine: its pids mean nothing here
+        away = ckpt.parent / f".model.pth.{dead.pid}@gpu-node-7.mno.ckptmigrate-tmp"
+        for p in (stale, running, other, here, away):
             p.write_bytes(b"partial")
         code, err = invoke("-c", str(ini), "upgrade", "model.pth")
         assert code == 0 and "Nothing to upgrade" in err, err
-        assert not stale.exists()  # its writer is gone
+        assert not stale.exists() and not here.exists()  # their writers are gone
         assert running.exists()  # its writer may still be writing
         assert other.exists()  # another checkpoint's business
+        assert away.exists()  # kept, and said so
+        assert f"Note: {away.name} was left by a ckptmigrate run on host gpu-node-7 (pid" in err
+        assert "kept it: remove it once no run there writes the checkpoint" in err
         assert torch.load(ckpt, weights_only=True)["new"].shape == (256, 256)
     finally:
         alive.kill()
