@@ -331,6 +331,10 @@ def current(
     script_dir = ScriptDirectory.from_config(config)
     with opened(config, checkpoint, make_options(CheckpointOptions, dict(options))) as ckpt:
         stamped = stamped_heads(script_dir, ckpt)
+        if stamped is None and ckpt.adapter is not None:
+            from .adapters import run
+
+            return run.current(config, script_dir, ckpt)
         if stamped is None:
             from .identify import identify_current
 
