@@ -217,6 +217,7 @@ def write_adapter(
         ) from exc
     try:
         try:
+            os.chmod(tmp, _folder_mode(folder))
             if folder.resolve() == source.path.resolve():
                 _link_others(source.path, source.files, tmp)
             inner = replace(options, container=None, progress=options.progress)
@@ -242,6 +243,15 @@ def write_adapter(
         raise
     if options.durable:
         fsync_dir(folder.parent)
+
+
+def _folder_mode(folder: Path) -> int:
+    """The mode the folder has, or a new folder's (mkdtemp's own is private to its owner)."""
+    if folder.is_dir():
+        return folder.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
 
 
 def _config_text(config: Mapping[str, Any]) -> bytes:
