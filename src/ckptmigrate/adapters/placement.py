@@ -63,7 +63,7 @@ def identify(
     if not found:
         best = ranked[0]
         raise StampError(
-            f"{where} has no stamp, and its adapter fits the base model at no revision "
+            f"{where} has no stamp, and its modules fit the base model at no revision "
             f"(closest: {best.name}: {'; '.join(best.reading.problems[:2])})",
             hint="is it an adapter of this lineage's model? If you know the revision its base "
             "model was at, pass --from REV",
@@ -72,8 +72,8 @@ def identify(
     if chosen is None:
         names = ", ".join(f.name for f in found)
         raise StampError(
-            f"{where} has no stamp and its adapter fits the base model at several revisions "
-            f"({names}), from which the migration treats it differently",
+            f"{where} has no stamp, and its modules fit the base model at several revisions "
+            f"({names}), which the migrations treat differently",
             hint=f"say which with --from REV, or record it with 'ckptmigrate stamp {where} REV'",
         )
     also = [f.name for f in found if f is not chosen]
@@ -117,7 +117,7 @@ def _newest_alike(
 
 def _alike(a: Mapping[str, Entry], b: Mapping[str, Entry]) -> bool:
     """The same tensors of the file in the same places, the same way."""
-    if list(a) != list(b):
+    if set(a) != set(b):
         return False
     for key in a:
         x, y = a[key], b[key]
@@ -160,7 +160,7 @@ def check_claim(
     ids = format_ids(heads) or "base"
     found = [f.name for f in fits(script_dir, layout, base) if not f.reading.problems]
     message = (
-        f"{where} is not at {ids} ({claimed_by} says so): its adapter does not fit the base "
+        f"{where} is not at {ids} ({claimed_by} says so): its modules do not fit the base "
         f"model's schema there ({'; '.join(reading.problems[:2])})"
     )
     if found:

@@ -262,7 +262,22 @@ def join(nodes: Sequence[Node | None], sizes: Sequence[int], dim: int, like: Nod
     present = [n for n in nodes if n is not None]
     if len(present) == len(nodes) == 1:
         return present[0]
-    return place(parts, shape, spec.dtype)
+    whole = _reassembled(present, dim, shape[dim]) if len(present) == len(nodes) else None
+    return whole if whole is not None else place(parts, shape, spec.dtype)
+
+
+def _reassembled(nodes: Sequence[Node], dim: int, size: int) -> Node | None:
+    """The node that ``nodes`` are consecutive slices of along ``dim``, when they are all of it."""
+    if not all(isinstance(n, Apply) and n.op is _NARROW and n.params["dim"] == dim for n in nodes):
+        return None
+    whole = nodes[0].inputs[0]
+    at = 0
+    for n in nodes:
+        assert isinstance(n, Apply)
+        if n.inputs[0] is not whole or n.params["start"] != at:
+            return None
+        at += n.params["length"]
+    return whole if whole.spec is not None and whole.spec.shape[dim] == at == size else None
 
 
 # --------------------------------------------------------------------------- the delta

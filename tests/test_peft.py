@@ -1,0 +1,422 @@
+"""PEFT LoRA adapters follow their base model's lineage, checked with the real ``peft``.
+
+The base model is GPT-2 built from a tiny config (2 layers, width 32), whose
+attention has one fused ``c_attn`` (a ``Conv1D``, stored ``[in, out]``). A
+custom class keeps GPT-2 but splits ``c_attn`` into ``q``/``k``/``v``
+``nn.Linear`` modules (stored ``[out, in]``). The lineage between them splits
+the fused weight along its output dim and transposes the parts. An adapter
+trained on one layout, migrated with the command line, must compute what the
+original pair computes on the other layout, and merge into the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+from tests.conftest import Run
+from tests.harness.common import write_project
+from torch import nn
+
+from ckptmigrate.schema import Schema, write_base_schema
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+INITIAL, SPLIT = "aaaa00000001", "bbbb00000002"
+GPT2 = {
+    "n_layer": 2,
+    "n_embd": 32,
+    "n_head": 2,
+    "vocab_size": 50,
+    "n_positions": 16,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+}
+
+SPLIT_UP = """\
+for i in range(2):
+    p = f"transformer.h.{i}.attn.c_attn."
+    parts = [p + n + ".weight" for n in "qkv"]
+    op.split(p + "weight", into=parts, dim=1)
+    for key in parts:
+        op.transpose(key, 0, 1)
+    op.split(p + "bias", into=[p + n + ".bias" for n in "qkv"])
+"""
+SPLIT_DOWN = """\
+for i in range(2):
+    p = f"transformer.h.{i}.attn.c_attn."
+    parts = [p + n + ".weight" for n in "qkv"]
+    for key in parts:
+        op.transpose(key, 0, 1)
+    op.concat(parts, into=p + "weight", dim=1)
+    op.concat([p + n + ".bias" for n in "qkv"], into=p + "bias")
+"""
+
+
+class SplitQKV(nn.Module):
+    """GPT-2's fused ``c_attn`` as three ``nn.Linear`` modules (same output, concatenated)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+
+
+class SplitGPT2(GPT2LMHeadModel):
+    """The new layout of the base model: GPT-2 with q/k/v as separate Linear modules."""
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__(config)
+        for block in self.transformer.h:
+            block.attn.c_attn = SplitQKV(config.n_embd)
+
+
+def fused() -> GPT2LMHeadModel:
+    return GPT2LMHeadModel(GPT2Config(**GPT2)).eval()
+
+
+def split() -> SplitGPT2:
+    return SplitGPT2(GPT2Config(**GPT2)).eval()
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers/peft notes about the tiny config
+        yield
+
+
+@pytest.fixture
+def lineage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """INITIAL (GPT-2 as saved) -> SPLIT (q/k/v Linear); the base schema recorded."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write_project(
+        tmp_path, [(INITIAL, None, "pass", "pass"), (SPLIT, INITIAL, SPLIT_UP, SPLIT_DOWN)]
+    )
+    write_base_schema(tmp_path / "migrations", Schema.from_module(fused()), "GPT-2")
+    return tmp_path
+
+
+def trained_fused(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return fused()
+
+
+def save_adapter(model: nn.Module, folder: Path, **config: Any) -> Path:
+    """A LoRA adapter with random (not PEFT's zero-B) factors, as if trained."""
+    options = {"r": 4, "lora_alpha": 8, "init_lora_weights": False, **config}
+    get_peft_model(model, LoraConfig(**options)).save_pretrained(str(folder))
+    return folder
+
+
+def adapter_config(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "adapter_config.json").read_text())  # type: ignore[no-any-return]
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+
+
+def stamp_of(folder: Path) -> str | None:
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        return (f.metadata() or {}).get("ckptmigrate.revision")
+
+
+def migrated_base(run: Run, base: nn.Module, tmp: Path, *args: str) -> dict[str, torch.Tensor]:
+    """The base model's own weights, migrated by the same lineage."""
+    torch.save(base.state_dict(), tmp / "base.pt")
+    run(
+        "upgrade" if not args else args[0],
+        str(tmp / "base.pt"),
+        *args[1:],
+        "-o",
+        str(tmp / "b2.pt"),
+    )
+    return torch.load(tmp / "b2.pt", weights_only=True)  # type: ignore[no-any-return]
+
+
+def logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens).logits  # type: ignore[no-any-return]
+
+
+TOKENS = torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(7))
+
+
+# --------------------------------------------------------------------------- fused -> split
+
+
+def test_fused_to_split_conv1d_adapter_on_linear_modules(lineage: Path, run: Run) -> None:
+    base = trained_fused()
+    save_adapter(base, lineage / "adapter", target_modules=["c_attn"])
+    assert adapter_config(lineage / "adapter")["fan_in_fan_out"] is True  # PEFT's Conv1D
+
+    result = run("upgrade", "adapter", "-o", "adapter2")
+    assert "identified by its keys and shapes as aaaa00000001" in result.stderr
+    assert "Running upgrade aaaa00000001 -> bbbb00000002" in result.stderr
+
+    config = adapter_config(lineage / "adapter2")
+    assert config["target_modules"] == ["k", "q", "v"]
+    assert config["fan_in_fan_out"] is False
+    assert (config["r"], config["lora_alpha"], config["rank_pattern"]) == (4, 8, {})
+    assert stamp_of(lineage / "adapter2") == SPLIT
+    assert run("current", "adapter2").stdout.strip() == f"{SPLIT} (head)"
+
+    old = PeftModel.from_pretrained(base, str(lineage / "adapter")).eval()
+    new_base = split()
+    new_base.load_state_dict(migrated_base(run, trained_fused(), lineage))
+    new = PeftModel.from_pretrained(new_base, str(lineage / "adapter2")).eval()
+    with_adapter = logits(old, TOKENS)
+    assert (with_adapter - logits(trained_fused(), TOKENS)).abs().max() > 1e-2  # it does something
+    torch.testing.assert_close(logits(new, TOKENS), with_adapter, atol=1e-5, rtol=0)
+
+    merged_old = old.merge_and_unload()
+    merged_new = new.merge_and_unload()
+    for i in range(2):
+        fused_w = merged_old.transformer.h[i].attn.c_attn.weight  # [in, 3 * out]
+        parts = merged_new.transformer.h[i].attn.c_attn
+        for j, name in enumerate("qkv"):
+            want = fused_w[:, 32 * j : 32 * (j + 1)].T
+            torch.testing.assert_close(getattr(parts, name).weight, want, atol=1e-6, rtol=0)
+
+
+def test_split_copies_a_and_splits_b(lineage: Path, run: Run) -> None:
+    """Along the output dim: B is cut in three, A copied; no value is recomputed."""
+    save_adapter(trained_fused(), lineage / "adapter", target_modules=["c_attn"])
+    run("upgrade", "adapter", "-o", "adapter2")
+    before = adapter_tensors(lineage / "adapter")
+    after = adapter_tensors(lineage / "adapter2")
+    src = "base_model.model.transformer.h.0.attn.c_attn."
+    for j, name in enumerate("qkv"):
+        dst = f"base_model.model.transformer.h.0.attn.c_attn.{name}."
+        assert torch.equal(after[dst + "lora_A.weight"], before[src + "lora_A.weight"])
+        assert torch.equal(
+            after[dst + "lora_B.weight"], before[src + "lora_B.weight"][32 * j : 32 * (j + 1)]
+        )
+
+
+# --------------------------------------------------------------------------- split -> fused
+
+
+def test_split_to_fused_at_the_summed_rank(lineage: Path, run: Run) -> None:
+    torch.manual_seed(1)
+    base = split()
+    base.load_state_dict(migrated_base(run, trained_fused(), lineage))
+    torch.save(base.state_dict(), lineage / "split.pt")
+    save_adapter(base, lineage / "adapter", target_modules=["q", "k", "v"])
+
+    run("downgrade", "adapter", INITIAL, "-o", "fused")
+    config = adapter_config(lineage / "fused")
+    assert config["target_modules"] == ["c_attn"]
+    assert config["fan_in_fan_out"] is True
+    # three rank-4 adapters at scale 8/4 become one of rank 12 at the same scale
+    assert (config["r"], config["lora_alpha"], config["rank_pattern"]) == (12, 24, {})
+    tensors = adapter_tensors(lineage / "fused")
+    a = tensors["base_model.model.transformer.h.1.attn.c_attn.lora_A.weight"]
+    b = tensors["base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"]
+    assert (tuple(a.shape), tuple(b.shape)) == ((12, 32), (96, 12))
+    assert torch.count_nonzero(b[:32, 4:]) == 0  # block-diagonal
+
+    new = PeftModel.from_pretrained(base, str(lineage / "adapter")).eval()
+    old_base = fused()
+    run("downgrade", "split.pt", INITIAL, "--from", SPLIT, "-o", "fused.pt")
+    old_base.load_state_dict(torch.load(lineage / "fused.pt", weights_only=True))
+    old = PeftModel.from_pretrained(old_base, str(lineage / "fused")).eval()
+    torch.testing.assert_close(logits(old, TOKENS), logits(new, TOKENS), atol=1e-5, rtol=0)
+
+
+def test_parts_at_different_scales_fold_the_ratio_into_b(lineage: Path, run: Run) -> None:
+    torch.manual_seed(2)
+    base = split()
+    base.load_state_dict(migrated_base(run, trained_fused(), lineage))
+    torch.save(base.state_dict(), lineage / "split.pt")
+    save_adapter(
+        base,
+        lineage / "adapter",
+        target_modules=["q", "k", "v"],
+        rank_pattern={"k": 2},
+        alpha_pattern={"k": 6},  # k's scale is 3, q's and v's 2
+    )
+    run("downgrade", "adapter", INITIAL, "-o", "fused")
+    config = adapter_config(lineage / "fused")
+    assert (config["r"], config["lora_alpha"]) == (10, 20)  # scale 2 for all ten ranks
+
+    new = PeftModel.from_pretrained(base, str(lineage / "adapter")).eval()
+    old_base = fused()
+    run("downgrade", "split.pt", INITIAL, "--from", SPLIT, "-o", "fused.pt")
+    old_base.load_state_dict(torch.load(lineage / "fused.pt", weights_only=True))
+    old = PeftModel.from_pretrained(old_base, str(lineage / "fused")).eval()
+    torch.testing.assert_close(logits(old, TOKENS), logits(new, TOKENS), atol=1e-5, rtol=0)
+    merged = old.merge_and_unload().transformer.h[0].attn.c_attn.weight
+    parts = new.merge_and_unload().transformer.h[0].attn.c_attn
+    torch.testing.assert_close(merged[:, 32:64].T, parts.k.weight, atol=1e-6, rtol=0)
+
+
+def test_a_split_undone_in_the_same_run_keeps_the_rank(lineage: Path, run: Run) -> None:
+    """Upgrading and downgrading in one lineage walk is not needed for this: the
+    adapter's q/k/v, cut from one delta in one run, join back at rank r."""
+    (lineage / "migrations" / "versions" / "cccc00000003.py").write_text(
+        (lineage / "migrations" / "versions" / f"{SPLIT}.py")
+        .read_text()
+        .replace(f"revision = {SPLIT!r}", "revision = 'cccc00000003'")
+        .replace(f"down_revision = {INITIAL!r}", f"down_revision = {SPLIT!r}")
+        .replace("def upgrade", "def _up")
+        .replace("def downgrade", "def upgrade")
+        .replace("def _up", "def downgrade")
+    )
+    save_adapter(trained_fused(), lineage / "adapter", target_modules=["c_attn"])
+    run("upgrade", "adapter", "-o", "adapter3")
+    before = adapter_tensors(lineage / "adapter")
+    after = adapter_tensors(lineage / "adapter3")
+    assert adapter_config(lineage / "adapter3")["r"] == 4
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+
+
+# --------------------------------------------------------------------------- renames
+
+
+class Small(nn.Module):
+    """A model with an embedding, a Linear, a LayerNorm and a head."""
+
+    names = ("emb", "proj", "norm", "head")
+
+    def __init__(self) -> None:
+        super().__init__()
+        emb, proj, norm, head = self.names
+        setattr(self, emb, nn.Embedding(20, 8))
+        setattr(self, proj, nn.Linear(8, 8))
+        setattr(self, norm, nn.LayerNorm(8))
+        setattr(self, head, nn.Linear(8, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        emb, proj, norm, head = (getattr(self, n) for n in self.names)
+        return head(norm(proj(emb(x))))  # type: ignore[no-any-return]
+
+
+class SmallRenamed(Small):
+    names = ("tokens", "mix", "ln", "out")
+
+
+RENAME_UP = """\
+op.rename_prefix("emb.", "tokens.")
+op.rename_prefix("proj.", "mix.")
+op.rename_prefix("norm.", "ln.")
+op.rename_prefix("head.", "out.")
+"""
+RENAME_DOWN = """\
+op.rename_prefix("out.", "head.")
+op.rename_prefix("ln.", "norm.")
+op.rename_prefix("mix.", "proj.")
+op.rename_prefix("tokens.", "emb.")
+"""
+
+
+def test_renames_carry_the_adapter_bit_for_bit(
+    tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    steps = [(INITIAL, None, "pass", "pass"), (SPLIT, INITIAL, RENAME_UP, RENAME_DOWN)]
+    write_project(tmp_path, steps)
+    torch.manual_seed(3)
+    base = Small().eval()
+    write_base_schema(tmp_path / "migrations", Schema.from_module(base), "Small")
+    torch.save(base.state_dict(), tmp_path / "base.pt")
+    save_adapter(
+        base, tmp_path / "adapter", target_modules=["emb", "proj"], modules_to_save=["norm"]
+    )
+    before = adapter_tensors(tmp_path / "adapter")
+    tokens = torch.randint(0, 20, (4, 6))
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()(tokens)
+
+    run("upgrade", "adapter")  # in place
+    after = adapter_tensors(tmp_path / "adapter")
+    names = {"emb.": "tokens.", "proj.": "mix.", "norm.": "ln."}
+    renamed = {}
+    for key, value in before.items():
+        module = key.removeprefix("base_model.model.")
+        for old, new in names.items():
+            module = new + module[len(old) :] if module.startswith(old) else module
+        renamed["base_model.model." + module] = value
+    assert sorted(after) == sorted(renamed)
+    for key, value in renamed.items():
+        assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
+    config = adapter_config(tmp_path / "adapter")
+    assert config["target_modules"] == ["mix", "tokens"]
+    assert config["modules_to_save"] == ["ln"]
+    assert stamp_of(tmp_path / "adapter") == SPLIT
+
+    run("upgrade", "base.pt", "--from", INITIAL, "-o", "b2.pt")
+    new_base = SmallRenamed().eval()
+    new_base.load_state_dict(torch.load(tmp_path / "b2.pt", weights_only=True))
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(new_base, str(tmp_path / "adapter")).eval()(tokens)
+    assert torch.equal(got, want)
+
+    run("downgrade", "adapter", INITIAL)
+    back = adapter_tensors(tmp_path / "adapter")
+    assert sorted(back) == sorted(before)
+    for key, value in before.items():
+        assert torch.equal(back[key], value), key
+    config = adapter_config(tmp_path / "adapter")
+    assert sorted(config["target_modules"]) == ["emb", "proj"]
+    assert config["modules_to_save"] == ["norm"]
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+MAP_UP = """\
+op.map_tensor("transformer.h.1.attn.c_attn.weight", lambda t: t * 2)
+"""
+
+
+def test_an_op_without_exact_counterpart_is_refused(
+    tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_project(tmp_path, [(INITIAL, None, "pass", "pass"), (SPLIT, INITIAL, MAP_UP, "pass")])
+    write_base_schema(tmp_path / "migrations", Schema.from_module(fused()), "GPT-2")
+    save_adapter(trained_fused(), tmp_path / "adapter", target_modules=["c_attn"])
+    files = {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()}
+
+    result = run("upgrade", "adapter", "--from", INITIAL, code=1)
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"Error: revision {SPLIT} (migrations/versions/{SPLIT}.py): ")
+    assert "map_tensor('transformer.h.1.attn.c_attn.weight', <lambda>)" in error
+    assert "base_model.model.transformer.h.1.attn.c_attn (lora_A/lora_B)" in error
+    assert "drop that adapter module" in error and "merge_and_unload()" in error
+    assert "Traceback" not in result.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()} == files
+
+
+def test_an_op_on_weights_the_adapter_does_not_touch_is_fine(
+    tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_project(tmp_path, [(INITIAL, None, "pass", "pass"), (SPLIT, INITIAL, MAP_UP, "pass")])
+    write_base_schema(tmp_path / "migrations", Schema.from_module(fused()), "GPT-2")
+    save_adapter(trained_fused(), tmp_path / "adapter", target_modules=["c_proj"])
+    before = adapter_tensors(tmp_path / "adapter")
+    run("upgrade", "adapter", "--from", INITIAL)
+    after = adapter_tensors(tmp_path / "adapter")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert stamp_of(tmp_path / "adapter") == SPLIT
