@@ -420,3 +420,281 @@ def test_an_op_on_weights_the_adapter_does_not_touch_is_fine(
     after = adapter_tensors(tmp_path / "adapter")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert stamp_of(tmp_path / "adapter") == SPLIT
+
+
+# --------------------------------------------------------------------------- experts
+
+
+class ExpertList(nn.Module):
+    """Three experts as a ModuleList of Linear layers (each output summed, for the test)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(4, 6, bias=False) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(e(x) for e in self.experts)  # type: ignore[return-value]
+
+
+class Stacked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(3, 6, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("eoi,ni->no", self.w, x)
+
+
+class ExpertStack(nn.Module):
+    """The same experts as one [E, out, in] parameter (PEFT adapts it with target_parameters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = Stacked()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.experts(x)  # type: ignore[no-any-return]
+
+
+STACK_UP = 'op.stack([f"experts.{i}.weight" for i in range(3)], into="experts.w")'
+STACK_DOWN = 'op.unstack("experts.w", into=[f"experts.{i}.weight" for i in range(3)])'
+
+
+def test_experts_stacked_into_a_parameter_adapter_and_back(
+    tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    steps = [(INITIAL, None, "pass", "pass"), (SPLIT, INITIAL, STACK_UP, STACK_DOWN)]
+    write_project(tmp_path, steps)
+    torch.manual_seed(4)
+    base = ExpertList().eval()
+    write_base_schema(tmp_path / "migrations", Schema.from_module(base), "ExpertList")
+    torch.save(base.state_dict(), tmp_path / "base.pt")
+    # experts of different ranks and scales: one rank for the stack, the ratio folded into B
+    save_adapter(
+        base,
+        tmp_path / "adapter",
+        target_modules=["experts.0", "experts.1", "experts.2"],
+        rank_pattern={"experts.1": 3},
+        alpha_pattern={"experts.2": 2},
+    )
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()(x)
+
+    run("upgrade", "adapter", "-o", "stacked")
+    config = adapter_config(tmp_path / "stacked")
+    assert config["target_parameters"] == ["experts.w"]
+    assert config["target_modules"] == []
+    tensors = adapter_tensors(tmp_path / "stacked")
+    # ranks 4, 3 and 4: one rank, 4, for the stack; [E * r, in] and [out, r * E]
+    assert tensors["base_model.model.experts.lora_A.weight"].shape == (12, 4)
+    assert tensors["base_model.model.experts.lora_B.weight"].shape == (6, 12)
+    assert (config["r"], config["lora_alpha"]) == (4, 8)
+
+    run("upgrade", "base.pt", "--from", INITIAL, "-o", "b2.pt")
+    stacked = ExpertStack().eval()
+    stacked.load_state_dict(torch.load(tmp_path / "b2.pt", weights_only=True))
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(stacked, str(tmp_path / "stacked")).eval()(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+    run("downgrade", "stacked", INITIAL, "-o", "unstacked")
+    config = adapter_config(tmp_path / "unstacked")
+    assert config["target_modules"] == ["0", "1", "2"]
+    assert config["target_parameters"] is None
+    fresh = ExpertList().eval()
+    fresh.load_state_dict(torch.load(tmp_path / "base.pt", weights_only=True))
+    with torch.no_grad():
+        again = PeftModel.from_pretrained(fresh, str(tmp_path / "unstacked")).eval()(x)
+    torch.testing.assert_close(again, want, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- where an adapter is
+
+
+def test_current_stamp_and_claims(lineage: Path, run: Run) -> None:
+    save_adapter(trained_fused(), lineage / "adapter", target_modules=["c_attn"])
+    result = run("current", "adapter")
+    assert result.stdout.strip() == f"{INITIAL} (identified by its keys and shapes)"
+    assert "fits base too, which the migrations treat alike" in result.stderr
+
+    result = run("upgrade", "adapter", "--from", SPLIT, code=1)
+    assert result.stderr.strip() == (
+        f"Error: adapter is not at {SPLIT} (--from says so): its modules do not fit the base "
+        "model's schema there (base_model.model.transformer.h.0.attn.c_attn adapts "
+        "transformer.h.0.attn.c_attn.weight, which is no tensor of the model; "
+        "base_model.model.transformer.h.1.attn.c_attn adapts "
+        "transformer.h.1.attn.c_attn.weight, which is no tensor of the model); it fits base, "
+        f"{INITIAL}; pass --from REV (or --force if you are sure)"
+    )
+    assert run("stamp", "adapter", SPLIT, code=1).stderr.startswith(
+        f"Error: adapter is not at {SPLIT} (stamp says so)"
+    )
+    run("stamp", "adapter", INITIAL)
+    assert stamp_of(lineage / "adapter") == INITIAL
+    assert run("current", "adapter").stdout.strip() == INITIAL
+    run("upgrade", "adapter")
+    assert run("current", "adapter").stdout.strip() == f"{SPLIT} (head)"
+    assert adapter_config(lineage / "adapter")["target_modules"] == ["k", "q", "v"]
+
+
+def test_dry_run_shows_the_plan_and_writes_nothing(lineage: Path, run: Run) -> None:
+    save_adapter(trained_fused(), lineage / "adapter", target_modules=["c_attn"])
+    files = {p.name: p.read_bytes() for p in (lineage / "adapter").iterdir()}
+    out = run("upgrade", "adapter", "--dry-run").stdout
+    assert out.startswith(f"Plan for adapter: {INITIAL} -> {SPLIT}, 1 step (dry run")
+    assert (
+        f"Adapter, upgrade {SPLIT}: base_model.model.transformer.h.0.attn.c_attn -> "
+        "transformer.h.0.attn.c_attn.k.weight (rank 4)"
+    ) in out
+    assert "adapter_config.json: target_modules: ['c_attn'] -> ['k', 'q', 'v']" in out
+    assert "adapter_config.json: fan_in_fan_out: True -> False" in out
+    assert {p.name: p.read_bytes() for p in (lineage / "adapter").iterdir()} == files
+
+
+def test_an_adapter_needs_the_base_schema(lineage: Path, run: Run) -> None:
+    save_adapter(trained_fused(), lineage / "adapter", target_modules=["c_attn"])
+    (lineage / "migrations" / "base_schema.txt").unlink()
+    error = run("upgrade", "adapter", "--from", INITIAL, code=1).stderr.strip()
+    assert error.startswith("Error: no base schema recorded for this lineage")
+    assert "migrating a PEFT adapter runs the lineage on its base model's schema" in error
+
+
+def test_not_an_adapter_of_this_model(lineage: Path, run: Run) -> None:
+    save_adapter(Small(), lineage / "adapter", target_modules=["proj"])
+    error = run("upgrade", "adapter", code=1).stderr.strip()
+    assert error.startswith(
+        "Error: adapter has no stamp, and its modules fit the base model at no revision"
+    )
+    assert "base_model.model.proj adapts proj.weight, which is no tensor of the model" in error
+
+
+# --------------------------------------------------------------------------- kinds of adapters
+
+
+@pytest.mark.parametrize("kind", ["dora", "lora_bias"])
+def test_dora_and_lora_bias_follow_the_split(lineage: Path, run: Run, kind: str) -> None:
+    options = {"use_dora": True} if kind == "dora" else {"lora_bias": True}
+    base = trained_fused()
+    save_adapter(base, lineage / "adapter", target_modules=["c_attn"], **options)
+    run("upgrade", "adapter", "-o", "adapter2")
+    tensors = adapter_tensors(lineage / "adapter2")
+    name = "lora_magnitude_vector" if kind == "dora" else "lora_B.bias"
+    assert tensors[f"base_model.model.transformer.h.0.attn.c_attn.q.{name}"].shape == (32,)
+    old = PeftModel.from_pretrained(base, str(lineage / "adapter")).eval()
+    new_base = split()
+    new_base.load_state_dict(migrated_base(run, trained_fused(), lineage))
+    new = PeftModel.from_pretrained(new_base, str(lineage / "adapter2")).eval()
+    torch.testing.assert_close(logits(new, TOKENS), logits(old, TOKENS), atol=1e-5, rtol=0)
+
+
+class SmallBig(Small):
+    """Small with a vocabulary of 25 (the first 20 entries as before)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(25, 8)
+
+
+def test_a_grown_vocabulary_pads_the_embedding_adapter(
+    tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    grow = 'op.resize("emb.weight", (25, 8))'
+    shrink = 'op.resize("emb.weight", (20, 8), intended=True)'
+    write_project(tmp_path, [(INITIAL, None, "pass", "pass"), (SPLIT, INITIAL, grow, shrink)])
+    torch.manual_seed(5)
+    base = Small().eval()
+    write_base_schema(tmp_path / "migrations", Schema.from_module(base), "Small")
+    torch.save(base.state_dict(), tmp_path / "base.pt")
+    save_adapter(base, tmp_path / "adapter", target_modules=["emb"])
+    tokens = torch.randint(0, 20, (4, 6))
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()(tokens)
+    run("upgrade", "adapter", "-o", "big")
+    a = adapter_tensors(tmp_path / "big")["base_model.model.emb.lora_embedding_A"]
+    assert a.shape == (4, 25) and torch.count_nonzero(a[:, 20:]) == 0
+    run("upgrade", "base.pt", "--from", INITIAL, "-o", "b2.pt")
+    big = SmallBig().eval()
+    big.load_state_dict(torch.load(tmp_path / "b2.pt", weights_only=True))
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(big, str(tmp_path / "big")).eval()(tokens)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    error = run("downgrade", "big", INITIAL, code=1).stderr
+    assert "shrinks dim 0 from 25 to 20" in error
+
+
+def test_a_bin_adapter_stays_a_bin_adapter(
+    tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_project(
+        tmp_path, [(INITIAL, None, "pass", "pass"), (SPLIT, INITIAL, RENAME_UP, RENAME_DOWN)]
+    )
+    base = Small().eval()
+    write_base_schema(tmp_path / "migrations", Schema.from_module(base), "Small")
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False))
+    model.save_pretrained(str(tmp_path / "adapter"), safe_serialization=False)
+    before = torch.load(tmp_path / "adapter" / "adapter_model.bin", weights_only=True)
+    run("upgrade", "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.bin",
+    ]
+    after = torch.load(tmp_path / "adapter" / "adapter_model.bin", weights_only=True)
+    assert after._metadata[""]["ckptmigrate.revision"] == SPLIT
+    for key, value in before.items():
+        assert torch.equal(after[key.replace(".proj.", ".mix.")], value)
+    assert run("current", "adapter").stdout.strip() == f"{SPLIT} (head)"
+
+
+# --------------------------------------------------------------------------- Python
+
+
+def test_the_python_api_takes_adapter_folders(lineage: Path) -> None:
+    import ckptmigrate
+
+    save_adapter(trained_fused(), lineage / "adapter", target_modules=["c_attn"])
+    result = ckptmigrate.upgrade("adapter", location="migrations", output="adapter2")
+    assert (result.from_revisions, result.to_revisions) == ((INITIAL,), (SPLIT,))
+    assert ckptmigrate.current("adapter2", location="migrations") == (SPLIT,)
+    ckptmigrate.downgrade("adapter2", INITIAL, location="migrations")
+    assert adapter_config(lineage / "adapter2")["target_modules"] == ["c_attn"]
+
+
+VERSIONED = """\
+import ckptmigrate
+from tests.test_peft import SplitGPT2
+
+
+@ckptmigrate.versioned("migrations")
+class VersionedSplit(SplitGPT2):
+    pass
+"""
+
+
+def test_from_pretrained_migrates_an_old_adapter_for_a_versioned_base(
+    lineage: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from ckptmigrate.integration.peft import from_pretrained
+
+    base = trained_fused()
+    torch.save(base.state_dict(), lineage / "base.pt")
+    save_adapter(base, lineage / "adapter", target_modules=["c_attn"])
+    files = {p.name: p.read_bytes() for p in (lineage / "adapter").iterdir()}
+    (lineage / "versioned_split.py").write_text(VERSIONED)
+    monkeypatch.syspath_prepend(str(lineage))
+    from versioned_split import VersionedSplit  # type: ignore[import-not-found]
+
+    model = VersionedSplit(GPT2Config(**GPT2)).eval()
+    with caplog.at_level(logging.INFO, logger="ckptmigrate"):
+        model.load_state_dict(torch.load(lineage / "base.pt", weights_only=True))  # upgraded
+        peft_model = from_pretrained(model, lineage / "adapter").eval()
+    assert f"migrated the adapter {lineage / 'adapter'} from {INITIAL} to {SPLIT}" in caplog.text
+    want = logits(PeftModel.from_pretrained(trained_fused(), str(lineage / "adapter")), TOKENS)
+    torch.testing.assert_close(logits(peft_model, TOKENS), want, atol=1e-5, rtol=0)
+    assert {p.name: p.read_bytes() for p in (lineage / "adapter").iterdir()} == files

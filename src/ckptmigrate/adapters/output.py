@@ -268,7 +268,9 @@ def _names(
 ) -> None:
     """A list naming exactly ``wanted`` among ``pool``: the old one, short names, or full ones."""
     everything = set(pool)
-    if not wanted and not old:
+    if not wanted:
+        if old:  # nothing left to name: PEFT's own default
+            new[field_name] = None
         return
     for names in (list(old), sorted({short(w) for w in wanted}), sorted(wanted)):
         if exact(names, everything, wanted):
