@@ -103,8 +103,8 @@ def build_output(
         )
     _ranks(new, config, modules, rslora=rslora)
     linear = [m.delta.transposed for m in modules if not m.parameter and m.delta.kind != EMBEDDING]
-    if linear and len(set(linear)) == 1:
-        new["fan_in_fan_out"] = linear[0]
+    if len(set(linear)) == 1 and linear[0] != config.fan_in_fan_out:
+        new["fan_in_fan_out"] = linear[0]  # mixed: PEFT sets it per module from its type
     changes = [
         f"{name}: {_show(config.raw.get(name))} -> {_show(new.get(name))}"
         for name in new

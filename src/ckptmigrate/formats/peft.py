@@ -74,7 +74,7 @@ class AdapterCheckpoint(Checkpoint):
 class PeftFormat:
     """A PEFT adapter folder; written only from an adapter, as a folder again."""
 
-    name: ClassVar[str] = "PEFT adapter"
+    name: ClassVar[str] = "peft"
     suffixes: ClassVar[tuple[str, ...]] = ()
     holds_only_tensors: ClassVar[bool] = True
     keeps_wrapper_prefix: ClassVar[bool] = False
