@@ -698,3 +698,15 @@ def test_from_pretrained_migrates_an_old_adapter_for_a_versioned_base(
     want = logits(PeftModel.from_pretrained(trained_fused(), str(lineage / "adapter")), TOKENS)
     torch.testing.assert_close(logits(peft_model, TOKENS), want, atol=1e-5, rtol=0)
     assert {p.name: p.read_bytes() for p in (lineage / "adapter").iterdir()} == files
+
+
+def test_diff_and_schema_record_refuse_an_adapter(lineage: Path, run: Run) -> None:
+    save_adapter(trained_fused(), lineage / "adapter", target_modules=["c_attn"])
+    error = run("diff", "adapter", code=1).stderr.strip()
+    assert error == (
+        "Error: adapter is a PEFT adapter: diff compares a model's checkpoint with the model; "
+        "'ckptmigrate current adapter' says which revision it is at, and 'ckptmigrate upgrade "
+        "adapter --dry-run' what upgrading does to it"
+    )
+    error = run("schema", "--record", "adapter", "--from", INITIAL, code=1).stderr
+    assert "adapter is a PEFT adapter, which holds only part of its base model" in error

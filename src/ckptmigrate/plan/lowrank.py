@@ -344,10 +344,40 @@ class LowRank:
             return "batch"
         return ("in", "out")[d] if self.transposed else ("out", "in")[d]
 
+    # the dims of a, b and the per-output vectors that the sides are
+    def _rows(self) -> int:  # of b: the output features
+        return self.batch
+
+    def _cols(self) -> int:  # of a: the input features
+        return self.batch + 1
+
+    def _mapped(
+        self,
+        a: Callable[[Node], Node] | None = None,
+        b: Callable[[Node], Node] | None = None,
+        vectors: Callable[[Node], Node] | None = None,
+        **changes: Any,
+    ) -> LowRank:
+        """This delta with ``a``, ``b`` and the per-output vectors transformed (None: kept)."""
+        return replace(
+            self,
+            a=a(self.a) if a else self.a,
+            b=b(self.b) if b else self.b,
+            magnitude=_opt(self.magnitude, vectors) if vectors else self.magnitude,
+            bias=_opt(self.bias, vectors) if vectors else self.bias,
+            **changes,
+        )
+
     def _linear(self, what: str) -> None:
         if self.kind == CONV:
             raise NoExactCounterpart(
                 f"a convolution's adapter follows renames, drops and casts only, not {what}"
+            )
+
+    def _no_dora(self, what: str) -> None:
+        if self.magnitude is not None:
+            raise NoExactCounterpart(
+                f"DoRA's magnitude is the norm of each output row, which {what} changes"
             )
 
     # ------------------------------------------------------------------ one delta
@@ -356,25 +386,18 @@ class LowRank:
         """The delta of a slice of the base weight (a part of a split)."""
         side = self.side(dim)
         if side == "batch":
-            return replace(
-                self,
-                a=narrow(self.a, dim, start, length),
-                b=narrow(self.b, dim, start, length),
-                magnitude=_opt(self.magnitude, lambda m: narrow(m, dim, start, length)),
-                bias=_opt(self.bias, lambda m: narrow(m, dim, start, length)),
-            )
+
+            def cut(n: Node) -> Node:
+                return narrow(n, dim, start, length)
+
+            return self._mapped(cut, cut, cut)
         if side == "out":
-            out = len(_spec(self.b).shape) - 2
-            vec = self.batch
-            return replace(
-                self,
-                b=narrow(self.b, out, start, length),
-                magnitude=_opt(self.magnitude, lambda m: narrow(m, vec, start, length)),
-                bias=_opt(self.bias, lambda m: narrow(m, vec, start, length)),
+            return self._mapped(
+                b=lambda n: narrow(n, self._rows(), start, length),
+                vectors=lambda n: narrow(n, self._rows(), start, length),
             )
         self._no_dora("a cut along its input dim")
-        inp = len(_spec(self.a).shape) - 1
-        return replace(self, a=narrow(self.a, inp, start, length))
+        return self._mapped(a=lambda n: narrow(n, self._cols(), start, length))
 
     def select(self, dim: int, index: int) -> LowRank:
         """The delta of one entry along a batch dim (one expert of an unstack)."""
@@ -382,47 +405,38 @@ class LowRank:
             raise NoExactCounterpart(
                 "unstacking along a dim of the weight matrix itself splits the factors' product"
             )
-        return replace(
-            self,
-            a=select(self.a, dim, index),
-            b=select(self.b, dim, index),
-            magnitude=_opt(self.magnitude, lambda m: select(m, dim, index)),
-            bias=_opt(self.bias, lambda m: select(m, dim, index)),
-        )
+
+        def one(n: Node) -> Node:
+            return select(n, dim, index)
+
+        return self._mapped(one, one, one)
 
     def grow(self, dim: int, size: int) -> LowRank:
         """The delta of the base weight grown along ``dim``: the new part gets no delta (zeros)."""
         side = self.side(dim)
         if side == "batch":
-            return replace(
-                self,
-                a=pad(self.a, dim, size),
-                b=pad(self.b, dim, size),
-                magnitude=_opt(self.magnitude, lambda m: pad(m, dim, size)),
-                bias=_opt(self.bias, lambda m: pad(m, dim, size)),
-            )
+
+            def grown(n: Node) -> Node:
+                return pad(n, dim, size)
+
+            return self._mapped(grown, grown, grown)
         self._no_dora("growing the weight (its new rows or columns change the norms)")
         if side == "out":
-            return replace(
-                self,
-                b=pad(self.b, len(_spec(self.b).shape) - 2, size),
-                bias=_opt(self.bias, lambda m: pad(m, self.batch, size)),
+            return self._mapped(
+                b=lambda n: pad(n, self._rows(), size), vectors=lambda n: pad(n, self._rows(), size)
             )
-        return replace(self, a=pad(self.a, len(_spec(self.a).shape) - 1, size))
+        return self._mapped(a=lambda n: pad(n, self._cols(), size))
 
     def transpose(self, dim0: int, dim1: int) -> LowRank:
         """The delta of the base weight with two dims swapped."""
         sides = {self.side(dim0), self.side(dim1)}
         if sides == {"batch"}:
-            dims = list(range(len(_spec(self.a).shape)))
+            dims = list(range(self.batch + 2))
             dims[dim0], dims[dim1] = dims[dim1], dims[dim0]
-            vec = dims[:-1]
-            return replace(
-                self,
-                a=permute(self.a, dims),
-                b=permute(self.b, dims),
-                magnitude=_opt(self.magnitude, lambda m: permute(m, vec)),
-                bias=_opt(self.bias, lambda m: permute(m, vec)),
+            return self._mapped(
+                lambda n: permute(n, dims),
+                lambda n: permute(n, dims),
+                lambda n: permute(n, dims[:-1]),
             )
         if sides != {"out", "in"}:
             raise NoExactCounterpart(
@@ -449,12 +463,10 @@ class LowRank:
         out = self
         if head != list(range(n)):
             order = [*head, n, n + 1]
-            out = replace(
-                out,
-                a=permute(out.a, order),
-                b=permute(out.b, order),
-                magnitude=_opt(out.magnitude, lambda m: permute(m, [*head, n])),
-                bias=_opt(out.bias, lambda m: permute(m, [*head, n])),
+            out = out._mapped(
+                lambda x: permute(x, order),
+                lambda x: permute(x, order),
+                lambda x: permute(x, [*head, n]),
             )
         if tail == [n + 1, n]:
             out = out.transpose(n, n + 1)
@@ -465,13 +477,11 @@ class LowRank:
             raise NoExactCounterpart(
                 f"casting the base weight to {dtype} leaves no floating factors to add"
             )
-        return replace(
-            self,
-            a=cast(self.a, dtype),
-            b=cast(self.b, dtype),
-            magnitude=_opt(self.magnitude, lambda m: cast(m, dtype)),
-            bias=_opt(self.bias, lambda m: cast(m, dtype)),
-        )
+
+        def to(n: Node) -> Node:
+            return cast(n, dtype)
+
+        return self._mapped(to, to, to)
 
     def rescaled(self, scale: Scale) -> LowRank:
         """The same delta with ``scale``: the ratio is folded into ``b`` (and the bias)."""
@@ -507,16 +517,23 @@ class LowRank:
         """The same delta at a higher rank (zero rows in ``a``, zero columns in ``b``)."""
         if rank == self.rank:
             return self
-        a, b = _spec(self.a), _spec(self.b)
-        return replace(
-            self, a=pad(self.a, len(a.shape) - 2, rank), b=pad(self.b, len(b.shape) - 1, rank)
+        return self._mapped(
+            a=lambda n: pad(n, self.batch, rank), b=lambda n: pad(n, self.batch + 1, rank)
         )
 
-    def _no_dora(self, what: str) -> None:
-        if self.magnitude is not None:
-            raise NoExactCounterpart(
-                f"DoRA's magnitude is the norm of each output row, which {what} changes"
-            )
+    def zero_like(self, weight: TensorSpec) -> LowRank:
+        """A delta of zeros at this rank for another base weight of shape ``weight``."""
+        batch, (d0, d1) = weight.shape[: self.batch], weight.shape[self.batch :]
+        out, inp = (d1, d0) if self.transposed else (d0, d1)
+        dtype = self.dtype
+        return replace(
+            self,
+            a=zeros((*batch, self.rank, inp), dtype),
+            b=zeros((*batch, out, self.rank), dtype),
+            magnitude=None,
+            bias=zeros((*batch, out), dtype) if self.bias is not None else None,
+            origin=(),
+        )
 
     # ------------------------------------------------------------------ several deltas
 
@@ -524,12 +541,10 @@ class LowRank:
     def _aligned(parts: Sequence[LowRank | None]) -> tuple[list[LowRank | None], LowRank]:
         """The parts stored like the first one present, and that one."""
         first = next(p for p in parts if p is not None)
-        kinds = {p.kind for p in parts if p is not None}
+        kinds = sorted({p.kind for p in parts if p is not None})
         if len(kinds) > 1:
             raise NoExactCounterpart(
-                "it joins the adapters of different kinds of modules ("
-                + ", ".join(sorted(kinds))
-                + ")"
+                f"it joins the adapters of different kinds of modules ({', '.join(kinds)})"
             )
         first._linear("a join")
         aligned = [
@@ -544,90 +559,88 @@ class LowRank:
         """The delta of base weights joined along ``dim``; a None part has no delta (zeros)."""
         aligned, first = LowRank._aligned(parts)
         side = first.side(dim)
+        if side == "batch":
+            return LowRank._experts(aligned, inputs, dim, new_dim=False)
         sizes = [spec.shape[dim] for spec in inputs]
         present = [p for p in aligned if p is not None]
-        if side == "batch":
-            return LowRank._join_batch(aligned, inputs, first, lambda nodes, d: nodes, dim)
         if len(present) == len(parts):
-            shared = LowRank._shared(present, side)
+            shared = LowRank._shared(present, sizes, side)
             if shared is not None:
-                return shared(sizes)
+                return shared
         return LowRank._block(aligned, first, sizes, side)
 
     @staticmethod
-    def _shared(present: list[LowRank], side: str) -> Callable[[Sequence[int]], LowRank] | None:
-        """Parts cut from one delta, put back together: the other factor stays, rank stays."""
+    def _shared(present: list[LowRank], sizes: Sequence[int], side: str) -> LowRank | None:
+        """Parts cut from one delta put back together: the other factor and the rank stay."""
         first = present[0]
         keep = "a" if side == "out" else "b"
-        if any(
-            getattr(p, keep) is not getattr(first, keep) or p.scale != first.scale for p in present
-        ):
+        if any(getattr(p, keep) is not getattr(first, keep) for p in present):
             return None
-        if side == "in" and any(p.bias is not first.bias for p in present):
+        if any(p.scale != first.scale for p in present):
             return None
-
-        def joined(sizes: Sequence[int]) -> LowRank:
-            if side == "out":
-                b = join([p.b for p in present], sizes, len(_spec(first.b).shape) - 2, first.b)
-                return replace(
-                    first,
-                    b=b,
-                    magnitude=_join_vectors(
-                        [p.magnitude for p in present], sizes, first, "magnitude"
-                    ),
-                    bias=_join_vectors([p.bias for p in present], sizes, first, "bias"),
-                    origin=_origins(present),
-                )
-            a = join([p.a for p in present], sizes, len(_spec(first.a).shape) - 1, first.a)
-            return replace(first, a=a, origin=_origins(present))
-
-        return joined
+        origin = _origins(present)
+        if side == "out":
+            rows = first._rows()
+            return replace(
+                first,
+                b=join([p.b for p in present], sizes, rows, first.b),
+                magnitude=_join_vectors([p.magnitude for p in present], sizes, first),
+                bias=_join_vectors([p.bias for p in present], sizes, first),
+                origin=origin,
+            )
+        if any(p.bias is not first.bias for p in present):
+            return None
+        return replace(
+            first, a=join([p.a for p in present], sizes, first._cols(), first.a), origin=origin
+        )
 
     @staticmethod
     def _block(
         aligned: list[LowRank | None], first: LowRank, sizes: Sequence[int], side: str
     ) -> LowRank:
         """Independent deltas joined: the summed rank, one factor block-diagonal."""
-        present = [p.rescaled(first.scale) for p in aligned if p is not None]
-        ranks = [p.rank if p is not None else 0 for p in aligned]
-        total = sum(ranks)
+        parts = [p.rescaled(first.scale) if p is not None else None for p in aligned]
+        present = [p for p in parts if p is not None]
         a0, b0 = _spec(first.a), _spec(first.b)
         batch = list(a0.shape[:-2])
-        nb = len(batch)
+        lead = [0] * len(batch)
         blocks: list[tuple[Node, list[int]]] = []
-        stacked: list[tuple[Node, list[int]]] = []
-        row = col = 0
-        it = iter(present)
-        for part, rank, size in zip(aligned, ranks, sizes):
+        beside: list[tuple[Node, list[int]]] = []
+        at = rank = 0  # offsets along the joined dim and along the rank
+        for part, size in zip(parts, sizes):
             if part is not None:
-                p = next(it)
-                if side == "out":  # b block-diagonal [out, R], a stacked [R, in]
-                    blocks.append((p.b, [0] * nb + [row, col]))
-                    stacked.append((p.a, [0] * nb + [col, 0]))
-                else:  # a block-diagonal [R, in], b side by side [out, R]
-                    blocks.append((p.a, [0] * nb + [col, row]))
-                    stacked.append((p.b, [0] * nb + [0, col]))
-            row += size
-            col += rank
+                if side == "out":  # b block-diagonal [out, R], the a's stacked [R, in]
+                    blocks.append((part.b, [*lead, at, rank]))
+                    beside.append((part.a, [*lead, rank, 0]))
+                else:  # a block-diagonal [R, in], the b's side by side [out, R]
+                    blocks.append((part.a, [*lead, rank, at]))
+                    beside.append((part.b, [*lead, 0, rank]))
+                rank += part.rank
+            at += size
         dtype = first.dtype
         if side == "out":
-            b = place(blocks, [*batch, row, total], dtype)
-            a = place(stacked, [*batch, total, a0.shape[-1]], dtype)
-            mags = [p.magnitude if p is not None else None for p in aligned]
-            biases = [p.rescaled(first.scale).bias if p is not None else None for p in aligned]
-            magnitude = _join_vectors(mags, sizes, first, "magnitude")
-            bias = _join_vectors(biases, sizes, first, "bias")
-        else:
-            if any(p.magnitude is not None for p in present):
-                first._no_dora("joining along the input dim")
-            if any(p.bias is not None for p in present):
-                raise NoExactCounterpart(
-                    "the adapters' own biases would add up in one output (lora_bias)"
-                )
-            a = place(blocks, [*batch, total, row], dtype)
-            b = place(stacked, [*batch, b0.shape[-2], total], dtype)
-            magnitude = bias = None
-        return replace(first, a=a, b=b, magnitude=magnitude, bias=bias, origin=_origins(present))
+            return replace(
+                first,
+                b=place(blocks, [*batch, at, rank], dtype),
+                a=place(beside, [*batch, rank, a0.shape[-1]], dtype),
+                magnitude=_join_vectors(
+                    [p.magnitude if p is not None else None for p in parts], sizes, first
+                ),
+                bias=_join_vectors(
+                    [p.bias if p is not None else None for p in parts], sizes, first
+                ),
+                origin=_origins(present),
+            )
+        for p in present:
+            p._no_dora("joining along the input dim")
+        if any(p.bias is not None for p in present):
+            raise NoExactCounterpart("the adapters' own biases would add up in one output")
+        return replace(
+            first,
+            a=place(blocks, [*batch, rank, at], dtype),
+            b=place(beside, [*batch, b0.shape[-2], rank], dtype),
+            origin=_origins(present),
+        )
 
     @staticmethod
     def stack(parts: Sequence[LowRank | None], inputs: Sequence[TensorSpec], dim: int) -> LowRank:
@@ -637,86 +650,48 @@ class LowRank:
             raise NoExactCounterpart(
                 "stacking along a dim inside the weight matrix is not a stack of factor pairs"
             )
-        return LowRank._join_batch(aligned, inputs, first, stack, dim)
+        return LowRank._experts(aligned, inputs, dim, new_dim=True)
 
     @staticmethod
-    def _join_batch(
-        aligned: list[LowRank | None],
-        inputs: Sequence[TensorSpec],
-        first: LowRank,
-        how: Any,
-        dim: int,
+    def _experts(
+        aligned: list[LowRank | None], inputs: Sequence[TensorSpec], dim: int, *, new_dim: bool
     ) -> LowRank:
-        """Deltas joined along an expert dim: one rank for all (zero-padded), one scale."""
+        """Deltas joined along an expert dim (a new one: stacked): one rank, one scale.
+
+        A lower rank is padded with zeros, a weight without a delta gets zero
+        factors; DoRA's magnitudes only join where every part has one.
+        """
+        first = next(p for p in aligned if p is not None)
         rank = max(p.rank for p in aligned if p is not None)
         like = first.padded_rank(rank)
-        done = [
-            p.rescaled(first.scale).padded_rank(rank) if p is not None else None for p in aligned
+        parts = [
+            p.rescaled(first.scale).padded_rank(rank) if p is not None else like.zero_like(spec)
+            for p, spec in zip(aligned, inputs)
         ]
-        if any(p is not None and p.magnitude is not None for p in done) and None in done:
-            raise NoExactCounterpart("a base weight without the adapter has no DoRA magnitude")
-
-        def filled(node_of: Any, spec_of: Any) -> list[Node]:
-            out = []
-            for p, spec in zip(done, inputs):
-                if p is not None:
-                    out.append(node_of(p))
-                else:
-                    out.append(zeros(spec_of(spec), like.dtype))
-            return out
-
-        a_spec, b_spec = _spec(like.a), _spec(like.b)
-
-        def a_shape(spec: TensorSpec) -> tuple[int, ...]:
-            return LowRank._factor_shape(spec, like, a_spec, "a")
-
-        def b_shape(spec: TensorSpec) -> tuple[int, ...]:
-            return LowRank._factor_shape(spec, like, b_spec, "b")
-
-        a_nodes = filled(lambda p: p.a, a_shape)
-        b_nodes = filled(lambda p: p.b, b_shape)
-        if how is stack:
-            a, b = stack(a_nodes, dim), stack(b_nodes, dim)
-        else:
-            a = join(a_nodes, [s.shape[dim] for s in inputs], dim, a_nodes[0])
-            b = join(b_nodes, [s.shape[dim] for s in inputs], dim, b_nodes[0])
-        vectors: dict[str, Node | None] = {}
-        for name in ("magnitude", "bias"):
-            nodes = [getattr(p, name) if p is not None else None for p in done]
-            if all(n is None for n in nodes):
-                vectors[name] = None
-                continue
-            if name == "magnitude" and None in nodes:
-                raise NoExactCounterpart("only some of the joined adapters use DoRA")
-            vec = [
-                n if n is not None else zeros(b_shape(spec)[:-1], like.dtype)
-                for n, spec in zip(nodes, inputs)
-            ]
-            vectors[name] = (
-                stack(vec, dim)
-                if how is stack
-                else join(vec, [s.shape[dim] for s in inputs], dim, vec[0])
+        mags = [p.magnitude for p in parts]
+        if any(m is not None for m in mags) and any(m is None for m in mags):
+            raise NoExactCounterpart(
+                "DoRA's magnitude of a weight without the adapter is the norm of base values "
+                "the adapter does not hold"
             )
-        present = [p for p in done if p is not None]
+
+        def joined(nodes: list[Node]) -> Node:
+            if new_dim:
+                return stack(nodes, dim)
+            return join(nodes, [s.shape[dim] for s in inputs], dim, nodes[0])
+
+        def vector(nodes: list[Node | None]) -> Node | None:
+            present = [n for n in nodes if n is not None]
+            return joined(present) if len(present) == len(nodes) else None
+
         return replace(
             like,
-            a=a,
-            b=b,
-            magnitude=vectors["magnitude"],
-            bias=vectors["bias"],
-            origin=_origins(present),
+            a=joined([p.a for p in parts]),
+            b=joined([p.b for p in parts]),
+            magnitude=vector(mags),
+            bias=vector([p.bias for p in parts]),
+            origin=_origins([p for p in aligned if p is not None]),
         )
-
-    @staticmethod
-    def _factor_shape(
-        spec: TensorSpec, like: LowRank, factor: TensorSpec, which: str
-    ) -> tuple[int, ...]:
-        """The shape factor ``which`` of a zero delta for a base weight of ``spec`` would have."""
-        n = like.batch
-        batch = spec.shape[:n]
-        mat = spec.shape[n:]
-        out, inp = (mat[1], mat[0]) if like.transposed else (mat[0], mat[1])
-        return (*batch, like.rank, inp) if which == "a" else (*batch, out, like.rank)
 
 
 def _opt(node: Node | None, fn: Any) -> Node | None:
@@ -728,12 +703,12 @@ def _origins(parts: Sequence[LowRank]) -> tuple[str, ...]:
 
 
 def _join_vectors(
-    nodes: Sequence[Node | None], sizes: Sequence[int], first: LowRank, what: str
+    nodes: Sequence[Node | None], sizes: Sequence[int], first: LowRank
 ) -> Node | None:
-    """Per-output vectors (DoRA magnitudes, biases) side by side; a missing one is zeros."""
+    """Per-output vectors (DoRA magnitudes, biases) side by side; a missing bias is zeros."""
     if all(n is None for n in nodes):
         return None
-    if what == "magnitude" and any(n is None for n in nodes):
+    if first.magnitude is not None and any(n is None for n in nodes):
         raise NoExactCounterpart(
             "DoRA's magnitude of the rows without the adapter is the norm of base values "
             "the adapter does not hold"
