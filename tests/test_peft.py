@@ -100,15 +100,19 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+def two_revisions(root: Path, base: nn.Module, up: str, down: str = "pass") -> None:
+    """INITIAL (``base`` as saved; its schema recorded, its weights in base.pt) -> SPLIT."""
+    write_project(root, [(INITIAL, None, "pass", "pass"), (SPLIT, INITIAL, up, down)])
+    write_base_schema(root / "migrations", Schema.from_module(base), type(base).__name__)
+    torch.save(base.state_dict(), root / "base.pt")
+
+
 @pytest.fixture
 def lineage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """INITIAL (GPT-2 as saved) -> SPLIT (q/k/v Linear); the base schema recorded."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    write_project(
-        tmp_path, [(INITIAL, None, "pass", "pass"), (SPLIT, INITIAL, SPLIT_UP, SPLIT_DOWN)]
-    )
-    write_base_schema(tmp_path / "migrations", Schema.from_module(fused()), "GPT-2")
+    two_revisions(tmp_path, fused(), SPLIT_UP, SPLIT_DOWN)
     return tmp_path
 
 
@@ -333,12 +337,9 @@ def test_renames_carry_the_adapter_bit_for_bit(
     tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    steps = [(INITIAL, None, "pass", "pass"), (SPLIT, INITIAL, RENAME_UP, RENAME_DOWN)]
-    write_project(tmp_path, steps)
     torch.manual_seed(3)
     base = Small().eval()
-    write_base_schema(tmp_path / "migrations", Schema.from_module(base), "Small")
-    torch.save(base.state_dict(), tmp_path / "base.pt")
+    two_revisions(tmp_path, base, RENAME_UP, RENAME_DOWN)
     save_adapter(
         base, tmp_path / "adapter", target_modules=["emb", "proj"], modules_to_save=["norm"]
     )
@@ -393,8 +394,7 @@ def test_an_op_without_exact_counterpart_is_refused(
     tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    write_project(tmp_path, [(INITIAL, None, "pass", "pass"), (SPLIT, INITIAL, MAP_UP, "pass")])
-    write_base_schema(tmp_path / "migrations", Schema.from_module(fused()), "GPT-2")
+    two_revisions(tmp_path, fused(), MAP_UP)
     save_adapter(trained_fused(), tmp_path / "adapter", target_modules=["c_attn"])
     files = {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()}
 
@@ -412,8 +412,7 @@ def test_an_op_on_weights_the_adapter_does_not_touch_is_fine(
     tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    write_project(tmp_path, [(INITIAL, None, "pass", "pass"), (SPLIT, INITIAL, MAP_UP, "pass")])
-    write_base_schema(tmp_path / "migrations", Schema.from_module(fused()), "GPT-2")
+    two_revisions(tmp_path, fused(), MAP_UP)
     save_adapter(trained_fused(), tmp_path / "adapter", target_modules=["c_proj"])
     before = adapter_tensors(tmp_path / "adapter")
     run("upgrade", "adapter", "--from", INITIAL)
@@ -464,12 +463,9 @@ def test_experts_stacked_into_a_parameter_adapter_and_back(
     tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    steps = [(INITIAL, None, "pass", "pass"), (SPLIT, INITIAL, STACK_UP, STACK_DOWN)]
-    write_project(tmp_path, steps)
     torch.manual_seed(4)
     base = ExpertList().eval()
-    write_base_schema(tmp_path / "migrations", Schema.from_module(base), "ExpertList")
-    torch.save(base.state_dict(), tmp_path / "base.pt")
+    two_revisions(tmp_path, base, STACK_UP, STACK_DOWN)
     # experts of different ranks and scales: one rank for the stack, the ratio folded into B
     save_adapter(
         base,
@@ -601,13 +597,10 @@ def test_a_grown_vocabulary_pads_the_embedding_adapter(
     tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    grow = 'op.resize("emb.weight", (25, 8))'
-    shrink = 'op.resize("emb.weight", (20, 8), intended=True)'
-    write_project(tmp_path, [(INITIAL, None, "pass", "pass"), (SPLIT, INITIAL, grow, shrink)])
     torch.manual_seed(5)
     base = Small().eval()
-    write_base_schema(tmp_path / "migrations", Schema.from_module(base), "Small")
-    torch.save(base.state_dict(), tmp_path / "base.pt")
+    grow = 'op.resize("emb.weight", (25, 8))'
+    two_revisions(tmp_path, base, grow, 'op.resize("emb.weight", (20, 8), intended=True)')
     save_adapter(base, tmp_path / "adapter", target_modules=["emb"])
     tokens = torch.randint(0, 20, (4, 6))
     with torch.no_grad():
@@ -629,11 +622,8 @@ def test_a_bin_adapter_stays_a_bin_adapter(
     tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    write_project(
-        tmp_path, [(INITIAL, None, "pass", "pass"), (SPLIT, INITIAL, RENAME_UP, RENAME_DOWN)]
-    )
     base = Small().eval()
-    write_base_schema(tmp_path / "migrations", Schema.from_module(base), "Small")
+    two_revisions(tmp_path, base, RENAME_UP, RENAME_DOWN)
     model = get_peft_model(base, LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False))
     model.save_pretrained(str(tmp_path / "adapter"), safe_serialization=False)
     before = torch.load(tmp_path / "adapter" / "adapter_model.bin", weights_only=True)

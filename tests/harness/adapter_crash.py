@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tests.harness.common import quiet_fds, write_project
+from tests.harness.common import cli_child, write_project
 
 from ckptmigrate.cli import main as cli_main
 from ckptmigrate.schema import Schema, write_base_schema
@@ -71,23 +71,10 @@ def leftovers(folder: Path) -> list[str]:
     return [p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}.")]
 
 
-def _child(argv: list[str]) -> None:
-    quiet_fds()
-    code = 1
-    try:
-        cli_main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        code = 99
-    os._exit(code)
-
-
 def _fork(argv: list[str]) -> int:
     pid = os.fork()
     if pid == 0:
-        _child(argv)
+        cli_child(argv)
     return pid
 
 

@@ -88,7 +88,7 @@ def migrate(
     """Bring the adapter to ``target`` along its base model's lineage."""
     from ..plan.state import PlanState
     from ..runtime.migration import heads_after
-    from ..runtime.report import MigrationResult, done_line, print_plan
+    from ..runtime.report import done_line, print_plan
     from ..runtime.route import steps_to
     from ..runtime.symbolic import schema_at
 
@@ -98,15 +98,7 @@ def migrate(
     base = base_schema(config, script_dir)
     current, identified = place(session, ckpt, base, where)
     steps = steps_to(script_dir, current, target, upgrade, where)
-    result = MigrationResult(
-        Path(checkpoint),
-        Path(opts.output) if opts.output else None,
-        current,
-        current,
-        steps,
-        opts.dry_run,
-        identified,
-    )
+    result = session.result(checkpoint, current, steps, identified)
     if not steps:
         session.nothing_to_do(checkpoint, ckpt, out, current, target, upgrade)
         return result

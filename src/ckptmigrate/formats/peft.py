@@ -20,7 +20,6 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import CheckpointError, CkptMigrateError, WriteError
-from .atomic import TMP_SUFFIX, _alive, _exchange, _explain
+from .atomic import TMP_SUFFIX, _exchange, _explain, clean_stale
 from .base import FileFormat, Format, ReadOptions, WriteOptions, register
 from .checkpoint import Checkpoint
 from .fileio import fsync_dir, fsync_file
@@ -206,7 +205,7 @@ def write_adapter(
     fmt = weights.format
     assert isinstance(fmt, FileFormat)
     name = weights.path.name
-    clean_stale_folders(folder)
+    clean_stale(folder)
     try:
         prefix = f".{folder.name}.{os.getpid()}."
         tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=_DIR_SUFFIX, dir=folder.parent))
@@ -316,24 +315,6 @@ def _switch(tmp: Path, folder: Path) -> None:
             f"cannot write {folder}: {_explain(exc)}",
             hint="free space or fix permissions; the input is unchanged",
         ) from exc
-
-
-def clean_stale_folders(folder: Path) -> None:
-    """Remove the half-built (or swapped-out) folders that killed writers of ``folder`` left."""
-    prefix = f".{folder.name}."
-    try:
-        found = [
-            p
-            for p in folder.parent.iterdir()
-            if p.name.startswith(prefix) and p.name.endswith(_DIR_SUFFIX)
-        ]
-    except OSError:
-        return
-    for path in found:
-        pid = path.name[len(prefix) :].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            with contextlib.suppress(OSError):
-                shutil.rmtree(path)
 
 
 FORMAT = register(PeftFormat())

@@ -136,7 +136,7 @@ class MigrationSession:
     def _migrate(
         self, checkpoint: PathLike, ckpt: Checkpoint, out: Path, target: str, upgrade: bool
     ) -> MigrationResult:
-        from .report import MigrationResult, done_line, print_plan, progress_bar
+        from .report import done_line, print_plan, progress_bar
 
         if ckpt.adapter is not None:  # a PEFT adapter follows its base model's lineage
             from ..adapters import run
@@ -148,15 +148,7 @@ class MigrationSession:
         current = placement.revisions
         steps = steps_to(self.script_dir, current, target, upgrade, where)
         self._check_claim(ckpt, placement, bool(steps) or self._copies(checkpoint, out, steps))
-        result = MigrationResult(
-            Path(checkpoint),
-            Path(opts.output) if opts.output else None,
-            current,
-            current,
-            steps,
-            opts.dry_run,
-            placement.identified,
-        )
+        result = self.result(checkpoint, current, steps, placement.identified)
         if not steps:
             self.nothing_to_do(checkpoint, ckpt, out, current, target, upgrade)
             return result
@@ -174,6 +166,22 @@ class MigrationSession:
             bar.finish()
         config.log(done_line(result, where, out, upgrade))
         return result
+
+    def result(
+        self,
+        checkpoint: PathLike,
+        current: tuple[str, ...],
+        steps: list[MigrationStep],
+        identified: bool,
+    ) -> MigrationResult:
+        """What a run from ``current`` along ``steps`` is about to do (its target set later)."""
+        from .report import MigrationResult
+
+        opts = self.options
+        output = Path(opts.output) if opts.output else None
+        return MigrationResult(
+            Path(checkpoint), output, current, current, steps, opts.dry_run, identified
+        )
 
     def _copies(self, checkpoint: PathLike, out: Path, steps: list[MigrationStep]) -> bool:
         """Whether a checkpoint already at the target is still written (where -o asks for it)."""
