@@ -160,6 +160,17 @@ def logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits  # type: ignore[no-any-return]
 
 
+def adapted(
+    model: nn.Module, folder: Path, inputs: torch.Tensor, weights: str | None = None
+) -> Any:
+    """``model`` (with ``weights`` loaded, a file in the folder above) and the adapter at
+    ``folder``, as PEFT loads them, applied to ``inputs``."""
+    if weights is not None:
+        model.load_state_dict(torch.load(folder.parent / weights, weights_only=True))
+    with torch.no_grad():
+        return PeftModel.from_pretrained(model.eval(), str(folder)).eval()(inputs)
+
+
 TOKENS = torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(7))
 
 
@@ -345,8 +356,7 @@ def test_renames_carry_the_adapter_bit_for_bit(
     )
     before = adapter_tensors(tmp_path / "adapter")
     tokens = torch.randint(0, 20, (4, 6))
-    with torch.no_grad():
-        want = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()(tokens)
+    want = adapted(base, tmp_path / "adapter", tokens)
 
     run("upgrade", "adapter")  # in place
     after = adapter_tensors(tmp_path / "adapter")
@@ -366,11 +376,7 @@ def test_renames_carry_the_adapter_bit_for_bit(
     assert stamp_of(tmp_path / "adapter") == SPLIT
 
     run("upgrade", "base.pt", "--from", INITIAL, "-o", "b2.pt")
-    new_base = SmallRenamed().eval()
-    new_base.load_state_dict(torch.load(tmp_path / "b2.pt", weights_only=True))
-    with torch.no_grad():
-        got = PeftModel.from_pretrained(new_base, str(tmp_path / "adapter")).eval()(tokens)
-    assert torch.equal(got, want)
+    assert torch.equal(adapted(SmallRenamed(), tmp_path / "adapter", tokens, "b2.pt"), want)
 
     run("downgrade", "adapter", INITIAL)
     back = adapter_tensors(tmp_path / "adapter")
@@ -475,8 +481,7 @@ def test_experts_stacked_into_a_parameter_adapter_and_back(
         alpha_pattern={"experts.2": 2},
     )
     x = torch.randn(5, 4)
-    with torch.no_grad():
-        want = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()(x)
+    want = adapted(base, tmp_path / "adapter", x)
 
     run("upgrade", "adapter", "-o", "stacked")
     config = adapter_config(tmp_path / "stacked")
@@ -489,20 +494,14 @@ def test_experts_stacked_into_a_parameter_adapter_and_back(
     assert (config["r"], config["lora_alpha"]) == (4, 8)
 
     run("upgrade", "base.pt", "--from", INITIAL, "-o", "b2.pt")
-    stacked = ExpertStack().eval()
-    stacked.load_state_dict(torch.load(tmp_path / "b2.pt", weights_only=True))
-    with torch.no_grad():
-        got = PeftModel.from_pretrained(stacked, str(tmp_path / "stacked")).eval()(x)
+    got = adapted(ExpertStack(), tmp_path / "stacked", x, "b2.pt")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
     run("downgrade", "stacked", INITIAL, "-o", "unstacked")
     config = adapter_config(tmp_path / "unstacked")
     assert config["target_modules"] == ["0", "1", "2"]
     assert config["target_parameters"] is None
-    fresh = ExpertList().eval()
-    fresh.load_state_dict(torch.load(tmp_path / "base.pt", weights_only=True))
-    with torch.no_grad():
-        again = PeftModel.from_pretrained(fresh, str(tmp_path / "unstacked")).eval()(x)
+    again = adapted(ExpertList(), tmp_path / "unstacked", x, "base.pt")
     torch.testing.assert_close(again, want, atol=1e-5, rtol=0)
 
 
@@ -603,16 +602,12 @@ def test_a_grown_vocabulary_pads_the_embedding_adapter(
     two_revisions(tmp_path, base, grow, 'op.resize("emb.weight", (20, 8), intended=True)')
     save_adapter(base, tmp_path / "adapter", target_modules=["emb"])
     tokens = torch.randint(0, 20, (4, 6))
-    with torch.no_grad():
-        want = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()(tokens)
+    want = adapted(base, tmp_path / "adapter", tokens)
     run("upgrade", "adapter", "-o", "big")
     a = adapter_tensors(tmp_path / "big")["base_model.model.emb.lora_embedding_A"]
     assert a.shape == (4, 25) and torch.count_nonzero(a[:, 20:]) == 0
     run("upgrade", "base.pt", "--from", INITIAL, "-o", "b2.pt")
-    big = SmallBig().eval()
-    big.load_state_dict(torch.load(tmp_path / "b2.pt", weights_only=True))
-    with torch.no_grad():
-        got = PeftModel.from_pretrained(big, str(tmp_path / "big")).eval()(tokens)
+    got = adapted(SmallBig(), tmp_path / "big", tokens, "b2.pt")
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     error = run("downgrade", "big", INITIAL, code=1).stderr
     assert "shrinks dim 0 from 25 to 20" in error
