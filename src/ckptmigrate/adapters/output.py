@@ -14,6 +14,7 @@ matches names; the input's own values are kept where they still do.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
@@ -336,4 +337,5 @@ def _module_names(schema: Iterable[str]) -> set[str]:
 
 
 def _show(value: Any) -> str:
-    return "null" if value is None else repr(value)
+    """A config value as the JSON file spells it."""
+    return json.dumps(value)

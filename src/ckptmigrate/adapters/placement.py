@@ -76,7 +76,7 @@ def identify(
             f"({names}), which the migrations treat differently",
             hint=f"say which with --from REV, or record it with 'ckptmigrate stamp {where} REV'",
         )
-    also = [f.name for f in found if f is not chosen]
+    also = [f.name for f in found if f is not chosen and f.revision is not None]
     note = f"; it fits {', '.join(also)} too, which the migrations treat alike" if also else ""
     config.log(
         f"Note: {where} has no stamp; identified by its keys and shapes as {chosen.name}{note}"

@@ -117,12 +117,12 @@ def migrate(
     if opts.dry_run:
         print_plan(config, where, result, len(ckpt.schema), state)
         for report in followed.reports:
-            for line in report.lines:
-                config.print_stdout(
-                    f"Adapter, {report.step.name} {report.step.script.revision}: {line}"
-                )
-        for change in output.changes:
-            config.print_stdout(f"adapter_config.json: {change}")
+            config.print_stdout(f"Adapter modules, {report.step}:")
+            for line in report.lines or ["(unchanged)"]:
+                config.print_stdout(f"    {line}")
+        config.print_stdout("adapter_config.json:")
+        for change in output.changes or ["(unchanged)"]:
+            config.print_stdout(f"    {change}")
         return result
     for report in followed.reports:
         for line in report.lines:
