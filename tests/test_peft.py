@@ -12,6 +12,7 @@ original pair computes on the other layout, and merge into the same weights.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -702,3 +703,24 @@ def test_diff_and_schema_record_refuse_an_adapter(lineage: Path, run: Run) -> No
     )
     error = run("schema", "--record", "adapter", "--from", INITIAL, code=1).stderr
     assert "adapter is a PEFT adapter, which holds only part of its base model" in error
+
+
+def test_o_writes_a_new_folder_with_the_other_files(lineage: Path, run: Run) -> None:
+    save_adapter(trained_fused(), lineage / "adapter", target_modules=["c_attn"])
+    (lineage / "adapter" / "tokenizer.json").write_text("{}")
+    (lineage / "out").mkdir()
+    run("upgrade", "adapter", "-o", "out/new")  # a new folder in an existing one
+    assert sorted(p.name for p in (lineage / "out" / "new").iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+    ]
+    assert os.stat(lineage / "out/new/tokenizer.json").st_nlink == 1  # a copy of its own
+    assert stamp_of(lineage / "adapter") is None  # the input is left alone
+    (lineage / "other").mkdir()
+    (lineage / "other" / "notes.txt").write_text("mine")
+    error = run("upgrade", "adapter", "-o", "other", code=1).stderr
+    assert "cannot write a PEFT adapter into other: the folder holds other files" in error
+    error = run("upgrade", "adapter", "-o", "missing/new", code=1).stderr
+    assert "folder missing does not exist" in error

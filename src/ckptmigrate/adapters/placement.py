@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..config import Config
-from ..errors import ClaimError, StampError
+from ..errors import CkptMigrateError, ClaimError, StampError
 from ..plan.lowrank import LowRank
 from ..plan.nodes import Node, Source
 from ..runtime.migration import upgrade_steps
@@ -108,7 +108,7 @@ def _newest_alike(
         start = schema_at(script_dir, base, fit.heads).specs()
         try:
             after = follow(steps, start, fit.reading.entries).entries
-        except Exception:
+        except CkptMigrateError:  # refused on the way: not alike
             return None
         if not _alike(after, newest.reading.entries):
             return None

@@ -217,8 +217,8 @@ def write_adapter(
     try:
         try:
             os.chmod(tmp, _folder_mode(folder))
-            if folder.resolve() == source.path.resolve():
-                _link_others(source.path, source.files, tmp)
+            in_place = folder.resolve() == source.path.resolve()
+            _carry_others(source.path, source.files, tmp, link=in_place)
             inner = replace(options, container=None, progress=options.progress)
             fmt.write_file(tmp / name, weights, full, metadata, inner)
             text = source.config_bytes if config is None else _config_text(config)
@@ -258,17 +258,22 @@ def _config_text(config: Mapping[str, Any]) -> bytes:
     return json.dumps(config, indent=2, sort_keys=True).encode("utf-8")
 
 
-def _link_others(folder: Path, names: list[str], into: Path) -> None:
-    """The folder's other files in the new folder too: hard links (a copy where they fail)."""
+def _carry_others(folder: Path, names: list[str], into: Path, *, link: bool) -> None:
+    """The folder's other files (model card, tokenizer, ...) in the new folder too.
+
+    In place they are hard-linked (the old folder goes away); a copy elsewhere
+    gets copies of its own.
+    """
+    copy = _link_or_copy if link else shutil.copy2
     for name in names:
         src = folder / name
         dst = into / name
         if src.is_symlink():
             os.symlink(os.readlink(src), dst)
         elif src.is_dir():
-            shutil.copytree(src, dst, copy_function=_link_or_copy, symlinks=True)
+            shutil.copytree(src, dst, copy_function=copy, symlinks=True)
         else:
-            _link_or_copy(str(src), str(dst))
+            copy(str(src), str(dst))
 
 
 def _link_or_copy(src: str, dst: str) -> str:
