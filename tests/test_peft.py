@@ -257,6 +257,61 @@ def test_split_to_fused_at_the_summed_rank(lineage: Path, run: Run) -> None:
     torch.testing.assert_close(logits(old, TOKENS), logits(new, TOKENS), atol=1e-5, rtol=0)
 
 
+def test_fused_modules_of_different_ranks_get_them_in_the_patterns(lineage: Path, run: Run) -> None:
+    """Layer 0's q/k/v at rank 4 fuse at rank 12, layer 1's at rank 2 at rank 6: r covers one,
+    rank_pattern/alpha_pattern the other, each at its own scale."""
+    torch.manual_seed(6)
+    base = split()
+    base.load_state_dict(migrated_base(run, trained_fused(), lineage))
+    torch.save(base.state_dict(), lineage / "split.pt")
+    layer1 = {f"transformer.h.1.attn.c_attn.{n}": 2 for n in "qkv"}
+    save_adapter(
+        base,
+        lineage / "adapter",
+        target_modules=["q", "k", "v"],
+        rank_pattern=layer1,
+        alpha_pattern={name: 6 for name in layer1},  # scale 3 there, 2 in layer 0
+    )
+    new = PeftModel.from_pretrained(base, str(lineage / "adapter")).eval()
+
+    run("downgrade", "adapter", INITIAL, "-o", "fused")
+    config = adapter_config(lineage / "fused")
+    assert config["target_modules"] == ["c_attn"]
+    ranks = {config["r"], *config["rank_pattern"].values()}
+    assert ranks == {12, 6} and len(config["rank_pattern"]) == 1
+
+    old_base = fused()
+    run("downgrade", "split.pt", INITIAL, "--from", SPLIT, "-o", "fused.pt")
+    old_base.load_state_dict(torch.load(lineage / "fused.pt", weights_only=True))
+    old = PeftModel.from_pretrained(old_base, str(lineage / "fused")).eval()
+    layers = old.base_model.model.transformer.h
+    assert [layers[i].attn.c_attn.r["default"] for i in range(2)] == [12, 6]
+    assert [layers[i].attn.c_attn.scaling["default"] for i in range(2)] == [2.0, 3.0]
+    torch.testing.assert_close(logits(old, TOKENS), logits(new, TOKENS), atol=1e-5, rtol=0)
+
+
+def test_a_split_module_beside_conv1d_modules_that_stay(lineage: Path, run: Run) -> None:
+    """c_attn becomes Linear modules while c_proj stays a Conv1D: PEFT reads each by its type."""
+    base = trained_fused()
+    save_adapter(base, lineage / "adapter", target_modules=["c_attn", "c_proj"])
+    old = PeftModel.from_pretrained(base, str(lineage / "adapter")).eval()
+    run("upgrade", "adapter", "-o", "adapter2")
+    config = adapter_config(lineage / "adapter2")
+    assert config["target_modules"] == ["c_proj", "k", "q", "v"]
+    new_base = split()
+    new_base.load_state_dict(migrated_base(run, trained_fused(), lineage))
+    new = PeftModel.from_pretrained(new_base, str(lineage / "adapter2")).eval()
+    torch.testing.assert_close(logits(new, TOKENS), logits(old, TOKENS), atol=1e-5, rtol=0)
+    merged_old = old.merge_and_unload().transformer.h[1].attn
+    merged_new = new.merge_and_unload().transformer.h[1].attn
+    torch.testing.assert_close(
+        merged_new.c_proj.weight, merged_old.c_proj.weight, atol=1e-6, rtol=0
+    )
+    torch.testing.assert_close(
+        merged_new.c_attn.v.weight, merged_old.c_attn.weight[:, 64:].T, atol=1e-6, rtol=0
+    )
+
+
 def test_parts_at_different_scales_fold_the_ratio_into_b(lineage: Path, run: Run) -> None:
     torch.manual_seed(2)
     base = split()
