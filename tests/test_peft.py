@@ -138,9 +138,13 @@ def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
 
 
-def stamp_of(folder: Path) -> str | None:
+def metadata_of(folder: Path) -> dict[str, str]:
     with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
-        return (f.metadata() or {}).get("ckptmigrate.revision")
+        return f.metadata() or {}
+
+
+def stamp_of(folder: Path) -> str | None:
+    return metadata_of(folder).get("ckptmigrate.revision")
 
 
 def migrated_base(run: Run, base: nn.Module, tmp: Path, *args: str) -> dict[str, torch.Tensor]:
@@ -295,13 +299,14 @@ def test_a_split_module_beside_conv1d_modules_that_stay(lineage: Path, run: Run)
     base = trained_fused()
     save_adapter(base, lineage / "adapter", target_modules=["c_attn", "c_proj"])
     old = PeftModel.from_pretrained(base, str(lineage / "adapter")).eval()
+    want = logits(old, TOKENS)
     run("upgrade", "adapter", "-o", "adapter2")
     config = adapter_config(lineage / "adapter2")
     assert config["target_modules"] == ["c_proj", "k", "q", "v"]
     new_base = split()
     new_base.load_state_dict(migrated_base(run, trained_fused(), lineage))
     new = PeftModel.from_pretrained(new_base, str(lineage / "adapter2")).eval()
-    torch.testing.assert_close(logits(new, TOKENS), logits(old, TOKENS), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(new, TOKENS), want, atol=1e-5, rtol=0)
     merged_old = old.merge_and_unload().transformer.h[1].attn
     merged_new = new.merge_and_unload().transformer.h[1].attn
     torch.testing.assert_close(
@@ -310,6 +315,21 @@ def test_a_split_module_beside_conv1d_modules_that_stay(lineage: Path, run: Run)
     torch.testing.assert_close(
         merged_new.c_attn.v.weight, merged_old.c_attn.weight[:, 64:].T, atol=1e-6, rtol=0
     )
+
+    # PEFT's one flag cannot say which square [32, 32] weights are Conv1D; the file says it
+    storage = json.loads(metadata_of(lineage / "adapter2")["ckptmigrate.fan_in_fan_out"])
+    assert {k: v for k, v in storage.items() if k.startswith("transformer.h.0.")} == {
+        "transformer.h.0.attn.c_attn.q": False,
+        "transformer.h.0.attn.c_attn.k": False,
+        "transformer.h.0.attn.c_attn.v": False,
+        "transformer.h.0.attn.c_proj": True,
+        "transformer.h.0.mlp.c_proj": True,
+    }
+    run("downgrade", "adapter2", INITIAL, "-o", "back")
+    assert adapter_config(lineage / "back")["fan_in_fan_out"] is True
+    assert "ckptmigrate.fan_in_fan_out" not in metadata_of(lineage / "back")  # one storage again
+    back = PeftModel.from_pretrained(trained_fused(), str(lineage / "back")).eval()
+    torch.testing.assert_close(logits(back, TOKENS), want, atol=1e-5, rtol=0)
 
 
 def test_parts_at_different_scales_fold_the_ratio_into_b(lineage: Path, run: Run) -> None:

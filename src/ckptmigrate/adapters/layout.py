@@ -181,10 +181,16 @@ class AdapterLayout:
     specs: dict[str, TensorSpec]  # the adapter file's keys
     modules: list[AdapterModule]
     copies: list[str]  # keys of modules_to_save copies, as in the file
+    # module -> fan_in_fan_out, where ckptmigrate wrote an adapter of mixed storages
+    storage: dict[str, bool] = field(default_factory=dict)
 
     @classmethod
     def parse(
-        cls, raw: Mapping[str, Any], specs: Mapping[str, TensorSpec | None], where: str
+        cls,
+        raw: Mapping[str, Any],
+        specs: Mapping[str, TensorSpec | None],
+        where: str,
+        storage: Mapping[str, bool] | None = None,
     ) -> AdapterLayout:
         """Group the keys; anything that is no LoRA tensor of a known kind is refused."""
         config = AdapterConfig(dict(raw))
@@ -250,7 +256,7 @@ class AdapterLayout:
                     f"{where}: {module.label} has only one of its two LoRA factors",
                     hint=_FIX,
                 )
-        return cls(config, tensor_specs, list(modules.values()), copies)
+        return cls(config, tensor_specs, list(modules.values()), copies, dict(storage or {}))
 
     # ------------------------------------------------------------------ on a base schema
 
@@ -306,8 +312,8 @@ class AdapterLayout:
         else:
             kind = LINEAR
             straight, crossed = (fan_out, fan_in), (fan_in, fan_out)
-            if weight.shape == straight == crossed:
-                transposed = config.fan_in_fan_out
+            if weight.shape == straight == crossed:  # square: only the config can tell
+                transposed = self.storage.get(module.name, config.fan_in_fan_out)
             elif weight.shape == straight:
                 transposed = False
             elif weight.shape == crossed:

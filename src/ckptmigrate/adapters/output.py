@@ -61,6 +61,8 @@ class AdapterOutput:
     entries: dict[str, Node]
     config: dict[str, Any]
     changes: list[str] = field(default_factory=list)
+    # module -> fan_in_fan_out, for an adapter whose modules store their weights both ways
+    storage: dict[str, bool] = field(default_factory=dict)
 
 
 def build_output(
@@ -103,15 +105,21 @@ def build_output(
             new, "target_parameters", config.target_parameters, params, keys, _param_exact, _owned
         )
     _ranks(new, config, modules, rslora=rslora)
-    linear = [m.delta.transposed for m in modules if not m.parameter and m.delta.kind != EMBEDDING]
-    if len(set(linear)) == 1 and linear[0] != config.fan_in_fan_out:
-        new["fan_in_fan_out"] = linear[0]  # mixed: PEFT sets it per module from its type
+    linear = {
+        m.name: m.delta.transposed for m in modules if not m.parameter and m.delta.kind != EMBEDDING
+    }
+    storage: dict[str, bool] = {}
+    if len(set(linear.values())) == 1:
+        if (flag := next(iter(linear.values()))) != config.fan_in_fan_out:
+            new["fan_in_fan_out"] = flag
+    elif linear:  # mixed: PEFT sets it per module from its type; a square weight needs the list
+        storage = linear
     changes = [
         f"{name}: {_show(config.raw.get(name))} -> {_show(new.get(name))}"
         for name in new
         if new.get(name) != config.raw.get(name)
     ]
-    return AdapterOutput(out, new, changes)
+    return AdapterOutput(out, new, changes, storage)
 
 
 # --------------------------------------------------------------------------- tensors

@@ -14,16 +14,17 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..errors import CkptMigrateError
+from ..formats.peft import AdapterFiles
 from ..paths import display_path
 from ..script.directory import ScriptDirectory
 from ..script.revision import format_ids
 from .follow import follow
 from .layout import AdapterLayout
-from .output import build_output
+from .output import AdapterOutput, build_output
 from .placement import check_claim, identify
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ def migrate(
         followed.entries, followed.schema, layout.config, rslora=layout.config.rslora
     )
     state = PlanState(output.entries)
-    _check_result(output.config, state, followed.schema, where, heads)
+    _check_result(output, state, followed.schema, where, heads)
     if opts.dry_run:
         print_plan(config, where, result, len(ckpt.schema), state)
         for report in followed.reports:
@@ -130,20 +131,21 @@ def migrate(
                 config.log(f"Note: {line}")
     for change in output.changes:
         config.log(f"Note: adapter_config.json: {change}")
-    session.write(out, ckpt, state, heads, container=output.config)
+    files = AdapterFiles(output.config, output.storage)
+    session.write(out, ckpt, state, heads, container=files)
     config.log(done_line(result, where, out, upgrade))
     return result
 
 
 def _check_result(
-    config: Mapping[str, Any],
+    output: AdapterOutput,
     state: PlanState,
     schema: Mapping[str, TensorSpec | None],
     where: str,
     heads: Sequence[str],
 ) -> None:
     """The new files, read back as PEFT would, fit the base model's schema at ``heads``."""
-    layout = AdapterLayout.parse(config, state.schema(), where)
+    layout = AdapterLayout.parse(output.config, state.schema(), where, output.storage)
     problems = layout.read(schema).problems
     if problems:
         raise CkptMigrateError(

@@ -40,6 +40,17 @@ if TYPE_CHECKING:
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+# Which modules store their weight as [in, out] (Conv1D), where the adapter mixes
+# storages: the config's one ``fan_in_fan_out`` cannot say it for square weights.
+STORAGE_KEY = "ckptmigrate.fan_in_fan_out"
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """What a migration writes beside the tensors: the config, and each module's storage."""
+
+    config: Mapping[str, Any]
+    storage: Mapping[str, bool]  # module -> fan_in_fan_out; empty where the config says it
 
 
 def adapter_folder(path: Path) -> Path | None:
@@ -120,7 +131,15 @@ class PeftFormat:
         options: WriteOptions,
     ) -> None:
         assert isinstance(source, AdapterCheckpoint)
-        config = options.container if options.container is not None else None
+        files = options.container
+        config = None
+        if isinstance(files, AdapterFiles):
+            config = dict(files.config)
+            root = dict(metadata.get("", {}))
+            root.pop(STORAGE_KEY, None)
+            if files.storage:
+                root[STORAGE_KEY] = json.dumps(dict(sorted(files.storage.items())))
+            metadata = {**metadata, "": root}
         write_adapter(_output_folder(target), source, full, metadata, options, config)
 
 
@@ -154,7 +173,8 @@ def read_adapter(folder: Path, options: ReadOptions) -> AdapterCheckpoint:
     try:
         if weights.training is not None or weights.wrapper_prefix:
             raise _bad(folder, f"{name} is not a plain state dict")
-        layout = AdapterLayout.parse(config, weights.schema, str(folder))
+        storage = _storage(weights.metadata.get("", {}), folder, name)
+        layout = AdapterLayout.parse(config, weights.schema, str(folder), storage)
     except BaseException:
         weights.close()
         raise
@@ -173,6 +193,19 @@ def read_adapter(folder: Path, options: ReadOptions) -> AdapterCheckpoint:
         config_bytes=raw,
         files=files,
     )
+
+
+def _storage(meta: Mapping[str, Any], folder: Path, name: str) -> dict[str, bool]:
+    raw = meta.get(STORAGE_KEY)
+    if raw is None:
+        return {}
+    try:
+        storage = json.loads(str(raw))
+    except ValueError:
+        storage = None
+    if not isinstance(storage, dict) or not all(isinstance(v, bool) for v in storage.values()):
+        raise _bad(folder, f"{STORAGE_KEY} in {name}'s metadata is not a JSON map to booleans")
+    return storage
 
 
 def _open_weights(path: Path, options: ReadOptions) -> Checkpoint:
