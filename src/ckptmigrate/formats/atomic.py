@@ -7,6 +7,7 @@ import ctypes
 import errno
 import os
 import re
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
@@ -36,17 +37,20 @@ def _host() -> str:
     return name or "localhost"
 
 
+def temp_prefix(target: Path) -> str:
+    """How temporary names beside ``target`` start: which process, on which host, made them."""
+    return f".{target.name}.{os.getpid()}@{_host()}."
+
+
 def temp_path(target: Path) -> Path:
-    """A fresh hidden name beside ``target`` that says which process, on which host, made it."""
-    fd, name = tempfile.mkstemp(
-        prefix=f".{target.name}.{os.getpid()}@{_host()}.", suffix=TMP_SUFFIX, dir=target.parent
-    )
+    """A fresh hidden name beside ``target`` (see :func:`temp_prefix`)."""
+    fd, name = tempfile.mkstemp(prefix=temp_prefix(target), suffix=TMP_SUFFIX, dir=target.parent)
     os.close(fd)
     return Path(name)
 
 
 def clean_stale(target: Path, notify: Callable[[str], None] | None = None) -> list[Path]:
-    """Remove temporary files of ``target`` left by processes that no longer run.
+    """Remove temporary files (or folders) of ``target`` left by processes that no longer run.
 
     Only this host's processes can be asked whether they run: a file another
     host's process made (a folder shared over the network) is kept, and
@@ -78,7 +82,10 @@ def clean_stale(target: Path, notify: Callable[[str], None] | None = None) -> li
         if int(pid_text) == os.getpid() or _alive(int(pid_text)):
             continue
         with contextlib.suppress(OSError):
-            path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
             removed.append(path)
     return removed
 
