@@ -44,11 +44,11 @@ __all__ = [
     "WriteOptions",
     "check_output",
     "check_output_path",
-    "clean_interrupted",
     "formats",
     "lock_path",
     "open_checkpoint",
     "read_checkpoint",
+    "recover",
     "register",
     "unregister",
     "write_checkpoint",
@@ -142,18 +142,12 @@ def lock_path(path: str | os.PathLike[str]) -> Path:
     return fmt.lock_path(p) if fmt is not None else p
 
 
-def clean_interrupted(path: str | os.PathLike[str]) -> None:
-    """Remove what killed writers of ``path`` left beyond their temporary file (lock held).
-
-    A format whose writes leave more than one temporary file (a DCP folder's
-    new data files) says so with a ``clean(path)`` method; the temporary files
-    themselves are removed by the lock.
-    """
+def recover(path: str | os.PathLike[str]) -> list[str]:
+    """Clear what killed writers of ``path`` left; call it holding the writer's lock."""
     p = Path(path)
     fmt = _recognised(p)
-    clean = getattr(fmt, "clean", None)
-    if clean is not None:
-        clean(p)
+    finish = getattr(fmt, "recover", None)
+    return list(finish(p)) if finish is not None else []
 
 
 def check_output_path(

@@ -24,6 +24,7 @@ from .container import describe_wrapper
 from .stamp import Stamp, read_stamp
 
 if TYPE_CHECKING:
+    from ..adapters.layout import AdapterLayout
     from ..plan.nodes import Node, TensorSpec
     from ..plan.state import PlanState
     from .base import Format
@@ -77,6 +78,8 @@ class Checkpoint:
     #: ``read`` returns views of the file's storages (memory-mapped): reading costs
     #: nothing and tied tensors show as one storage. False where a read loads data.
     views_share_storage: bool = True
+    #: Set when the file holds a PEFT adapter of the lineage's model, not the model's weights.
+    adapter: AdapterLayout | None = None
 
     def read(self, key: str) -> Any:
         """A tensor by its key in the file (prefix included)."""

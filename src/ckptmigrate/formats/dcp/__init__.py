@@ -147,11 +147,11 @@ class DCPFormat:
     def lock_path(self, path: Path) -> Path:
         return folder_of(path) / METADATA_NAME
 
-    def clean(self, path: Path) -> None:
+    def recover(self, path: Path) -> list[str]:
         """Remove the data files interrupted writes left (the lock on .metadata is held)."""
         from .writing import remove_leftovers
 
-        remove_leftovers(folder_of(path))
+        return remove_leftovers(folder_of(path))
 
 
 FORMAT = register(DCPFormat())

@@ -121,10 +121,10 @@ def _existing(folder: Path) -> DCPCheckpoint | None:
         ) from exc
 
 
-def remove_leftovers(folder: Path) -> None:
+def remove_leftovers(folder: Path) -> list[str]:
     """Data files interrupted writes left: ours, or replaced, and referenced by no ``.metadata``.
 
-    Run holding the lock on ``.metadata`` (or before writing a new folder).
+    Run holding the lock on ``.metadata`` (or before writing a new folder); the names removed.
     """
     names: set[str] = set()
     replaced: list[str] = []
@@ -133,15 +133,18 @@ def remove_leftovers(folder: Path) -> None:
         try:
             md = dcp_metadata.load(path)
         except CkptMigrateError:
-            return  # reading the checkpoint says what is wrong with it
+            return []  # reading the checkpoint says what is wrong with it
         names = files_of(md)
         if isinstance(md.planner_data, dict):
             replaced = list(md.planner_data.get(dcp_metadata.REPLACED_KEY, []))
+    removed = []
     for file in folder.iterdir():
         name = file.name
         ours = name.startswith(OWN_PREFIX) and name.endswith(DATA_SUFFIX)
         if name not in names and (ours or name in replaced):
             file.unlink(missing_ok=True)
+            removed.append(name)
+    return removed
 
 
 def _stamps(source: Checkpoint, metadata: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
