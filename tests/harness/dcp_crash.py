@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from tests.harness.common import REV_A, same, standard_project
-from tests.harness.crash import _child, _run_clean
+from tests.harness.common import REV_A, cli_child, same, standard_project
+from tests.harness.crash import _run_clean
 
 from ckptmigrate.cli import main as cli_main
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         delay = rng.uniform(0.0, 1.2 * seconds)
         pid = os.fork()
         if pid == 0:
-            _child(argv_up)
+            cli_child(argv_up)
         time.sleep(delay)
         os.kill(pid, signal.SIGSTOP)
         wrote = any(p.name.startswith("ckptmigrate-") for p in ckpt.iterdir())
