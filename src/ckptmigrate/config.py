@@ -8,6 +8,7 @@ in ``pyproject.toml``. One section per lineage, picked with ``-n/--name``.
 from __future__ import annotations
 
 import configparser
+import copy
 import importlib
 import os
 import sys
@@ -167,6 +168,12 @@ class Config:
     @property
     def stderr(self) -> TextIO:
         return self._stderr or sys.stderr
+
+    def redirected(self, stdout: TextIO, stderr: TextIO) -> Config:
+        """The same configuration printing elsewhere (a batch keeps each checkpoint's lines)."""
+        other = copy.copy(self)
+        other._stdout, other._stderr = stdout, stderr
+        return other
 
     def print_stdout(self, text: str = "") -> None:
         """Results: shown even with -q (not where the caller takes them as return values)."""

@@ -48,6 +48,7 @@ __all__ = [
     "lock_path",
     "open_checkpoint",
     "read_checkpoint",
+    "recognised",
     "register",
     "unregister",
     "write_checkpoint",
@@ -127,9 +128,10 @@ def write_checkpoint(
     _format_for(out, source).write(out, source, full, metadata, options)
 
 
-def _recognised(path: Path) -> Format | None:
+def recognised(path: str | os.PathLike[str]) -> Format | None:
+    """The format that owns ``path``, or None (no checkpoint there, or no such path)."""
     try:
-        return recognise(path)
+        return recognise(Path(path))
     except CheckpointError:
         return None
 
@@ -137,7 +139,7 @@ def _recognised(path: Path) -> Format | None:
 def lock_path(path: str | os.PathLike[str]) -> Path:
     """The file a writer of ``path`` locks (a sharded folder's index; a file itself)."""
     p = Path(path)
-    fmt = _recognised(p)
+    fmt = recognised(p)
     return fmt.lock_path(p) if fmt is not None else p
 
 
@@ -148,7 +150,7 @@ def check_output_path(
     if output is None:
         return
     out = Path(output)
-    fmt = output_format(out, _recognised(Path(checkpoint)))  # unreadable input: its read says why
+    fmt = output_format(out, recognised(Path(checkpoint)))  # unreadable input: its read says why
     if fmt is not None:
         fmt.check_target(out)
     else:
