@@ -142,6 +142,7 @@ class Fleet:
         return self._run("stamp", ",".join(revisions), search, work, opts.jobs)
 
     def current(self, paths: Sequence[str], *, verbose: bool = False) -> FleetReport:
+        search = self._search(paths)  # a path that is no checkpoint answers before torch loads
         from ..identify import identify_or_fail
         from ..schema import base_schema_path
         from ..script import display
@@ -174,7 +175,7 @@ class Fleet:
             status = AT_HEAD if behind == 0 else BEHIND
             return Outcome(path, status, revisions, revisions, behind, found_by, _size(path))
 
-        return self._run("current", None, self._search(paths), work, 1)
+        return self._run("current", None, search, work, 1)
 
     # ------------------------------------------------------------------ the batch
 
@@ -189,13 +190,19 @@ class Fleet:
             if self.pattern
             else "files named *" + ", *".join(checkpoint_suffixes()) + " or checkpoint folders"
         )
-        for folder in search.empty:
-            self.config.log(f"Note: no checkpoints in {folder} (looked for {looked_for})")
-        if not search.found:
+        if not search.found:  # every PATH was a directory, and none held a checkpoint
+            names = ", ".join(search.empty)
+            what = (
+                "is a directory with no checkpoint in it"
+                if len(search.empty) == 1
+                else "are directories with no checkpoint in them"
+            )
             raise CommandError(
-                f"no checkpoints found in {', '.join(paths)}",
+                f"{names} {what}",
                 hint=f"looked for {looked_for}; pass --pattern GLOB to look for others",
             )
+        for folder in search.empty:
+            self.config.log(f"Note: no checkpoints in {folder} (looked for {looked_for})")
         output = getattr(self.options, "output", None)
         if output is not None and len(search.found) > 1:
             raise CommandError(
