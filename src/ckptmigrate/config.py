@@ -45,6 +45,9 @@ class Config:
         self._stdout = stdout
         self._stderr = stderr
         self._options: dict[str, str] = dict(options or {})
+        #: what is worked out from this configuration once (the model built on meta);
+        #: shared with the copies :meth:`redirected` makes
+        self.memo: dict[str, Any] = {}
         if self.file is not None and self.file.exists():
             self._options = {**self._read(self.file, section), **self._options}
 
@@ -86,6 +89,7 @@ class Config:
 
     def set(self, option: str, value: str) -> None:
         self._options[option] = value
+        self.memo.clear()  # worked out from the old settings
 
     @property
     def script_location(self) -> Path:

@@ -225,6 +225,12 @@ class Fleet:
         _ = self.script_dir.revision_map  # read once, before any thread needs it
         import torch  # noqa: F401  (once, before the first checkpoint's clock starts)
 
+        from ..model import configured_model
+
+        if self.config.get("model"):  # built once, before any thread needs it
+            with contextlib.suppress(CkptMigrateError):  # each checkpoint says why it can't
+                configured_model(self.config)
+
         stop = _Stop()
         emitter = _Emitter(self.config, self.show_printed)
         with stop.on_sigint():
