@@ -324,8 +324,8 @@ def _migration_options(fn: Any) -> Any:
         type=click.IntRange(1, 256),
         default=1,
         show_default=True,
-        help="Writers at once: checkpoints in parallel, and the shards of a sharded one "
-        "when fewer checkpoints than N are left.",
+        help="Writers at once: N checkpoints in parallel; with fewer checkpoints than N, "
+        "each gets a share of the N for its shards (sharded checkpoints).",
     )(fn)
     return _fleet_options(_checkpoint_options(fn))
 
@@ -383,13 +383,16 @@ _PATHS = (
 
 
 def _split(
-    ctx: click.Context, args: Sequence[str], given: Sequence[str], most: int | None
+    ctx: click.Context,
+    config: Config,
+    args: Sequence[str],
+    given: Sequence[str],
+    most: int | None,
 ) -> tuple[list[str], list[str]]:
     """(paths, revisions) from the arguments, as :mod:`ckptmigrate.arguments` says."""
-    arguments.check_options(ctx, args)
     if given:
         return list(args), list(given)
-    namer = arguments.revision_namer(_config(ctx))
+    namer = arguments.revision_namer(config)
     return arguments.split_revisions(ctx, args, most=most, names_revision=namer)
 
 
@@ -439,16 +442,19 @@ def _migration_command(name: str, target_default: str | None, summary: str, doc:
         fsync: bool | None,
         **options: Any,
     ) -> None:
-        paths, given = _split(ctx, (checkpoint, *more), [target] if target else [], 1)
+        args = (checkpoint, *more)
+        arguments.check_options(ctx, args)
+        config = _config(ctx)
+        paths, given = _split(ctx, config, args, [target] if target else [], 1)
         if not given and target_default is None:
             raise click.UsageError("Missing argument 'TARGET'.", ctx)
         goal = given[0] if given else target_default or "head"
         kwargs = {"verify": not no_verify, "durable": fsync, **options}
         if _one_checkpoint(paths, report_format):
-            run(_config(ctx), paths[0], goal, **kwargs)
+            run(config, paths[0], goal, **kwargs)
             return
         report = run_all(
-            _config(ctx), paths, goal, pattern=pattern, report_format=report_format, **kwargs
+            config, paths, goal, pattern=pattern, report_format=report_format, **kwargs
         )
         _finish(ctx, report)
 
@@ -555,14 +561,17 @@ def stamp(
     the trailing arguments that are not existing paths and have no / or
     suffix; --to REV says them outright.
     """
-    paths, revs = _split(ctx, (checkpoint, *more), revisions, None)
+    args = (checkpoint, *more)
+    arguments.check_options(ctx, args)
+    config = _config(ctx)
+    paths, revs = _split(ctx, config, args, revisions, None)
     if not revs:
         raise click.UsageError("Missing argument 'REVISIONS...'.", ctx)
     if _one_checkpoint(paths, report_format):
-        command.stamp(_config(ctx), paths[0], revs, purge=purge, **options)
+        command.stamp(config, paths[0], revs, purge=purge, **options)
         return
     report = command.stamp_all(
-        _config(ctx),
+        config,
         paths,
         revs,
         purge=purge,

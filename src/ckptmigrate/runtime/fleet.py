@@ -9,10 +9,10 @@ like serial ones; the rows of the report come in that order too.
 
 ``-j N`` is the number of writers at once: N checkpoints in parallel (in
 threads: the work that takes time, copying records in the kernel and
-checking their checksums, runs outside the GIL), and when fewer than N
-checkpoints are left to share them, the rest go to their shards. Each
-writer streams one tensor at a time, so memory stays what one checkpoint
-needs, times N.
+checking their checksums, runs outside the GIL), and with fewer checkpoints
+than N, each gets an equal share of the N for its shards. Each writer
+streams one tensor at a time, so memory stays what one checkpoint needs,
+times N.
 
 Ctrl-C stops the batch cleanly: no checkpoint starts after it, and the ones
 being written stop at their next tensor, before anything is replaced, so
@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..errors import CkptMigrateError, CommandError, Interrupted
@@ -54,6 +55,9 @@ from .fleet_report import (
     Outcome,
 )
 from .options import CheckpointOptions, MigrationOptions
+
+if TYPE_CHECKING:
+    from .session import MigrationSession
 
 Work = Callable[[Config, str, "_Stop"], Outcome]
 
@@ -81,8 +85,6 @@ class Fleet:
     # ------------------------------------------------------------------ commands
 
     def migrate(self, paths: Sequence[str], target: str, *, upgrade: bool) -> FleetReport:
-        from .session import MigrationSession
-
         opts = self._migration_options()
         if not _RELATIVE.search(target):
             self.script_dir.get_revisions(target)  # a target no checkpoint can reach: say so once
@@ -91,10 +93,7 @@ class Fleet:
         each = dataclasses.replace(opts, jobs=shard_jobs)
 
         def work(config: Config, path: str, stop: _Stop) -> Outcome:
-            session = MigrationSession(
-                config, each, script_dir=self.script_dir, between_tensors=stop.check
-            )
-            result = session.migrate(path, target, upgrade=upgrade)
+            result = self._session(config, each, stop).migrate(path, target, upgrade=upgrade)
             if not result.steps:
                 status = AT_TARGET
             elif result.dry_run:
@@ -111,23 +110,19 @@ class Fleet:
                 result.to_revisions,
                 len(result.steps),
                 found_by,
-                _size(os.fspath(opts.output) if opts.output else path),
+                _size(os.fspath(opts.output or path)),
             )
 
         name = "upgrade" if upgrade else "downgrade"
         return self._run(name, target, search, work, opts.jobs, dry_run=opts.dry_run)
 
     def stamp(self, paths: Sequence[str], revisions: Sequence[str], *, purge: bool) -> FleetReport:
-        from .session import MigrationSession
-
         opts = self._migration_options()
         search = self._search(paths)
         each = dataclasses.replace(opts, jobs=1)
 
         def work(config: Config, path: str, stop: _Stop) -> Outcome:
-            session = MigrationSession(
-                config, each, script_dir=self.script_dir, between_tensors=stop.check
-            )
+            session = self._session(config, each, stop)
             result = session.stamp(path, revisions, purge=purge, skip_same=True)
             return Outcome(
                 path,
@@ -136,7 +131,7 @@ class Fleet:
                 result.to_revisions,
                 0,
                 "stamp",
-                _size(os.fspath(opts.output) if opts.output else path),
+                _size(os.fspath(opts.output or path)),
             )
 
         return self._run("stamp", ",".join(revisions), search, work, opts.jobs)
@@ -178,6 +173,14 @@ class Fleet:
         return self._run("current", None, search, work, 1)
 
     # ------------------------------------------------------------------ the batch
+
+    def _session(self, config: Config, options: MigrationOptions, stop: _Stop) -> MigrationSession:
+        """One checkpoint's session: the batch's lineage, stopping between tensors on Ctrl-C."""
+        from .session import MigrationSession
+
+        return MigrationSession(
+            config, options, script_dir=self.script_dir, between_tensors=stop.check
+        )
 
     def _migration_options(self) -> MigrationOptions:
         assert isinstance(self.options, MigrationOptions)
