@@ -473,13 +473,14 @@ _migration_command(
     "upgrade",
     "head",
     "Upgrade CHECKPOINT to TARGET (default: head).",
-    "Upgrade CHECKPOINT to TARGET (default: head), in place unless -o.",
+    "Upgrade the checkpoint(s) at PATH to TARGET (default: head), in place unless -o.",
 )
 _migration_command(
     "downgrade",
     None,
     "Downgrade CHECKPOINT to TARGET (e.g. -1, base).",
-    "Downgrade CHECKPOINT to TARGET (e.g. -1, base, a revision), in place unless -o.",
+    "Downgrade the checkpoint(s) at PATH to TARGET (e.g. -1, base, a revision), in place "
+    "unless -o.",
 )
 
 
@@ -502,7 +503,7 @@ def current(
     report_format: str,
     **options: Any,
 ) -> None:
-    """Print the revision(s) CHECKPOINT is at.
+    """Print the revision(s) the checkpoint at PATH is at.
 
     With several PATHs, or a directory (searched for checkpoints, see
     --pattern), a table says for each checkpoint its revision and how many
@@ -551,7 +552,7 @@ def stamp(
     report_format: str,
     **options: Any,
 ) -> None:
-    """Record REVISIONS in CHECKPOINT without running migrations ('base' removes it).
+    """Record REV (or several) in the checkpoint at PATH without migrating ('base' unstamps).
 
     The file must have the schema of those revisions (where the lineage's base
     schema tells); --force records them anyway.
