@@ -48,8 +48,8 @@ NAIVE = """
 import glob, os, re, sys, torch
 for path in sorted(glob.glob("runs/**/*.ckpt", recursive=True)):
     sd = torch.load(path, weights_only=True)
-    sd = {re.sub(r"\\.bias$", ".b", re.sub(r"\\.weight$", ".w", k.replace("layers.", "blocks.", 1))): v
-          for k, v in sd.items()}
+    for pattern, repl in ((r"^layers\\.", "blocks."), (r"\\.weight$", ".w"), (r"\\.bias$", ".b")):
+        sd = {re.sub(pattern, repl, k): v for k, v in sd.items()}
     torch.save(sd, path + ".tmp")
     os.replace(path + ".tmp", path)
 """

@@ -96,6 +96,8 @@ def runs(project: Path, run: Run) -> dict[str, Any]:
     (root / "exp5/broken.pt").write_bytes(good.read_bytes()[:300])  # truncated
     (root / "exp5/notes.txt").write_text("not a checkpoint, not picked up")
     torch.save(originals["a"], root / ".cache/hidden.pt")  # hidden: not picked up
+    # what a killed write leaves beside its target: hidden too, never taken for a checkpoint
+    torch.save(originals["a"], root / "exp1/.model.pth.99999.x1.ckptmigrate-tmp")
     return {"root": root, "originals": originals}
 
 
@@ -467,6 +469,15 @@ def test_pattern_and_globs_narrow_the_search(project: Path, run: Run) -> None:
         "runs/e1/epoch=1.ckpt",
         "runs/e1/last.ckpt",
     ]
+
+
+def test_a_checkpoint_reached_twice_is_done_once(project: Path, run: Run) -> None:
+    Path("runs/a").mkdir(parents=True)
+    torch.save(v1_state_dict(), "runs/a/w.pt")
+    os.symlink("a/w.pt", "runs/link.pt")
+    os.symlink("a", "runs/linked")  # a link to a folder is not searched
+    data = _report(run("upgrade", "runs", "runs/a/w.pt", "--format", "json"))
+    assert [(r["path"], r["status"]) for r in data["checkpoints"]] == [("runs/a/w.pt", "upgraded")]
 
 
 def test_a_shard_named_stands_for_its_folder(project: Path, run: Run) -> None:
