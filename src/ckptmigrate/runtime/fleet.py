@@ -226,14 +226,8 @@ class Fleet:
     ) -> FleetReport:
         started = time.monotonic()
         _ = self.script_dir.revision_map  # read once, before any thread needs it
-        import torch  # noqa: F401  (once, before the first checkpoint's clock starts)
-
-        from ..model import configured_model
-
-        if self.config.get("model"):  # built once, before any thread needs it
-            with contextlib.suppress(CkptMigrateError):  # each checkpoint says why it can't
-                configured_model(self.config)
-
+        if command != "current":  # (current may answer from stamps alone)
+            self._warm_up()
         stop = _Stop()
         emitter = _Emitter(self.config, self.show_printed)
         with stop.on_sigint():
@@ -256,6 +250,16 @@ class Fleet:
             interrupted=stop.requested,
             seconds=time.monotonic() - started,
         )
+
+    def _warm_up(self) -> None:
+        """What every checkpoint needs, made once before the first one's clock starts."""
+        import torch  # noqa: F401
+
+        from ..model import configured_model
+
+        if self.config.get("model"):  # built once, before any thread needs it
+            with contextlib.suppress(CkptMigrateError):  # each checkpoint says why it can't
+                configured_model(self.config)
 
     def _serial(
         self, found: Sequence[Found], work: Work, stop: _Stop, emitter: _Emitter
