@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..paths import display_path
 from ..script.revision import format_ids
 
 REPORT_VERSION = 1
@@ -221,8 +220,3 @@ def _aligned(rows: Sequence[Sequence[str]]) -> list[str]:
     return [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows
     ]
-
-
-def shown(path: str) -> str:
-    """A found path as messages show it."""
-    return display_path(path) if "://" not in path else path
