@@ -102,3 +102,23 @@ def test_ctrl_c_leaves_every_checkpoint_old_or_new(tmp_path: Path, jobs: str) ->
     for path in originals:
         i = int(path.stem[4:])
         assert torch.equal(torch.load(path, weights_only=True)["a"], torch.full((256,), 2.0 * i))
+
+
+def test_a_reader_that_stops_early_ends_the_report_quietly(tmp_path: Path) -> None:
+    """``ckptmigrate current runs/ --format json | head``: no traceback, no internal error."""
+    _tree(tmp_path)
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the report is printed
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "ckptmigrate", "current", "runs", "--format", "json"],
+            cwd=tmp_path,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=240,
+        )
+    finally:
+        os.close(write)
+    assert proc.returncode == 1
+    assert proc.stderr == ""

@@ -6,6 +6,7 @@ exit status 1 (usage errors exit 2); ``--traceback`` adds the Python trace.
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 import warnings
@@ -99,11 +100,25 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("Error: interrupted; the checkpoint was not changed", err=True)
             ctx.exit(130)
+        except BrokenPipeError:  # `... | head` stopped reading: not worth a message
+            _stdout_to_devnull()
+            ctx.exit(1)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as exc:  # a bug: still one line, trace on request
             ask = "please report it" if _traced(ctx) else "run with --traceback and report it"
             _fail(ctx, f"internal error: {type(exc).__name__}: {exc} ({ask})", exc)
+
+
+def _stdout_to_devnull() -> None:
+    """Whatever is still buffered for a closed pipe goes nowhere, also at exit."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # not a real file (captured output): nothing to redirect
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _traced(ctx: click.Context) -> bool:

@@ -428,6 +428,7 @@ def _reported(config: Config, report: FleetReport, report_format: str) -> FleetR
     else:
         for line in report.table():
             config.print_stdout(line)
+    config.stdout.flush()  # a closed pipe is noticed here, not at exit
     return report
 
 
