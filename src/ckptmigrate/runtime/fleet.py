@@ -252,10 +252,21 @@ class Fleet:
         )
 
     def _warm_up(self) -> None:
-        """What every checkpoint needs, made once before the first one's clock starts."""
+        """What every checkpoint needs, made once before the first one's clock starts.
+
+        Otherwise the first row's time would include importing torch and the
+        modules a run loads on first use (the ops, the formats, the runtime).
+        """
         import torch  # noqa: F401
 
+        from .. import claims, identify, op  # noqa: F401
+        from ..formats import atomic, formats, lock, verify  # noqa: F401
         from ..model import configured_model
+        from ..plan import state  # noqa: F401
+        from . import migration, report, session, symbolic  # noqa: F401
+
+        formats()
+        _ = op.__all__  # every op's function, built once
 
         if self.config.get("model"):  # built once, before any thread needs it
             with contextlib.suppress(CkptMigrateError):  # each checkpoint says why it can't
