@@ -529,3 +529,38 @@ def test_the_api_returns_the_report_and_prints_nothing(
     with pytest.raises(CkptMigrateError, match="unknown option: job"):
         ckptmigrate.upgrade_all(["runs"], job=2)  # type: ignore[call-arg]
     assert os.path.exists("runs/exp1/model.pth")
+
+
+def test_an_adapter_folder_in_a_tree_is_one_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run
+) -> None:
+    """An unstamped PEFT adapter is identified as ``current ADAPTER`` does, then upgraded."""
+    from tests.test_peft import (
+        INITIAL as ADAPTER_INITIAL,
+    )
+    from tests.test_peft import (
+        SPLIT,
+        SPLIT_DOWN,
+        SPLIT_UP,
+        adapter_config,
+        fused,
+        save_adapter,
+        trained_fused,
+        two_revisions,
+    )
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    two_revisions(tmp_path, fused(), SPLIT_UP, SPLIT_DOWN)
+    save_adapter(trained_fused(), tmp_path / "runs/exp1/adapter", target_modules=["c_attn"])
+
+    report = _report(run("current", "runs", "--format", "json"))
+    assert [
+        (row["path"], row["status"], row["to"], row["steps"], row["found_by"])
+        for row in report["checkpoints"]
+    ] == [("runs/exp1/adapter", "behind", [ADAPTER_INITIAL], 1, "schema")]
+
+    report = _report(run("upgrade", "runs", "--format", "json"))
+    assert _statuses(report) == {"runs/exp1/adapter": "upgraded"}
+    assert adapter_config(tmp_path / "runs/exp1/adapter")["target_modules"] == ["k", "q", "v"]
+    assert run("current", "runs/exp1/adapter").stdout.strip() == f"{SPLIT} (head)"

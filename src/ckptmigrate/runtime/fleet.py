@@ -160,6 +160,10 @@ class Fleet:
                     )
                 if stamped is not None:
                     revisions, found_by = stamped, "stamp"
+                elif ckpt.adapter is not None:
+                    from ..adapters import run
+
+                    revisions, found_by = run.identified(config, script_dir, ckpt), "schema"
                 else:
                     revisions, found_by = identify_or_fail(config, script_dir, ckpt), "schema"
             if verbose:
