@@ -9,9 +9,13 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import WriteError
 from .fileio import fsync_dir, fsync_file
+
+if TYPE_CHECKING:
+    from .storage import CkptPath
 
 TMP_SUFFIX = ".ckptmigrate-tmp"
 
@@ -100,11 +104,19 @@ def _switch(tmp: Path, target: Path, durable: bool) -> None:
     os.replace(tmp, target)
 
 
-def check_target(target: Path) -> None:
+def check_target(target: CkptPath) -> None:
     """A file can be written at ``target``: it is no directory and its folder exists.
 
-    Checked before any work is done, and again when the file is written.
+    Checked before any work is done, and again when the file is written. On
+    an object store folders need not exist.
     """
+    if not isinstance(target, Path):
+        if target.is_dir():
+            raise WriteError(
+                f"cannot write {target}: it is a folder",
+                hint="give a file URL with -o, or move the folder away",
+            )
+        return
     parent = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
         raise WriteError(
@@ -168,7 +180,7 @@ def atomic_output(target: Path, *, durable: bool = True) -> Iterator[Path]:
         raise
 
 
-def write_error(target: Path, exc: BaseException) -> WriteError:
+def write_error(target: CkptPath, exc: BaseException) -> WriteError:
     """Turn a failure while writing the temporary file into a WriteError."""
     if isinstance(exc, OSError):
         reason = _explain(exc)
