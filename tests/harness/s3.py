@@ -41,7 +41,9 @@ class _Quiet(MotoRequestHandler):
         pass
 
 
-Hook = Callable[[Request], None]
+#: Called with every request before the server sees it; True drops the request (the
+#: server answers 503 and does nothing), as if its sender had died before sending it.
+Hook = Callable[[Request], "bool | None"]
 
 
 class S3Server:
@@ -77,14 +79,19 @@ class S3Server:
         request = Request(
             environ["REQUEST_METHOD"], path, parse_qs(environ.get("QUERY_STRING", ""))
         )
+        dropped = False
         for hook in list(self.hooks):
-            hook(request)
+            dropped = bool(hook(request)) or dropped
 
         def start(status: str, headers: Any, *args: Any) -> Any:
             request.status = int(status.split()[0])
             return start_response(status, headers, *args)
 
-        body: Iterable[bytes] = self.app(environ, start)
+        if dropped:
+            start("503 Service Unavailable", [("Content-Length", "0")])
+            body: Iterable[bytes] = []
+        else:
+            body = self.app(environ, start)
         try:
             for chunk in body:
                 request.sent += len(chunk)
