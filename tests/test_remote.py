@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tests.conftest import ADD_FC3, INITIAL, Run, v1_state_dict
+from tests.conftest import ADD_FC3, INITIAL, Run, two_step_lineage, v1_state_dict
 from tests.harness.common import REV_A, REV_B, stamp_state_dict, standard_project
 from tests.harness.s3 import Request, S3Server
 
@@ -437,3 +437,24 @@ def test_urls_need_the_remote_extra(
         "Error: s3://bucket/model.pth is a URL, and reading or writing URLs needs fsspec; "
         "pip install 'ckptmigrate[remote]'\n"
     )
+
+
+def test_optimizer_state_computed_from_a_file_on_s3(
+    tmp_path: Path, s3: Bucket, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A migration that transposes a weight transposes its Adam moments: fetched, then computed."""
+    monkeypatch.chdir(tmp_path)
+    two_step_lineage(tmp_path, ("base00000001", "next00000002"), 'op.transpose("w", 0, 1)')
+    w = torch.nn.Parameter(torch.randn(3, 5))
+    opt = torch.optim.Adam([w])
+    (w * torch.arange(15.0).reshape(3, 5)).sum().backward()
+    opt.step()
+    torch.save({"model": {"w": w.detach()}, "optimizer": opt.state_dict()}, "train.pt")
+    url = s3.put("train.pt", tmp_path / "train.pt")
+    remote = run("upgrade", url, "--from", "base00000001")
+    local = run("upgrade", "train.pt", "--from", "base00000001")
+    assert _stderr_lines(remote, (url, "train.pt")) == _stderr_lines(local)
+    assert s3.get("train.pt") == (tmp_path / "train.pt").read_bytes()
+    out = torch.load(tmp_path / "train.pt", weights_only=True)
+    moment = out["optimizer"]["state"][0]["exp_avg"]
+    assert torch.equal(moment, opt.state_dict()["state"][0]["exp_avg"].t())

@@ -60,7 +60,8 @@ def migrate_container(
     """
     if ckpt.training is None:
         return None
-    container = ckpt.training.container
+    # A run computes with the state tensors; a file read by ranges fetches them first.
+    container = ckpt.training.container if dry_run else ckpt.training.materialised()
     found = find_optimizers(container, ckpt.training.state_path)
     if not found:
         return None
