@@ -30,6 +30,7 @@ import errno
 import fnmatch
 import os
 import posixpath
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -58,9 +59,10 @@ def remote_path(url: str) -> RemotePath:
         fs, path = fsspec.core.url_to_fs(url)
     except ImportError as exc:
         scheme = url.split("://", 1)[0]
+        named = re.search(r"[Ii]nstall (\w[\w.-]*)", str(exc))
         raise CheckpointError(
-            f"{url}: fsspec needs another package for {scheme}:// URLs ({exc})",
-            hint=f"{REMOTE_EXTRA} (s3fs is included), or install the package named",
+            f"{url}: {scheme}:// URLs need a package fsspec uses for them ({exc})",
+            hint=f"pip install {named.group(1)}" if named else "install that package",
         ) from None
     except ValueError as exc:
         raise CheckpointError(

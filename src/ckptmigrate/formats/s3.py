@@ -271,9 +271,18 @@ class _Lease:
         self._refresher.start()
 
     def _take_over(self, etag: str) -> None:
-        """Remove a stale lock, unless it changed since it was judged stale."""
-        with contextlib.suppress(Exception):
+        """Remove a stale lock, unless it changed since it was judged stale.
+
+        A store that refuses conditional deletes gets a plain one: two waiters
+        may then both go ahead, and the conditional commit lets one of them write.
+        """
+        try:
             self.store._call("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=etag)
+        except Exception as exc:
+            if _precondition_failed(exc) or isinstance(exc, FileNotFoundError):
+                return  # refreshed or released meanwhile: look again
+            with contextlib.suppress(Exception):
+                self.store._call("delete_object", Bucket=self.bucket, Key=self.key)
 
     def _refresh(self) -> None:
         while not self._stop.wait(LEASE / 4):
