@@ -9,6 +9,7 @@ third part of an upload arrives) instead of after a guessed sleep.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -305,7 +306,11 @@ def test_a_run_killed_mid_upload_leaves_the_object_whole(
         proc.wait(30)
     finally:
         stop.release.set()
-    assert s3.get("big.pth") == before  # the old object, whole
+    assert s3.get("big.pth") == before  # the old object, whole, and it loads
+    loaded = torch.load(io.BytesIO(s3.get("big.pth")), weights_only=True)
+    original = torch.load(path, weights_only=True)
+    assert list(loaded) == list(original)
+    assert all(torch.equal(loaded[k], original[k]) for k in original)
     assert s3.pending_uploads() == ["big.pth"]  # the killed upload, never visible
     assert ".big.pth.ckptmigrate-lock" in s3.objects()  # and its lock, left behind
 
