@@ -28,7 +28,7 @@ from tests.harness.common import (
     standard_project,
     torch_zip_file,
 )
-from tests.harness.fuzz import st_flips, st_lies, zip_cases
+from tests.harness.fuzz import ZIP_DAMAGE, st_flips, st_lies, zip_cases
 
 from ckptmigrate.cli import cli
 from ckptmigrate.formats.stamp import FORMAT_KEY, REVISION_KEY, VERSION_KEY
@@ -245,18 +245,7 @@ def test_damaged_files_get_the_same_answer(
     torch.save({"model": _stamped(REV_A), "optimizer": opt.state_dict()}, tmp_path / "base.pth")
     save_file(dict(_sd()), tmp_path / "base.safetensors", metadata={REVISION_KEY: REV_A})
     rng = random.Random(5)
-    counts = dict.fromkeys(
-        (
-            "truncate",
-            "zip directory flip",
-            "local header flip",
-            "data.pkl flip",
-            "tensor record flip",
-            "small record flip",
-            "data.pkl flip, CRC fixed",
-        ),
-        12,
-    )
+    counts = dict.fromkeys(ZIP_DAMAGE, 12)
     cases = zip_cases("torch", (tmp_path / "base.pth").read_bytes(), rng, counts)
     st = (tmp_path / "base.safetensors").read_bytes()
     cases += st_lies(st, rng, 40)
