@@ -116,7 +116,7 @@ def test_a_torch_file_on_s3_upgrades_current_and_downgrades_as_on_disk(
     back = torch.load(project / "model.pth", weights_only=True)
     original = torch.load("original.pth", weights_only=True)
     assert all(torch.equal(back[k], original[k]) for k in original)
-    assert run("current", url).stdout == f"{INITIAL}\n"
+    assert run("current", url).stdout == f"{INITIAL} (identified by schema)\n"
     assert s3.objects() == ["runs/model.pth"] and s3.pending_uploads() == []  # no lock, no tmp
 
 
@@ -228,7 +228,7 @@ def test_current_reads_the_stamp_and_nothing_else(project: Path, s3: Bucket, run
     urls.append(s3.put_folder("ckpt", project / "ckpt"))
     for url in urls:
         seen = s3.server.mark()
-        assert run("current", url).stdout == f"{INITIAL}\n"
+        assert run("current", url).stdout == f"{INITIAL} (identified by schema)\n"
         requests = s3.server.since(seen)
         # the first 4 KiB (what the file is), the last 64 KiB (a zip's directory), a header
         assert sum(r.sent for r in requests) < 128 * 1024, url
@@ -320,6 +320,36 @@ def test_a_run_killed_mid_upload_leaves_the_object_whole(
     assert s3.pending_uploads() == [] and s3.objects() == ["big.pth"]
     run("-c", str(ini), "upgrade", str(path))
     assert s3.get("big.pth") == path.read_bytes()
+
+
+def test_a_sharded_run_killed_at_its_switch_leaves_the_old_checkpoint(
+    project: Path, s3: Bucket, run: Run
+) -> None:
+    """Killed as the new index goes up: the old index and every shard it names stand."""
+    _sharded(project / "ckpt")
+    url = s3.put_folder("ckpt", project / "ckpt")
+    before = _folder_in(s3, "ckpt")
+    index = f"{s3.name}/ckpt/model.safetensors.index.json"
+    stop = _Stop(lambda r: r.key == index and r.method == "PUT")
+    s3.hook(stop)
+    proc = _cli(project / "alembic_style.ini", "upgrade", url, env={})
+    try:
+        assert stop.reached.wait(120), proc.communicate()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        stop.release.set()
+    after = _folder_in(s3, "ckpt")
+    assert {k: after[k] for k in before} == before  # the old checkpoint, whole
+    assert run("current", url).stdout == f"{INITIAL} (identified by schema)\n"
+
+    # The next run takes over the dead writer's lock and ends exactly as an unbroken run.
+    result = run("upgrade", url)
+    assert "Waiting for another" not in result.stderr
+    run("upgrade", "ckpt")
+    local = {p.name: p.read_bytes() for p in (project / "ckpt").iterdir()}
+    assert _folder_in(s3, "ckpt") == local
+    assert s3.pending_uploads() == []
 
 
 def _foreign_write(s3: Bucket, key: str, data: bytes) -> Callable[[Request], bool]:

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from .storage import CkptPath
 
 _TAG = re.compile(r"-ckm[0-9a-f]{8}(?:-\d+)?$")
+_SHARD_EXTS = ("safetensors", "bin", "pt", "pth")
 
 
 @dataclass
@@ -314,6 +315,8 @@ def write_sharded(
     out_index = _output_index(target, sharded)
     folder = out_index.parent
     same_folder = same_location(folder, sharded.folder)
+    if same_folder:
+        _remove_orphans(folder, sharded)
     jobs, weight_map = _plan_names(full, sharded, metadata, folder, same_folder)
     # In place, the new index replaces exactly the one read (a store refuses any other).
     expect = sharded.version if same_folder else version(out_index)
@@ -332,6 +335,16 @@ def write_sharded(
         for shard in sharded.shards:
             if shard not in keep:
                 (folder / shard).unlink(missing_ok=True)
+
+
+def _remove_orphans(folder: CkptPath, sharded: ShardSet) -> None:
+    """Shards a killed in-place run wrote under its own names (``-ckm...``) and never
+    switched to: no index names them, and this run holds the index's lock, so their
+    writer is gone."""
+    for path in folder.iterdir():
+        stem, _, ext = path.name.partition(".")
+        if path.name not in sharded.shards and ext in _SHARD_EXTS and _TAG.search(stem):
+            path.unlink(missing_ok=True)
 
 
 def _write_shards(
