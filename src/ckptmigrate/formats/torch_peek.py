@@ -27,6 +27,7 @@ from .zip64 import BadZip, ZipReader
 if TYPE_CHECKING:
     from .storage import CkptPath
 
+
 def pickle_record(names: Iterable[str], where: object) -> str:
     """The one ``<prefix>/data.pkl`` record of a torch file."""
     pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
