@@ -285,6 +285,18 @@ class _Stop:
         return True
 
 
+def _kill_when_reached(stop: _Stop, s3: Bucket, ini: Path, url: str, env: dict[str, str]) -> None:
+    """``upgrade url`` in a process of its own, SIGKILLed when ``stop`` holds its request."""
+    s3.hook(stop)
+    proc = _cli(ini, "upgrade", url, env=env)
+    try:
+        assert stop.reached.wait(120), proc.communicate()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        stop.release.set()
+
+
 @pytest.mark.parametrize("moment", ["third part", "commit"])
 def test_a_run_killed_mid_upload_leaves_the_object_whole(
     tmp_path: Path, s3: Bucket, run: Run, monkeypatch: pytest.MonkeyPatch, moment: str
@@ -298,14 +310,7 @@ def test_a_run_killed_mid_upload_leaves_the_object_whole(
         stop = _Stop(lambda r: r.key == key and r.query.get("partNumber") == ["3"])
     else:
         stop = _Stop(lambda r: r.key == key and r.method == "POST" and "uploadId" in r.query)
-    s3.hook(stop)
-    proc = _cli(ini, "upgrade", url, env={"CKPTMIGRATE_S3_PART_SIZE": str(5 << 20)})
-    try:
-        assert stop.reached.wait(120), proc.communicate()
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        stop.release.set()
+    _kill_when_reached(stop, s3, ini, url, env={"CKPTMIGRATE_S3_PART_SIZE": str(5 << 20)})
     assert s3.get("big.pth") == before  # the old object, whole, and it loads
     loaded = torch.load(io.BytesIO(s3.get("big.pth")), weights_only=True)
     original = torch.load(path, weights_only=True)
@@ -331,14 +336,7 @@ def test_a_sharded_run_killed_at_its_switch_leaves_the_old_checkpoint(
     before = _folder_in(s3, "ckpt")
     index = f"{s3.name}/ckpt/model.safetensors.index.json"
     stop = _Stop(lambda r: r.key == index and r.method == "PUT")
-    s3.hook(stop)
-    proc = _cli(project / "alembic_style.ini", "upgrade", url, env={})
-    try:
-        assert stop.reached.wait(120), proc.communicate()
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        stop.release.set()
+    _kill_when_reached(stop, s3, project / "alembic_style.ini", url, env={})
     after = _folder_in(s3, "ckpt")
     assert {k: after[k] for k in before} == before  # the old checkpoint, whole
     assert run("current", url).stdout == f"{INITIAL} (identified by schema)\n"
