@@ -461,6 +461,29 @@ def test_store_problems_are_one_clear_line(project: Path, s3: Bucket, run: Run) 
     assert "Traceback" not in result.stderr
 
 
+def test_an_adapter_folder_on_s3_is_refused_plainly(project: Path, s3: Bucket, run: Run) -> None:
+    """Adapter folders are switched with local calls: on a store, one Error line, no guess."""
+    folder = project / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    save_file(
+        {"base_model.model.fc1.lora_A.weight": torch.zeros(2, 4)},
+        folder / "adapter_model.safetensors",
+    )
+    url = s3.put_folder("adapter", folder)
+    for args in (
+        ("current", url),
+        ("upgrade", url),
+        ("current", f"{url}/adapter_model.safetensors"),
+    ):
+        result = run(*args, code=1)
+        assert result.stderr.splitlines() == [
+            f"Error: {url}: PEFT adapter folders on remote storage are not supported yet; copy "
+            "the adapter folder to a local disk, migrate it there, and upload it"
+        ]
+    assert _folder_in(s3, "adapter") == {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
 def test_urls_need_the_remote_extra(
     project: Path, run: Run, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,7 +43,7 @@ def temp_path(target: Path) -> Path:
 
 
 def clean_stale(target: Path) -> list[Path]:
-    """Remove temporary files of ``target`` left by processes that no longer run."""
+    """Remove temporary files (or folders) of ``target`` left by processes that no longer run."""
     removed: list[Path] = []
     prefix = f".{target.name}."
     try:
@@ -58,7 +59,10 @@ def clean_stale(target: Path) -> list[Path]:
         if not pid_text.isdigit() or int(pid_text) == os.getpid() or _alive(int(pid_text)):
             continue
         with contextlib.suppress(OSError):
-            path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
             removed.append(path)
     return removed
 

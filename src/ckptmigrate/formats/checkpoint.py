@@ -23,6 +23,7 @@ from .container import describe_wrapper
 from .stamp import Stamp, read_stamp
 
 if TYPE_CHECKING:
+    from ..adapters.layout import AdapterLayout
     from ..plan.nodes import Node, TensorSpec
     from ..plan.state import PlanState
     from .base import Format
@@ -130,6 +131,8 @@ class Checkpoint:
     file_metadata: dict[str, dict[str, Any]] | None = None
     #: The store's identifier of the content read (an ETag); None for local files.
     version: str | None = None
+    #: Set when the file holds a PEFT adapter of the lineage's model, not the model's weights.
+    adapter: AdapterLayout | None = None
 
     def read(self, key: str) -> Any:
         """A tensor by its key in the file (prefix included)."""
