@@ -112,29 +112,6 @@ def test_sharded_checkpoint_upgrades_as_one(
     back.close()
 
 
-def test_shards_a_killed_run_left_are_removed_by_the_next(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run
-) -> None:
-    """A run killed before its index switch leaves shards under its own names; the next
-    in-place run (holding the lock) removes them, and keeps every other file."""
-    monkeypatch.chdir(tmp_path)
-    lineage(tmp_path, 'op.rename_prefix("l0.", "layer0.")', 'op.rename_prefix("layer0.", "l0.")')
-    parts = [{"l0.w": torch.randn(8, 8)}, {"l1.w": torch.randn(8, 8)}]
-    for name in ("clean", "ckpt"):
-        (tmp_path / name).mkdir()
-        _shard(tmp_path / name, parts, "safetensors")
-    left = tmp_path / "ckpt" / "model-00001-of-00002-ckm0123abcd.safetensors"
-    left.write_bytes(b"half a shard")
-    mine = tmp_path / "ckpt" / "model-00001-of-00002-mine.safetensors"
-    mine.write_bytes(b"not ckptmigrate's")
-    for name in ("clean", "ckpt"):
-        run("upgrade", name, "--from", REV0)
-    clean = {p.name: p.read_bytes() for p in (tmp_path / "clean").iterdir()}
-    after = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
-    assert not left.exists()
-    assert after == {**clean, mine.name: b"not ckptmigrate's"}
-
-
 def test_sharded_output_elsewhere_keeps_input(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run
 ) -> None:

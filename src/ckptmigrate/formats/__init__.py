@@ -57,6 +57,7 @@ __all__ = [
     "open_checkpoint",
     "peek_checkpoint",
     "read_checkpoint",
+    "recover",
     "register",
     "unregister",
     "write_checkpoint",
@@ -160,6 +161,14 @@ def lock_path(path: PathLike) -> CkptPath:
     p = location(path)
     fmt = _recognised(p)
     return fmt.lock_path(p) if fmt is not None else p
+
+
+def recover(path: PathLike) -> list[str]:
+    """Clear what killed writers of ``path`` left; call it holding the writer's lock."""
+    p = location(path)
+    fmt = _recognised(p)
+    finish = getattr(fmt, "recover", None)
+    return list(finish(p)) if finish is not None else []
 
 
 def check_output_path(checkpoint: PathLike, output: PathLike | None) -> None:

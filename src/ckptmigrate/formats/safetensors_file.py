@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import CheckpointError
-from . import fileio
+from . import fileio, readguard
 from .base import FileFormat, ReadOptions, WriteOptions, register
 from .checkpoint import Checkpoint, Header
 from .probe import looks_like_safetensors
@@ -277,10 +277,11 @@ def _mapped_reader(
     """Tensors as views of one memory map of the file, made on the first read."""
     import torch
 
-    state: dict[str, Any] = {"mm": None}
+    state: dict[str, Any] = {"mm": None, "release": None}
 
     def mapping() -> mmap.mmap:
         if state["mm"] is None:
+            state["release"] = readguard.hold(path)
             with open(path, "rb") as fh:
                 state["mm"] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
         return state["mm"]  # type: ignore[no-any-return]
@@ -305,6 +306,9 @@ def _mapped_reader(
             with contextlib.suppress(BufferError):
                 state["mm"].close()
             state["mm"] = None
+        if state["release"] is not None:
+            state["release"]()
+            state["release"] = None
 
     return reader, close
 

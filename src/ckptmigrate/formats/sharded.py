@@ -120,6 +120,10 @@ class ShardedFormat:
     def lock_path(self, path: CkptPath) -> CkptPath:
         return index_path(path) or path
 
+    def recover(self, path: CkptPath) -> list[str]:
+        found = index_path(path)
+        return recover(found) if isinstance(found, Path) else []
+
 
 def _bad(path: CkptPath, what: str) -> CheckpointError:
     return CheckpointError(
@@ -134,6 +138,8 @@ def _read_index(path: CkptPath) -> tuple[dict[str, Any], dict[str, str], dict[st
         index = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise _bad(path, f"cannot read it as JSON ({exc})") from None
+    except RecursionError:  # [[[[...]]]] nested deeper than the parser's stack
+        raise _bad(path, "it is JSON nested too deeply to be an index") from None
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         raise _bad(path, "no 'weight_map' object")
     weight_map = index["weight_map"]
@@ -141,9 +147,24 @@ def _read_index(path: CkptPath) -> tuple[dict[str, Any], dict[str, str], dict[st
     if not isinstance(meta, dict):
         raise _bad(path, "'metadata' is not an object")
     for key, shard in weight_map.items():
-        if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard.startswith("."):
-            raise _bad(path, f"key {key!r} names an invalid shard {shard!r}")
+        if not _plain_file_name(shard):
+            raise _bad(path, f"key {key!r} names an invalid shard {_short(shard)}")
     return index, weight_map, meta
+
+
+def _plain_file_name(name: object) -> bool:
+    """A file right in the index's folder: not empty, hidden, elsewhere or unwritable."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name.encode("utf-8", "surrogatepass")) <= 255
+        and not name.startswith(".")
+        and not any(c in name for c in "/\\\0")
+    )
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def read_sharded(path: CkptPath, *, trust_pickle: bool = False) -> ShardedCheckpoint:
@@ -155,8 +176,9 @@ def read_sharded(path: CkptPath, *, trust_pickle: bool = False) -> ShardedCheckp
     shards: dict[str, Checkpoint] = {}
     for shard in dict.fromkeys(weight_map.values()):
         shard_path = path.parent / shard
-        if not shard_path.exists():
-            raise _bad(path, f"shard {shard} is missing")
+        if not shard_path.is_file():
+            what = "not a file" if shard_path.exists() else "missing"
+            raise _bad(path, f"shard {shard} is {what}")
         shards[shard] = open_checkpoint(shard_path, ReadOptions(trust_pickle=trust_pickle))
     schema: dict[str, TensorSpec | None] = {}
     for key, shard in weight_map.items():
@@ -315,32 +337,93 @@ def write_sharded(
     out_index = _output_index(target, sharded)
     folder = out_index.parent
     same_folder = same_location(folder, sharded.folder)
-    if same_folder:
-        _remove_orphans(folder, sharded)
+    if same_folder and not isinstance(out_index, Path):
+        _remove_orphans(folder, sharded)  # a store keeps no journal (below)
     jobs, weight_map = _plan_names(full, sharded, metadata, folder, same_folder)
+    replaced = [s for s in sharded.shards if same_folder and s not in set(weight_map.values())]
+    if same_folder and isinstance(out_index, Path):  # what a kill leaves, for the next command
+        _journal(out_index, [job.name for job in jobs], replaced, options.durable)
+    index = _new_index(sharded, full, metadata, weight_map)
     # In place, the new index replaces exactly the one read (a store refuses any other).
     expect = sharded.version if same_folder else version(out_index)
     written: list[CkptPath] = []
     try:
         _write_shards(jobs, folder, source, full, options, written)
-        _write_index(out_index, sharded, full, metadata, weight_map, options.durable, expect)
+        _write_index(out_index, index, options.durable, expect)
     except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
+        if not _is_in_place(out_index, index):  # failed before the switch: undo
+            for path in written:
+                path.unlink(missing_ok=True)
+            if isinstance(out_index, Path):
+                _pending(out_index).unlink(missing_ok=True)
+        # after it (an interrupt or a failed folder sync), the new shards are the
+        # checkpoint; the journal stays for the next command to clear the old ones
         raise
     if options.durable and isinstance(folder, Path):
         fsync_dir(folder)
-    if same_folder:  # the old files are no longer referenced
-        keep = set(weight_map.values())
-        for shard in sharded.shards:
-            if shard not in keep:
-                (folder / shard).unlink(missing_ok=True)
+    for shard in replaced:  # no longer referenced
+        (folder / shard).unlink(missing_ok=True)
+    if isinstance(out_index, Path):
+        _pending(out_index).unlink(missing_ok=True)
+
+
+def _is_in_place(path: CkptPath, index: dict[str, Any]) -> bool:
+    """Whether the index at ``path`` is the new one (the switch happened)."""
+    try:
+        return bool(_read_index(path)[0] == index)
+    except (OSError, ValueError, TypeError, KeyError, RecursionError, CheckpointError):
+        return False
+
+
+#: Beside the index while an in-place write runs: the files it creates and replaces.
+PENDING_SUFFIX = ".ckptmigrate-pending"
+
+
+def _pending(index: Path) -> Path:
+    return index.with_name(f".{index.name}{PENDING_SUFFIX}")
+
+
+def _journal(index: Path, created: list[str], replaced: list[str], durable: bool) -> None:
+    from .atomic import atomic_output
+
+    with atomic_output(_pending(index), durable=durable) as tmp:
+        tmp.write_text(json.dumps({"created": created, "replaced": replaced}), encoding="utf-8")
+
+
+def recover(index: Path) -> list[str]:
+    """Clear what a killed in-place write of this folder left behind; the names removed.
+
+    A write killed before its index switch leaves the shards it created; one
+    killed after it, the shards it replaced. The journal lists both, and
+    whichever of them the index in place does not reference goes, with the
+    temporary files of the killed writers. Nothing else in the folder is
+    touched. Runs under the writer's lock.
+    """
+    from .atomic import clean_stale
+
+    journal = _pending(index)
+    if not journal.exists():
+        return []
+    try:
+        entries = json.loads(journal.read_text(encoding="utf-8"))
+        names = [n for n in [*entries["created"], *entries["replaced"]] if _plain_file_name(n)]
+        referenced = set(_read_index(index)[1].values())
+    except (OSError, ValueError, TypeError, KeyError, RecursionError, CheckpointError):
+        return []  # cannot tell what is referenced: leave everything as it is
+    removed = []
+    for name in names:
+        clean_stale(index.parent / name)
+        if name not in referenced and (index.parent / name).is_file():
+            (index.parent / name).unlink()
+            removed.append(name)
+    journal.unlink(missing_ok=True)
+    return removed
 
 
 def _remove_orphans(folder: CkptPath, sharded: ShardSet) -> None:
-    """Shards a killed in-place run wrote under its own names (``-ckm...``) and never
-    switched to: no index names them, and this run holds the index's lock, so their
-    writer is gone."""
+    """On a store (no journal): shards a killed in-place run wrote under its own names
+    (``-ckm...``) and never switched to. No index names them, and this run holds the
+    index's lock, so their writer is gone."""
     for path in folder.iterdir():
         stem, _, ext = path.name.partition(".")
         if path.name not in sharded.shards and ext in _SHARD_EXTS and _TAG.search(stem):
@@ -398,16 +481,13 @@ def _write_shards(
             raise
 
 
-def _write_index(
-    out_index: CkptPath,
+def _new_index(
     sharded: ShardSet,
     full: PlanState,
     metadata: Mapping[str, Mapping[str, Any]],
     weight_map: dict[str, str],
-    durable: bool,
-    expect: str | None,
-) -> None:
-    """The new index (the switch that makes the new shard set the checkpoint)."""
+) -> dict[str, Any]:
+    """The index that makes the new shard set the checkpoint."""
     index = dict(sharded.index)
     meta = {k: v for k, v in (index.get("metadata") or {}).items() if not is_stamp_key(str(k))}
     meta.update(flatten_stamps(metadata))
@@ -415,8 +495,21 @@ def _write_index(
     meta["total_size"] = sum(spec.nbytes for spec in specs if spec is not None)
     index["metadata"] = meta
     index["weight_map"] = weight_map
-    data = (json.dumps(index, indent=2) + "\n").encode("utf-8")
-    replace_small(out_index, data, durable=durable, expect=expect)
+    return index
+
+
+def _write_index(
+    out_index: CkptPath, index: dict[str, Any], durable: bool, expect: str | None
+) -> None:
+    """The switch: one atomic replace of the index (on a store, of the version read)."""
+    text = json.dumps(index, indent=2) + "\n"
+    if not isinstance(out_index, Path):
+        replace_small(out_index, text.encode("utf-8"), durable=durable, expect=expect)
+        return
+    from .atomic import atomic_output
+
+    with atomic_output(out_index, durable=durable) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _verify_shard(fmt: FileFormat, tmp: Path, path: CkptPath, entries: Mapping[str, Node]) -> None:
