@@ -37,13 +37,18 @@ _held: dict[int, Path] = {}
 _previous: list[Any] = []  # the SIGIO handler before ours, while ours is installed
 
 
+#: Files this process writes and reads back itself (an upload's local read-back copy):
+#: never leased, since this process's own writer holds them open.
+own_files: set[Path] = set()
+
+
 def hold(path: CkptPath) -> Callable[[], None]:
     """Lease ``path`` for reading; the function returned gives it back.
 
     A store's object needs none: every read after the first asks for the version first read.
     """
     fcntl = _fcntl()
-    if not isinstance(path, Path) or fcntl is None:
+    if not isinstance(path, Path) or fcntl is None or path in own_files:
         return _nothing
     if threading.current_thread() is not threading.main_thread():
         return _nothing

@@ -203,8 +203,11 @@ class RemotePath:
     @contextlib.contextmanager
     def staged(self, *, expect: str | None = None) -> Iterator[Staged]:
         """An upload for this path, committed atomically when the block ends without error."""
+        from . import readguard
+
         fd, readback = tempfile.mkstemp(prefix="ckptmigrate-", suffix=".readback")
         upload = self.store.upload(self.path, os.fdopen(fd, "w+b"), expect=expect)
+        readguard.own_files.add(Path(readback))
         try:
             yield Staged(upload, Path(readback))
             upload.commit()
@@ -213,6 +216,7 @@ class RemotePath:
             raise
         finally:
             upload.shadow.close()
+            readguard.own_files.discard(Path(readback))
             Path(readback).unlink(missing_ok=True)
             self._info = None
 
