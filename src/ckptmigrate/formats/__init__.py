@@ -57,6 +57,7 @@ __all__ = [
     "open_checkpoint",
     "peek_checkpoint",
     "read_checkpoint",
+    "recognised",
     "recover",
     "register",
     "unregister",
@@ -149,9 +150,10 @@ def write_checkpoint(
     _format_for(out, source).write(out, source, full, metadata, options)
 
 
-def _recognised(path: CkptPath) -> Format | None:
+def recognised(path: PathLike) -> Format | None:
+    """The format that owns ``path``, or None (no checkpoint there, or no such path)."""
     try:
-        return recognise(path)
+        return recognise(location(path))
     except CheckpointError:
         return None
 
@@ -159,14 +161,14 @@ def _recognised(path: CkptPath) -> Format | None:
 def lock_path(path: PathLike) -> CkptPath:
     """The file a writer of ``path`` locks (a sharded folder's index; a file itself)."""
     p = location(path)
-    fmt = _recognised(p)
+    fmt = recognised(p)
     return fmt.lock_path(p) if fmt is not None else p
 
 
 def recover(path: PathLike) -> list[str]:
     """Clear what killed writers of ``path`` left; call it holding the writer's lock."""
     p = location(path)
-    fmt = _recognised(p)
+    fmt = recognised(p)
     finish = getattr(fmt, "recover", None)
     return list(finish(p)) if finish is not None else []
 
@@ -177,7 +179,7 @@ def check_output_path(checkpoint: PathLike, output: PathLike | None) -> None:
         return
     out = location(output)
     fmt = output_format(
-        out, _recognised(location(checkpoint))
+        out, recognised(location(checkpoint))
     )  # unreadable input: its read says why
     if fmt is not None:
         fmt.check_target(out)
