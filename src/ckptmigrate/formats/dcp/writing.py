@@ -93,6 +93,7 @@ def write_dcp(
     stamps = _stamps(source, metadata)
     tag = _tag(leaves, stamps)
     written: list[CkptPath] = []
+    data: bytes | None = None
     try:
         infos = _write_data(folder, tag, source, leaves, options, written)
         names = _carry_files(folder, dcp, leaves, same, referenced, options, written)
@@ -116,6 +117,8 @@ def write_dcp(
             expect = previous.version if previous is not None else None
             _switch_remote(folder, data, expect, check)
     except BaseException as exc:
+        if not isinstance(folder, Path) and _switched(folder, data):
+            raise  # the new .metadata is there (interrupted after the PUT): its files stay
         for path in written:
             path.unlink(missing_ok=True)
         if isinstance(exc, OSError):
@@ -154,6 +157,16 @@ def _switch_remote(
         replace_small(folder / dcp_metadata.METADATA_NAME, data, durable=True, expect=expect)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _switched(folder: CkptPath, data: bytes | None) -> bool:
+    """Whether the ``.metadata`` on the store is the one this write put there."""
+    if data is None:
+        return False
+    try:
+        return (folder / dcp_metadata.METADATA_NAME).read_bytes() == data
+    except (OSError, CkptMigrateError):
+        return False
 
 
 def remove_leftovers(folder: CkptPath) -> list[str]:
