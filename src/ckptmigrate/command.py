@@ -243,15 +243,16 @@ def history(
             hint="check the range with 'ckptmigrate history'",
         ) from exc
     if graph:
-        for line in display.graph_lines(scripts):
-            config.print_stdout(line)
-        return scripts
-    for s in scripts:
-        config.print_stdout(
+        lines = display.graph_lines(scripts)
+    else:
+        lines = [
             display.cmd_format(
                 s, verbose, include_branches=True, include_doc=True, include_parents=True
             )
-        )
+            for s in scripts
+        ]
+    if lines:  # one write: a long history prints thousands of lines
+        config.print_stdout("\n".join(lines))
     return scripts
 
 

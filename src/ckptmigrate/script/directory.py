@@ -11,29 +11,33 @@ not made of literals).
 from __future__ import annotations
 
 import ast
-import datetime as _dt
-import importlib.util
+import gc
 import os
 import re
-import string
-import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 from ..errors import CommandError, ConfigError, MultipleHeads, RevisionError, ScriptError
 from ..paths import display_path
+from .cache import FileKey, Header, HeaderCache, file_key
 from .revision import Revision, RevisionMap, to_tuple, tuple_or_scalar, verify_new_name
 
 TEMPLATE_NAME = "script.py.tmpl"
 _SLUG = re.compile(r"\w+")
-_HEADER_NAMES = ("revision", "down_revision", "branch_labels", "depends_on")
-_IGNORED_FILE = re.compile(r"^(\.#|__init__)")
+_HEADER_NAMES = ("revision", "down_revision", "branch_labels", "depends_on", "replaces")
+_IGNORED = (".#", "__init__")  # editor lock files and package markers
+
+
+if TYPE_CHECKING:
+    import datetime as _dt
 
 
 def new_rev_id() -> str:
+    import uuid
+
     return uuid.uuid4().hex[-12:]
 
 
@@ -47,14 +51,21 @@ class Script(Revision):
         dependencies: Any,
         branch_labels: Any,
         *,
-        path: Path,
+        path: Path | str,
         longdoc: str,
         module: ModuleType | None = None,
+        replaces: Any = None,
     ) -> None:
-        super().__init__(revision, down_revision, dependencies, branch_labels)
-        self.path = path
+        super().__init__(revision, down_revision, dependencies, branch_labels, replaces)
+        self._path = path  # a str until asked for: 10,000 Path objects cost a tenth of a second
         self.longdoc = longdoc.strip()
         self._module = module
+
+    @property
+    def path(self) -> Path:
+        if isinstance(self._path, str):
+            self._path = Path(self._path)
+        return self._path
 
     @property
     def doc(self) -> str:
@@ -78,6 +89,8 @@ class Script(Revision):
 
 
 def _import_script(path: Path) -> ModuleType:
+    import importlib.util
+
     name = "ckptmigrate_rev_" + re.sub(r"\W", "_", path.stem)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:  # pragma: no cover - .py files always load
@@ -125,17 +138,33 @@ def _literal_header(path: Path, source: str) -> tuple[dict[str, Any], str, bool]
     return values, ast.get_docstring(tree) or "", literal
 
 
-def load_script(path: Path) -> Script:
+def read_header(path: Path) -> tuple[Header, ModuleType | None]:
+    """The header of a revision file, and its module if it had to be imported for it.
+
+    Only a header made of literals is read without running the file (and may be
+    cached); anything else is what importing the module defines.
+    """
     try:
         source = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ScriptError(f"cannot read revision file {path}: {exc}") from exc
     values, doc, literal = _literal_header(path, source)
-    module: ModuleType | None = None
-    if not literal or "revision" not in values:
-        module = _import_script(path)
-        values = {n: getattr(module, n) for n in _HEADER_NAMES if hasattr(module, n)}
-        doc = module.__doc__ or ""
+    if literal and "revision" in values:
+        return Header(values, doc), None
+    module = _import_script(path)
+    values = {n: getattr(module, n) for n in _HEADER_NAMES if hasattr(module, n)}
+    return Header(values, module.__doc__ or ""), module
+
+
+def load_script(path: Path) -> Script:
+    header, module = read_header(path)
+    return script_from_header(path, header, module)
+
+
+def script_from_header(
+    path: Path | str, header: Header, module: ModuleType | None = None
+) -> Script:
+    values = header.values
     if "revision" not in values:
         raise ScriptError(
             f"revision file {path} does not define 'revision'",
@@ -170,8 +199,9 @@ def load_script(path: Path) -> Script:
             values.get("depends_on"),
             values.get("branch_labels"),
             path=path,
-            longdoc=doc,
+            longdoc=header.doc,
             module=module,
+            replaces=values.get("replaces"),
         )
     except RevisionError as exc:
         raise ScriptError(f"revision file {path}: {exc.message}", hint=exc.hint) from exc
@@ -242,17 +272,35 @@ class ScriptDirectory:
         return self.dir / TEMPLATE_NAME
 
     def script_paths(self) -> list[Path]:
-        return sorted(
-            p
-            for p in self.versions.iterdir()
-            if p.suffix == ".py" and p.is_file() and not _IGNORED_FILE.match(p.name)
-        )
+        return [self.versions / name for name, _ in self._scan()]
+
+    def _scan(self) -> list[tuple[str, FileKey]]:
+        """The names of the revision files in ``versions/``, sorted, each with its version key."""
+        found = []
+        with os.scandir(self.versions) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.endswith(".py") and not name.startswith(_IGNORED) and entry.is_file():
+                    found.append((name, file_key(entry.stat())))
+        found.sort()
+        return found
 
     def _load(self) -> RevisionMap:
         scripts: list[Script] = []
-        seen: dict[str, Path] = {}
-        for path in self.script_paths():
-            script = load_script(path)
+        seen: dict[str, str] = {}
+        cache = HeaderCache(self.dir)
+        cache.load()
+        cacheable: dict[str, tuple[FileKey, Header]] = {}
+        folder = os.path.join(self.versions, "")
+        for name, key in self._scan():
+            path = folder + name
+            header = cache.get(name, key)
+            module = None
+            if header is None:
+                header, module = read_header(Path(path))
+            if module is None:
+                cacheable[name] = (key, header)
+            script = script_from_header(path, header, module)
             if script.revision in seen:
                 raise ScriptError(
                     f"revision id {script.revision} is used by two files: "
@@ -261,6 +309,7 @@ class ScriptDirectory:
                 )
             seen[script.revision] = path
             scripts.append(script)
+        cache.save(cacheable)
         try:
             return RevisionMap(scripts)
         except RevisionError as exc:
@@ -269,7 +318,15 @@ class ScriptDirectory:
     @property
     def revision_map(self) -> RevisionMap:
         if self._map is None:
-            self._map = self._load()
+            # Tens of thousands of small objects and nothing to collect: the cyclic
+            # collector would only slow the build of a long history down.
+            enabled = gc.isenabled()
+            gc.disable()
+            try:
+                self._map = self._load()
+            finally:
+                if enabled:
+                    gc.enable()
         return self._map
 
     def get_revision(self, symbol: str | None) -> Script | None:
@@ -346,7 +403,10 @@ class ScriptDirectory:
                     f"branch label '{label}' is already in use",
                     hint="choose another --branch-label",
                 )
-        create_date = create_date or _dt.datetime.now().replace(microsecond=0)
+        if create_date is None:
+            import datetime
+
+            create_date = datetime.datetime.now().replace(microsecond=0)
         path = self._rev_path(rev_id, message or "", create_date)
         down_ids = [p.revision for p in parents]
         text = self.render(
@@ -451,6 +511,8 @@ class ScriptDirectory:
         downgrades: Sequence[str] | str | None,
         imports: Iterable[str] = (),
     ) -> str:
+        import string
+
         try:
             template = string.Template(self.template_path.read_text(encoding="utf-8"))
         except OSError:
@@ -480,9 +542,9 @@ class ScriptDirectory:
         return re.sub(r"\n{4,}", "\n\n\n", text)
 
 
-def _with_files(exc: RevisionError, files: dict[str, Path]) -> RevisionError:
+def _with_files(exc: RevisionError, files: dict[str, str]) -> RevisionError:
     """Name the files behind the revision ids a graph error mentions."""
-    named = [f"{rid} ({files[rid].name})" for rid in files if rid in exc.message]
+    named = [f"{rid} ({os.path.basename(files[rid])})" for rid in files if rid in exc.message]
     if not named or len(named) > 6:
         return exc
     exc.message = exc.message + " [files: " + ", ".join(named) + "]"
