@@ -230,6 +230,31 @@ def merge(
     )
 
 
+@cli.command(short_help="Replace a linear run of revisions by one, proved equal.")
+@click.argument("rev_range", metavar="FIRST:LAST")
+@click.option("-m", "--message", help="Message of the squashed revision.")
+@click.option("--keep", is_flag=True, help="Keep the replaced revision files.")
+@click.option("--dry-run", is_flag=True, help="Print the combined ops; write nothing.")
+@click.option("--rev-id", help="Use this revision id (letters, digits, _) instead of a random one.")
+@click.pass_context
+def squash(
+    ctx: click.Context,
+    rev_range: str,
+    message: str | None,
+    keep: bool,
+    dry_run: bool,
+    rev_id: str | None,
+) -> None:
+    """Replace the revisions FIRST..LAST (one line of history) by one revision.
+
+    Its ops are the range's, simplified, and proved to compute the same
+    schema and the same tensors bit for bit; checkpoints stamped with any
+    replaced revision still upgrade and downgrade. FIRST may be base, LAST
+    head.
+    """
+    command.squash(_config(ctx), rev_range, message, keep=keep, dry_run=dry_run, rev_id=rev_id)
+
+
 @cli.command(short_help="Show the current head revisions.")
 @click.option(
     "-v", "--verbose", is_flag=True, help="Show each head in full: parents, file, message."

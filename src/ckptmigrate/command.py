@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from .runtime.report import MigrationResult
     from .schema import Schema
+    from .squash import Squashed
 
 __all__ = [
     "CheckFailed",
@@ -48,6 +49,7 @@ __all__ = [
     "revision",
     "schema",
     "show",
+    "squash",
     "stamp",
     "upgrade",
 ]
@@ -132,7 +134,7 @@ def revision(
             )
             if not allow_empty:
                 return None
-    first = not len(script_dir.revision_map)
+    first = not len(script_dir.compact_map)
     script = script_dir.generate_revision(
         rev_id,
         message,
@@ -170,7 +172,7 @@ def merge(
 ) -> Script:
     """Write a revision whose parents are ``revisions`` (e.g. ``heads``)."""
     script_dir = ScriptDirectory.from_config(config)
-    parents = [r for r in script_dir.get_revisions(tuple(revisions)) if r is not None]
+    parents = [r for r in script_dir.get_revisions(tuple(revisions), compact=True) if r is not None]
     if len({p.revision for p in parents}) < 2:
         raise CommandError(
             f"merge needs at least two revisions; {', '.join(revisions)} "
@@ -187,13 +189,51 @@ def merge(
     return script
 
 
+def squash(
+    config: Config,
+    rev_range: str,
+    message: str | None = None,
+    *,
+    keep: bool = False,
+    dry_run: bool = False,
+    rev_id: str | None = None,
+) -> Squashed:
+    """Write one revision for the linear run ``rev_range`` (``A:B``), proved equal to it.
+
+    Checkpoints stamped with any replaced revision still migrate; the replaced
+    files are removed unless ``keep``. ``dry_run`` prints the combined ops.
+    """
+    from .squash import describe
+    from .squash import squash as run
+
+    done = run(config, rev_range, message, keep=keep, dry_run=dry_run, rev_id=rev_id)
+    for line in describe(done):
+        config.log(line)
+    if done.script is None:
+        for name, body in (("upgrade", done.upgrade), ("downgrade", done.downgrade)):
+            config.print_stdout(f"def {name}() -> None:")
+            for line in body or ["pass"]:
+                config.print_stdout(f"    {line}")
+        config.log("Dry run: nothing was written")
+        return done
+    config.print_stdout(f"Generating {display_path(done.script.path)} ... done")
+    if done.removed:
+        names = ", ".join(p.name for p in done.removed[:3]) + (
+            " ..." if len(done.removed) > 3 else ""
+        )
+        config.log(f"Removed {len(done.removed)} replaced revision files ({names})")
+    elif not dry_run:
+        config.log("Kept the replaced revision files (--keep); the squash stands for them")
+    return done
+
+
 def heads(
     config: Config, *, verbose: bool = False, resolve_dependencies: bool = False
 ) -> list[Script]:
     script_dir = ScriptDirectory.from_config(config)
-    rmap = script_dir.revision_map
+    rmap = script_dir.compact_map
     ids = rmap.real_heads if resolve_dependencies else rmap.heads
-    scripts = [script_dir.script(i) for i in ids]
+    scripts = [script_dir.script(i, compact=True) for i in ids]
     for s in scripts:
         config.print_stdout(
             display.cmd_format(s, verbose, include_branches=True, tree_indicators=False)
@@ -203,13 +243,13 @@ def heads(
 
 def branches(config: Config, *, verbose: bool = False) -> list[Script]:
     script_dir = ScriptDirectory.from_config(config)
-    points = [s for s in script_dir.walk_revisions() if s.is_branch_point]
+    points = [s for s in script_dir.walk_revisions(compact=True) if s.is_branch_point]
     for s in points:
         config.print_stdout(display.cmd_format(s, verbose, include_branches=True))
         pad = " " * len(s.revision)
         for child in sorted(s.nextrev):
             line = display.head_only(
-                script_dir.script(child), include_branches=True, include_doc=verbose
+                script_dir.script(child, compact=True), include_branches=True, include_doc=verbose
             )
             config.print_stdout(f"{pad} -> {line}")
         config.print_stdout()
@@ -235,7 +275,7 @@ def history(
         lo, hi = (part.strip() for part in rev_range.split(":", 1))
         base, head = lo or "base", hi or "heads"
     try:
-        scripts = script_dir.walk_revisions(base, head)
+        scripts = script_dir.walk_revisions(base, head, compact=True)
     except RangeNotAncestorError as exc:
         raise CommandError(
             f"requested range {base}:{head} does not refer to ancestor/descendant "
@@ -262,7 +302,7 @@ def show(config: Config, rev: str) -> list[Script]:
         raise CommandError(
             "'show current' needs a checkpoint", hint="use 'ckptmigrate current CKPT -v'"
         )
-    scripts = [s for s in script_dir.get_revisions(rev) if s is not None]
+    scripts = [s for s in script_dir.get_revisions(rev, compact=True) if s is not None]
     if not scripts:
         raise CommandError(f"{rev!r} names no revision", hint="'base' has nothing to show")
     for s in scripts:
