@@ -211,6 +211,8 @@ def squash(
         config.log(line)
     if done.script is None:
         for name, body in (("upgrade", done.upgrade), ("downgrade", done.downgrade)):
+            if name == "downgrade":
+                config.print_stdout()
             config.print_stdout(f"def {name}() -> None:")
             for line in body or ["pass"]:
                 config.print_stdout(f"    {line}")

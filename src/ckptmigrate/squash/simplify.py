@@ -11,7 +11,8 @@ call's place changes no result:
 * an ``add_tensor`` (or ``add_module``) whose keys are dropped again disappears;
   a tensor added with a deterministic init and renamed is added under the new name;
 * consecutive ``reshape`` calls fold into one (none when the shape comes back),
-  and a ``transpose`` of the same two dims twice disappears.
+  and a ``transpose`` of the same two dims twice disappears;
+* a call that changes only one key, followed by a drop of that key, is the drop.
 
 New values never move to another revision's or key's seed: a random init is
 drawn from its key, so it is not renamed into its add, and an ``add_module``
@@ -80,6 +81,8 @@ def _one_pass(calls: Sequence[Call], effects: Sequence[Effect]) -> Rewrite:
             continue
         rule = _RULES.get(call.name)
         found = rule(calls, index, i) if rule is not None else None
+        if not found:
+            found = _changed_then_dropped(calls, index, i)
         if found and not set(found) & set(rewrite):
             rewrite.update(found)
     return rewrite
@@ -194,6 +197,20 @@ def _transpose(calls: Sequence[Call], index: _Index, i: int) -> Rewrite | None:
         return {int(c.argument("dim0")) % ndim, int(c.argument("dim1")) % ndim}
 
     return {i: [], j: []} if dims(call) == dims(calls[j]) else None
+
+
+def _changed_then_dropped(calls: Sequence[Call], index: _Index, i: int) -> Rewrite | None:
+    """``reshape(k)`` (any call that only rewrote ``k``) and then ``drop_key(k)``: the drop."""
+    effect = index.effects[i]
+    if effect.removed or len(effect.results) != 1:
+        return None
+    (key,) = effect.results
+    if effect.touched != {key} or key not in effect.before:
+        return None
+    j = index.next([key], i)
+    if j is None or calls[j].name != "drop_key" or calls[j].argument("key") != key:
+        return None
+    return {i: [], j: [calls[j]]}
 
 
 _RULES: dict[str, Callable[[Sequence[Call], _Index, int], Rewrite | None]] = {

@@ -85,13 +85,10 @@ class Source:
         return expr
 
     def _function(self, fn: Any) -> str:
-        name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
         module = getattr(fn, "__module__", None)
         shown = getattr(fn, "__name__", type(fn).__name__)
         if (
-            not isinstance(name, str)
-            or not isinstance(module, str)
-            or "<" in name
+            not isinstance(module, str)
             or module.startswith(_REVISION_MODULES)
             or module == "__main__"
         ):
@@ -99,16 +96,16 @@ class Source:
                 f"the function {shown!r}: a lambda or a function defined in a revision "
                 "script cannot be imported by name"
             )
-        try:
-            found: Any = importlib.import_module(module)
-            for part in name.split("."):
-                found = getattr(found, part)
-        except (ImportError, AttributeError):
-            found = None
-        if found is not fn:
-            raise Unwritable(f"the function {module}.{name}: importing it by name gives another")
-        self.imports[f"import {module}"] = None
-        return f"{module}.{name}"
+        # a builtin's qualified name may be an implementation detail (torch.neg is
+        # torch._VariableFunctionsClass.neg): the plain name in its module counts too
+        for name in (getattr(fn, "__qualname__", None), getattr(fn, "__name__", None)):
+            if isinstance(name, str) and "<" not in name and _imported(module, name) is fn:
+                self.imports[f"import {module}"] = None
+                return f"{module}.{name}"
+        raise Unwritable(
+            f"the function {shown!r}: a lambda, a local function or one defined in a revision "
+            "script cannot be imported by name"
+        )
 
     def call(self, call: OpCall) -> str:
         """``op.<name>(...)`` with arguments left at their defaults left out."""
@@ -148,6 +145,16 @@ def writable(source: Source, calls: Sequence[Call], where: str) -> None:
                 hint=f"squash the ranges before and after {c.seeds}, or give op.{c.name} a "
                 "function importable by name (e.g. from your package)",
             ) from None
+
+
+def _imported(module: str, name: str) -> Any:
+    try:
+        found: Any = importlib.import_module(module)
+        for part in name.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError):
+        return None
+    return found
 
 
 def _float(value: float) -> str:
