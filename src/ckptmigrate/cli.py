@@ -160,10 +160,24 @@ def cli(
 
 @cli.command(short_help="Create a migrations folder and alembic_style.ini.")
 @click.argument("directory")
+@click.option(
+    "-t",
+    "--template",
+    default="pytorch",
+    show_default=True,
+    help="The kind of project (see 'ckptmigrate list_templates').",
+)
 @click.pass_context
-def init(ctx: click.Context, directory: str) -> None:
+def init(ctx: click.Context, directory: str, template: str) -> None:
     """Create a migrations DIRECTORY and an alembic_style.ini pointing at it."""
-    command.init(_config(ctx, must_exist=False), directory)
+    command.init(_config(ctx, must_exist=False), directory, template=template)
+
+
+@cli.command(name="list_templates", short_help="List the templates 'init --template' takes.")
+@click.pass_context
+def list_templates(ctx: click.Context) -> None:
+    """List the project templates 'init --template NAME' sets up."""
+    command.list_templates(_config(ctx, must_exist=False))
 
 
 @cli.command(short_help="Write a new revision file.")
@@ -216,6 +230,7 @@ def revision(
 @click.option("-m", "--message", help="Message of the merge revision.")
 @click.option("--branch-label", multiple=True, help="Label for the merged branch.")
 @click.option("--rev-id", help="Use this revision id (letters, digits, _) instead of a random one.")
+@click.option("--splice", is_flag=True, help="Allow revisions that are not heads.")
 @click.pass_context
 def merge(
     ctx: click.Context,
@@ -223,11 +238,25 @@ def merge(
     message: str | None,
     branch_label: Sequence[str],
     rev_id: str | None,
+    splice: bool,
 ) -> None:
     """Join several REVISIONS (e.g. heads) with a merge revision."""
     command.merge(
-        _config(ctx), revisions, message, branch_label=tuple(branch_label) or None, rev_id=rev_id
+        _config(ctx),
+        revisions,
+        message,
+        branch_label=tuple(branch_label) or None,
+        rev_id=rev_id,
+        splice=splice,
     )
+
+
+@cli.command(short_help="Open a revision file in $EDITOR.")
+@click.argument("rev", default="head")
+@click.pass_context
+def edit(ctx: click.Context, rev: str) -> None:
+    """Open the file of revision REV (default: head) in $EDITOR."""
+    command.edit(_config(ctx), rev)
 
 
 @cli.command(short_help="Replace a linear run of revisions by one, proved equal.")
@@ -282,10 +311,24 @@ def branches(ctx: click.Context, verbose: bool) -> None:
     "-v", "--verbose", is_flag=True, help="Show each revision in full: parents, file, message."
 )
 @click.option("--graph", is_flag=True, help="Draw the revision graph, like git log --graph.")
+@click.option(
+    "-i",
+    "--indicate-current",
+    metavar="CKPT",
+    help="Mark the revision(s) the checkpoint CKPT is at with (current).",
+)
 @click.pass_context
-def history(ctx: click.Context, rev_range: str | None, verbose: bool, graph: bool) -> None:
+def history(
+    ctx: click.Context,
+    rev_range: str | None,
+    verbose: bool,
+    graph: bool,
+    indicate_current: str | None,
+) -> None:
     """List revisions, newest first."""
-    command.history(_config(ctx), rev_range, verbose=verbose, graph=graph)
+    command.history(
+        _config(ctx), rev_range, verbose=verbose, graph=graph, indicate_current=indicate_current
+    )
 
 
 @cli.command(short_help="Show the revision(s) REV stands for.")

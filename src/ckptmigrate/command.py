@@ -42,9 +42,11 @@ __all__ = [
     "current",
     "diff",
     "downgrade",
+    "edit",
     "heads",
     "history",
     "init",
+    "list_templates",
     "merge",
     "revision",
     "schema",
@@ -58,10 +60,19 @@ __all__ = [
 # --------------------------------------------------------------------------- init
 
 
-def init(config: Config, directory: str | os.PathLike[str]) -> Path:
-    """Create a migrations folder and an ``alembic_style.ini`` pointing at it."""
+def init(config: Config, directory: str | os.PathLike[str], *, template: str | None = None) -> Path:
+    """Create a migrations folder and an ``alembic_style.ini`` pointing at it.
+
+    ``template`` is the kind of project (see :func:`list_templates`).
+    """
     from . import templates
 
+    template = template or templates.DEFAULT_TEMPLATE
+    if template not in templates.names():
+        raise CommandError(
+            f"no template named {template!r}",
+            hint=f"choose one of {', '.join(templates.names())} (see 'ckptmigrate list_templates')",
+        )
     target = Path(directory)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise CommandError(
@@ -71,12 +82,7 @@ def init(config: Config, directory: str | os.PathLike[str]) -> Path:
     (target / "versions").mkdir(parents=True, exist_ok=True)
     config.print_stdout(f"Creating directory {display_path(target.resolve())} ... done")
     (target / TEMPLATE_NAME).write_text(templates.read(TEMPLATE_NAME), encoding="utf-8")
-    (target / "README").write_text(
-        "Checkpoint migrations managed by ckptmigrate.\n\n"
-        "versions/ holds one revision script per change of the model's state dict;\n"
-        f"{TEMPLATE_NAME} is the template new revisions are written from.\n",
-        encoding="utf-8",
-    )
+    (target / "README").write_text(templates.read(f"{template}/README"), encoding="utf-8")
     config.print_stdout(f"Generating {display_path(target / TEMPLATE_NAME)} ... done")
     ini = config.file or (Path.cwd() / DEFAULT_INI)
     if ini.exists():
@@ -91,14 +97,28 @@ def init(config: Config, directory: str | os.PathLike[str]) -> Path:
             if not rel.startswith("..")
             else str(target.resolve())
         )
-        text = templates.read("alembic_style.ini.tmpl").replace("${script_location}", location)
-        ini.write_text(text, encoding="utf-8")
+        ini.write_text(templates.ini_text(template, location), encoding="utf-8")
         config.print_stdout(f"Generating {display_path(ini)} ... done")
     config.print_stdout(
         "Next: set 'model = ...' in the ini file if you want 'check' and autogenerate, "
         'then run: ckptmigrate revision -m "initial"'
     )
     return target
+
+
+def list_templates(config: Config) -> list[str]:
+    """The kinds of project ``init --template`` sets up, as Alembic lists its own."""
+    from . import templates
+
+    names = templates.names()
+    config.print_stdout("Available templates:\n")
+    for name in names:
+        config.print_stdout(f"{name} - {templates.description(name)}")
+    config.print_stdout(
+        "\nTemplates are used via the 'init' command, e.g.:\n\n"
+        "  ckptmigrate init --template lightning ./migrations"
+    )
+    return names
 
 
 # --------------------------------------------------------------------------- revisions
@@ -169,8 +189,12 @@ def merge(
     *,
     branch_label: str | Sequence[str] | None = None,
     rev_id: str | None = None,
+    splice: bool = False,
 ) -> Script:
-    """Write a revision whose parents are ``revisions`` (e.g. ``heads``)."""
+    """Write a revision whose parents are ``revisions`` (e.g. ``heads``).
+
+    ``splice`` allows parents that are not heads, as in Alembic.
+    """
     script_dir = ScriptDirectory.from_config(config)
     parents = [r for r in script_dir.get_revisions(tuple(revisions), compact=True) if r is not None]
     if len({p.revision for p in parents}) < 2:
@@ -183,10 +207,46 @@ def merge(
         rev_id,
         message,
         head=tuple(p.revision for p in parents),
+        splice=splice,
         branch_labels=branch_label,
     )
     config.print_stdout(f"Generating {display_path(script.path)} ... done")
     return script
+
+
+def edit(config: Config, rev: str = "head") -> Path:
+    """Open the revision file of ``rev`` in ``$EDITOR`` (or ``$VISUAL``), as Alembic does."""
+    import shlex
+    import subprocess
+
+    script_dir = ScriptDirectory.from_config(config)
+    found = [s for s in script_dir.get_revisions(rev, compact=True) if s is not None]
+    if len(found) != 1:
+        raise CommandError(
+            f"{rev!r} names {len(found) or 'no'} revisions"
+            + (f" ({format_ids(s.revision for s in found)})" if found else ""),
+            hint="name one revision (see 'ckptmigrate heads' and 'ckptmigrate history')",
+        )
+    path = found[0].path
+    editor = os.environ.get("EDITOR") or os.environ.get("VISUAL")
+    if not editor:
+        raise CommandError(
+            f"no editor to open {display_path(path)} with",
+            hint="set $EDITOR (e.g. export EDITOR=vim), or open the file yourself",
+        )
+    try:
+        done = subprocess.run([*shlex.split(editor), str(path)])
+    except OSError as exc:
+        raise CommandError(
+            f"cannot run the editor {editor!r}: {exc.strerror}", hint="fix $EDITOR"
+        ) from exc
+    if done.returncode != 0:
+        raise CommandError(
+            f"the editor {editor!r} exited with status {done.returncode}",
+            hint=f"the file is {display_path(path)}",
+        )
+    script_dir.forget()
+    return path
 
 
 def squash(
@@ -264,8 +324,12 @@ def history(
     *,
     verbose: bool = False,
     graph: bool = False,
+    indicate_current: PathLike | None = None,
 ) -> list[Script]:
-    """All revisions, newest first; ``rev_range`` is ``[start]:[end]``."""
+    """All revisions, newest first; ``rev_range`` is ``[start]:[end]``.
+
+    ``indicate_current`` is a checkpoint whose revision(s) are marked ``(current)``.
+    """
     script_dir = ScriptDirectory.from_config(config)
     base, head = "base", "heads"
     if rev_range is not None:
@@ -276,6 +340,7 @@ def history(
             )
         lo, hi = (part.strip() for part in rev_range.split(":", 1))
         base, head = lo or "base", hi or "heads"
+    marks = _current_marks(config, script_dir, indicate_current) if indicate_current else {}
     try:
         scripts = script_dir.walk_revisions(base, head, compact=True)
     except RangeNotAncestorError as exc:
@@ -285,17 +350,44 @@ def history(
             hint="check the range with 'ckptmigrate history'",
         ) from exc
     if graph:
-        lines = display.graph_lines(scripts)
+        lines = display.graph_lines(scripts, marks)
     else:
         lines = [
             display.cmd_format(
-                s, verbose, include_branches=True, include_doc=True, include_parents=True
+                s,
+                verbose,
+                include_branches=True,
+                include_doc=True,
+                include_parents=True,
+                current=marks.get(s.revision, False),
             )
             for s in scripts
         ]
     if lines:  # one write: a long history prints thousands of lines
         config.print_stdout("\n".join(lines))
     return scripts
+
+
+def _current_marks(
+    config: Config, script_dir: ScriptDirectory, checkpoint: PathLike
+) -> dict[str, str | bool]:
+    """The revision files a checkpoint is at: True, or where inside a squash it stands."""
+    from .runtime.placement import place
+    from .runtime.session import opened
+
+    with opened(config, checkpoint, CheckpointOptions()) as ckpt:
+        at = place(config, script_dir, ckpt, None).revisions
+    rmap = script_dir.compact_map
+    marks: dict[str, str | bool] = {}
+    for rid in at:
+        squash = rmap.squashed_into(rid) if rid not in rmap else None
+        if squash is None:
+            marks[rid] = True
+        else:
+            marks[squash.revision] = f"at {rid}, which it replaced"
+    if not at:
+        config.log(f"Note: {display_path(checkpoint)} is at base")
+    return marks
 
 
 def show(config: Config, rev: str) -> list[Script]:

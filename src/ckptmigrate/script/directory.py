@@ -475,7 +475,7 @@ class ScriptDirectory:
                 if not parent.is_head:
                     raise CommandError(
                         f"revision {parent.revision} is not a head revision",
-                        hint="pass --splice to start a new branch from it",
+                        hint="pass --splice to build on it anyway (it starts a new branch)",
                     )
         resolved_deps: list[str] = []
         for dep in to_tuple(depends_on):

@@ -29,10 +29,22 @@ from ..errors import CommandError, ConfigError
 TOKEN = "REVISION_SCRIPT_FILENAME"
 
 
+KINDS = ("console_scripts", "exec", "module")
+
+
 @dataclass(frozen=True)
 class Hook:
     name: str
     options: Mapping[str, str]
+
+    def __post_init__(self) -> None:
+        kind = self.options.get("type")
+        if kind not in KINDS:
+            raise ConfigError(
+                f"post_write_hooks: {self.name}.type is "
+                + (repr(kind) if kind else "missing"),
+                hint="say how to run the hook: " + ", ".join(KINDS),
+            )
 
     def option(self, key: str) -> str:
         value = self.options.get(key)
@@ -49,8 +61,6 @@ class Hook:
         import importlib.util
 
         kind = self.options.get("type")
-        if kind == "exec":
-            return [self.option("executable")]
         if kind == "module":
             module = self.option("module")
             if importlib.util.find_spec(module) is None:
@@ -70,10 +80,7 @@ class Hook:
                 f"post_write_hooks: {self.name}: no console script {name!r} is installed",
                 hint="install the tool in this environment, or use type = exec",
             )
-        raise ConfigError(
-            f"post_write_hooks: {self.name}.type is {kind!r}",
-            hint="use console_scripts, exec or module",
-        )
+        return [self.option("executable")]
 
     def run(self, path: Path) -> None:
         import shlex
@@ -111,11 +118,6 @@ def parse_ini_hooks(section: Mapping[str, str]) -> list[Hook]:
     for name in names:
         prefix = name + "."
         options = {k[len(prefix) :]: v for k, v in section.items() if k.startswith(prefix)}
-        if "type" not in options:
-            raise ConfigError(
-                f"post_write_hooks: {name}.type is missing",
-                hint="say how to run the hook: console_scripts, exec or module",
-            )
         hooks.append(Hook(name, options))
     return hooks
 
@@ -131,8 +133,6 @@ def parse_toml_hooks(tables: Sequence[Mapping[str, object]]) -> list[Hook]:
             )
         options = {str(k): str(v) for k, v in table.items()}
         name = options.pop("name", f"hook {i + 1}")
-        if "type" not in options:
-            raise ConfigError(f"post_write_hooks: {name} has no type", hint="add type = ...")
         hooks.append(Hook(name, options))
     return hooks
 
