@@ -625,5 +625,28 @@ def schema_cmd(
     )
 
 
+class _SubGroup(click.Group):
+    command_class = _Command
+
+
+@cli.group(cls=_SubGroup, short_help="Golden checkpoints kept with the migrations.")
+def fixture() -> None:
+    """Golden checkpoints: small synthetic checkpoints the pytest plugin upgrades in CI."""
+
+
+@fixture.command(name="record", short_help="Write a golden checkpoint at the head.")
+@click.option(
+    "-o",
+    "--output",
+    metavar="PATH",
+    help="Where to write it (default: <script_location>/fixtures/<head>.pt; .safetensors too).",
+)
+@click.option("--seed", type=int, default=None, help="Seed of its tensors (default: 0).")
+@click.pass_context
+def fixture_record(ctx: click.Context, output: str | None, seed: int | None) -> None:
+    """Write a small golden checkpoint at the head: tensors from the schema, fixed seed."""
+    command.fixture_record(_config(ctx), output, seed=seed)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     cli.main(args=list(argv) if argv is not None else None, prog_name="ckptmigrate")

@@ -43,6 +43,7 @@ __all__ = [
     "diff",
     "downgrade",
     "edit",
+    "fixture_record",
     "heads",
     "history",
     "init",
@@ -475,6 +476,23 @@ def current(
         if not stamped:
             config.log(f"Note: {display_path(checkpoint)} is at base (stamped with no revision)")
         return stamped
+
+
+# --------------------------------------------------------------------------- golden checkpoints
+
+
+def fixture_record(
+    config: Config, output: PathLike | None = None, *, seed: int | None = None
+) -> Path:
+    """Write a small golden checkpoint at the head into ``<script_location>/fixtures/``.
+
+    Its tensors come from the schema and a fixed seed; the pytest plugin upgrades
+    every such file to the head and loads it strictly.
+    """
+    from .golden import record
+    from .sample import DEFAULT_SEED
+
+    return record(config, output, seed=DEFAULT_SEED if seed is None else seed)
 
 
 # --------------------------------------------------------------------------- schemas

@@ -41,8 +41,7 @@ class Hook:
         kind = self.options.get("type")
         if kind not in KINDS:
             raise ConfigError(
-                f"post_write_hooks: {self.name}.type is "
-                + (repr(kind) if kind else "missing"),
+                f"post_write_hooks: {self.name}.type is " + (repr(kind) if kind else "missing"),
                 hint="say how to run the hook: " + ", ".join(KINDS),
             )
 
