@@ -856,18 +856,14 @@ class RevisionMap:
         return (label_part or None), self.get_revision(symbol_part)
 
     def _all_current(self, current: Sequence[str]) -> tuple[Revision, ...]:
+        """``current`` and its ancestors, less those with a descendant (not counting
+        ``depends_on``) among them, as Alembic folds them."""
         tops = {r for r in self.get_revisions(tuple(current)) if r is not None}
-        tops.update(self.ancestors(list(tops)))
-        return tuple(self._branch_tips(tops))
-
-    def _branch_tips(self, revs: Collection[Revision]) -> list[Revision]:
-        """Those of ``revs`` with no descendant in ``revs``."""
-        chosen = set(revs)
-        for rev in list(chosen):
-            above = set(self.descendants([rev], include_dependencies=False)) - {rev}
-            if above & chosen:
-                chosen.discard(rev)
-        return sorted(chosen, key=lambda r: self._order[r.revision])
+        within = {r.revision for r in self.ancestors(list(tops))}
+        # ``within`` holds every parent of its members, so a revision with a
+        # descendant in it has a child in it: one look per revision, not a walk
+        tips = [r for r in within if not (self._by_id[r].nextrev & within)]
+        return tuple(self._by_id[r] for r in sorted(tips, key=self._order.__getitem__))
 
     def all_current(self, current: Sequence[str]) -> tuple[Revision, ...]:
         """What ``current`` shows: the stored heads, ancestors folded away."""
