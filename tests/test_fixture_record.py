@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from examples.simple_model import SimpleModel
 from safetensors import safe_open
 from tests.conftest import ADD_FC3, INITIAL, Run, load_dict
 from tests.harness.common import write_revision
-
-from examples.simple_model import SimpleModel
 
 
 def test_recorded_at_the_head_stamped_and_loadable(project: Path, run: Run) -> None:

@@ -237,7 +237,13 @@ class MigrationRunner:
         from .runtime.placement import resolve_ids
 
         current = resolve_ids(self.script_dir, from_revision)
-        (target,) = resolve_ids(self.script_dir, to_revision) or ("base",)
+        targets = resolve_ids(self.script_dir, to_revision) or ("base",)
+        if len(targets) > 1:
+            raise CkptMigrateError(
+                f"{to_revision!r} is {len(targets)} revisions ({format_ids(targets)})",
+                hint="migrate to one revision at a time",
+            )
+        (target,) = targets
         return migrate_state_dict(self.script_dir, state_dict, {}, current, target).state_dict
 
     def __iter__(self) -> Iterator[Step]:
