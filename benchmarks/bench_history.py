@@ -128,21 +128,30 @@ def make_alembic(root: Path, n: int) -> Path:
     return root
 
 
-def alembic(root: Path, *args: str) -> float:
+Timing = tuple[float, float]  # wall seconds, CPU seconds (user + system) of the process
+
+
+def alembic(root: Path, *args: str) -> Timing:
     return timed([sys.executable, "-m", "alembic", "-c", str(root / "alembic.ini"), *args], root)
 
 
-def ckptmigrate(root: Path, *args: str) -> float:
+def ckptmigrate(root: Path, *args: str) -> Timing:
     return timed([sys.executable, "-m", "ckptmigrate", *args], root)
 
 
-def timed(argv: Sequence[str], cwd: Path) -> float:
-    t0 = time.perf_counter()
-    done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
-    elapsed = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr}")
-    return elapsed
+def timed(argv: Sequence[str], cwd: Path) -> Timing:
+    """Wall time, and the CPU time of the process itself: on a busy machine the CPU time
+    varies far less than the wall time."""
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"{' '.join(argv)} failed:\n{err.read().decode()}")
+    return elapsed, usage.ru_utime + usage.ru_stime
 
 
 COMMANDS = {  # what each tool runs for the same question
@@ -153,7 +162,11 @@ COMMANDS = {  # what each tool runs for the same question
 }
 
 
-def measure(ours: Path, theirs: Path, repeat: int) -> dict[str, tuple[float, float, float]]:
+def best(runs: Sequence[Timing]) -> Timing:
+    return min(t[0] for t in runs), min(t[1] for t in runs)
+
+
+def measure(ours: Path, theirs: Path, repeat: int) -> dict[str, tuple[Timing, Timing, Timing]]:
     """Per command: ckptmigrate cold, ckptmigrate warm, Alembic (best of ``repeat``)."""
     out = {}
     for name, (mine, alembics) in COMMANDS.items():
@@ -162,23 +175,23 @@ def measure(ours: Path, theirs: Path, repeat: int) -> dict[str, tuple[float, flo
             shutil.rmtree(ours / "migrations" / CACHE_DIR, ignore_errors=True)
             colds.append(ckptmigrate(ours, *mine))
         ckptmigrate(ours, *mine)  # the cache is written
-        warm = min(ckptmigrate(ours, *mine) for _ in range(repeat))
-        theirs_t = min(alembic(theirs, *alembics) for _ in range(repeat))
-        out[name] = (min(colds), warm, theirs_t)
+        warm = best([ckptmigrate(ours, *mine) for _ in range(repeat)])
+        theirs_t = best([alembic(theirs, *alembics) for _ in range(repeat)])
+        out[name] = (best(colds), warm, theirs_t)
     return out
 
 
-def report(title: str, rows: dict[str, tuple[float, float, float]]) -> None:
+def report(title: str, rows: dict[str, tuple[Timing, Timing, Timing]]) -> None:
     print(title)
     print(
-        f"{'command':<22}{'ckptmigrate cold':>18}{'warm':>10}{'Alembic':>10}{'cold/Alembic':>14}"
-        f"{'warm/Alembic':>14}"
+        f"{'':<22}{'ckptmigrate cold':>17}{'ckptmigrate warm':>17}{'Alembic':>15}"
+        f"{'cold/Alembic':>15}{'warm/Alembic':>15}"
     )
+    print(f"{'command':<22}" + "{:>17}{:>17}{:>15}{:>15}{:>15}".format(*["wall  CPU"] * 5))
     for name, (cold, warm, theirs) in rows.items():
-        print(
-            f"{name:<22}{cold:>17.3f}s{warm:>9.3f}s{theirs:>9.3f}s"
-            f"{cold / theirs:>13.2f}x{warm / theirs:>13.2f}x"
-        )
+        cells = [f"{w:6.2f}s {c:5.2f}s" for w, c in (cold, warm, theirs)]
+        ratios = [f"{m[0] / theirs[0]:5.2f}x {m[1] / theirs[1]:5.2f}x" for m in (cold, warm)]
+        print(f"{name:<22}{cells[0]:>17}{cells[1]:>17}{cells[2]:>15}{ratios[0]:>15}{ratios[1]:>15}")
 
 
 def squash_to(ours: Path, n: int, parts: int) -> float:
