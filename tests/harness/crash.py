@@ -29,31 +29,15 @@ import torch
 from tests.harness.common import (
     REV_A,
     REV_B,
+    cli_child,
     digest,
     leftovers,
-    quiet_fds,
     same,
     standard_project,
     tmp_files_of,
 )
 
 from ckptmigrate.cli import main as cli_main
-
-
-def _child(argv: list[str], done_fd: int = -1) -> None:
-    """Run the command line, then report when the work ended (before exiting)."""
-    quiet_fds()
-    code = 1
-    try:
-        cli_main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        code = 99
-    if done_fd >= 0:
-        os.write(done_fd, repr(time.perf_counter()).encode())
-    os._exit(code)
 
 
 def _run_clean(argv: list[str]) -> tuple[int, float]:
@@ -67,7 +51,7 @@ def _run_clean(argv: list[str]) -> tuple[int, float]:
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
-        _child(argv, write_fd)
+        cli_child(argv, write_fd)
     os.close(write_fd)
     _, status = os.waitpid(pid, 0)
     with os.fdopen(read_fd, "rb") as fh:
@@ -116,7 +100,10 @@ def _trials(
     """Trial after trial until ``kills`` SIGKILLs landed on a running process.
 
     A delay past the run's end lets it finish first; such trials are counted
-    (and checked) too, but do not count as kills.
+    (and checked) too, but do not count as kills. The window the delays are
+    drawn from follows how long runs take now (a loaded machine runs slower or
+    faster than the clean run that measured it): it shrinks after a run that
+    finished first and grows back after a kill near its end.
     """
     folder = ckpt.parent
     phases: Counter[str] = Counter()
@@ -124,14 +111,15 @@ def _trials(
     max_leftovers = 0
     landed = trials = 0
     at_before = digest(ckpt) == scenario.before_digest
-    while landed < kills and trials < 4 * kills:
+    window = 1.2 * clean_seconds
+    while landed < kills and trials < 8 * kills:
         trials += 1
         if not at_before:
             shutil.copyfile(scenario.before, ckpt)
-        delay = rng.uniform(0.0, 1.2 * clean_seconds)
+        delay = rng.uniform(0.0, window)
         pid = os.fork()
         if pid == 0:
-            _child(scenario.argv)
+            cli_child(scenario.argv)
         time.sleep(delay)
         os.kill(pid, signal.SIGSTOP)  # freeze it to see how far it got
         had_tmp = bool(tmp_files_of(folder, pid))
@@ -139,6 +127,10 @@ def _trials(
         _, status = os.waitpid(pid, 0)
         killed = os.WIFSIGNALED(status)
         landed += killed
+        if not killed:
+            window = max(0.8 * window, 0.01)
+        elif delay > 0.8 * window:
+            window = min(1.1 * window, 4 * clean_seconds)
         if not killed and os.waitstatus_to_exitcode(status) != 0:
             failures.append(f"trial {trials}: the run failed with exit {status} before the kill")
         now = digest(ckpt)

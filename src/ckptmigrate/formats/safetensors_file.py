@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import CheckpointError
-from . import fileio
+from . import fileio, readguard
 from .base import FileFormat, ReadOptions, WriteOptions, register
 from .checkpoint import Checkpoint
 from .probe import looks_like_safetensors
@@ -226,10 +226,11 @@ def read_safetensors(path: Path) -> SafetensorsCheckpoint:
         name: TensorSpec(tuple(info["shape"]), table[info["dtype"]])
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
     }
-    state: dict[str, Any] = {"mm": None}
+    state: dict[str, Any] = {"mm": None, "release": None}
 
     def mapping() -> mmap.mmap:
         if state["mm"] is None:
+            state["release"] = readguard.hold(path)
             with open(path, "rb") as fh:
                 state["mm"] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
         return state["mm"]  # type: ignore[no-any-return]
@@ -254,6 +255,9 @@ def read_safetensors(path: Path) -> SafetensorsCheckpoint:
             with contextlib.suppress(BufferError):
                 state["mm"].close()
             state["mm"] = None
+        if state["release"] is not None:
+            state["release"]()
+            state["release"] = None
 
     modules = stamp_entries(meta)
     return SafetensorsCheckpoint(
