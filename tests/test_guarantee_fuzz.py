@@ -20,21 +20,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 from tests.harness.common import REV_A, REV_B, TMP_SUFFIX, stamp_state_dict, write_project
+from tests.harness.fuzz import ZIP_DAMAGE
 
 from ckptmigrate.cli import cli
 
 REPO = Path(__file__).resolve().parent.parent
 
-ZIP_KINDS = {
-    "truncate",
-    "zip directory flip",
-    "local header flip",
-    "data.pkl flip",
-    "tensor record flip",
-    "small record flip",
-    "data.pkl flip, CRC fixed",
-    "safetensors length flip",
-}
+ZIP_KINDS = {*ZIP_DAMAGE, "safetensors length flip"}
 #: Fields of a stored, single-disk zip that no reader gives meaning to (or, in
 #: torch.save's files, left zero because a data descriptor follows the data).
 MEANINGLESS = (

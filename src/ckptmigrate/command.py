@@ -465,26 +465,36 @@ def current(
     verbose: bool = False,
     **options: Unpack[CheckpointKwargs],
 ) -> tuple[str, ...]:
-    """Print the revision(s) a checkpoint is at; returns them."""
+    """Print the revision(s) a checkpoint is at; returns them.
+
+    A stamped file is answered from a look at its stamp, without torch; an
+    unstamped one is opened and identified by its schema.
+    """
     from .runtime.placement import stamped_heads
-    from .runtime.session import opened
+    from .runtime.session import opened, peeked
 
     script_dir = ScriptDirectory.from_config(config)
-    with opened(config, checkpoint, make_options(CheckpointOptions, dict(options))) as ckpt:
-        stamped = stamped_heads(script_dir, ckpt)
-        if stamped is None and ckpt.adapter is not None:
-            from .adapters import run
+    opts: CheckpointOptions = make_options(CheckpointOptions, dict(options))
+    found = peeked(config, checkpoint, opts)
+    if found is not None:
+        stamped = stamped_heads(script_dir, found)
+    else:
+        with opened(config, checkpoint, opts) as ckpt:
+            stamped = stamped_heads(script_dir, ckpt)
+            if stamped is None and ckpt.adapter is not None:
+                from .adapters import run
 
-            return run.current(config, script_dir, ckpt)
-        if stamped is None:
-            from .identify import identify_current
+                return run.current(config, script_dir, ckpt)
+            if stamped is None:
+                from .identify import identify_current
 
-            return identify_current(config, script_dir, ckpt, verbose=verbose)
-        for rev in script_dir.revision_map.all_current(stamped):
-            config.print_stdout(display.cmd_format(script_dir.script(rev.revision), verbose))
-        if not stamped:
-            config.log(f"Note: {display_path(checkpoint)} is at base (stamped with no revision)")
-        return stamped
+                return identify_current(config, script_dir, ckpt, verbose=verbose)
+    assert stamped is not None
+    for rev in script_dir.revision_map.all_current(stamped):
+        config.print_stdout(display.cmd_format(script_dir.script(rev.revision), verbose))
+    if not stamped:
+        config.log(f"Note: {display_path(checkpoint)} is at base (stamped with no revision)")
+    return stamped
 
 
 # --------------------------------------------------------------------------- fleets

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 
 
-def display_path(path: str | os.PathLike[str]) -> str:
-    """``path`` relative to the working directory when it lies below it."""
+def display_path(path: str | os.PathLike[str] | object) -> str:
+    """``path`` relative to the working directory when it lies below it; a URL as it is."""
+    if not isinstance(path, (str, os.PathLike)) or (isinstance(path, str) and "://" in path):
+        return str(path)
     try:
         rel = os.path.relpath(path)
     except ValueError:  # pragma: no cover - another drive on Windows

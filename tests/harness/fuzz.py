@@ -251,6 +251,18 @@ def _fix_crc(data: bytes, layout: ZipLayout, name: str) -> bytes:
     return bytes(out)
 
 
+#: The kinds of damage :func:`zip_cases` makes, each the key of its count.
+ZIP_DAMAGE = (
+    "truncate",
+    "zip directory flip",
+    "local header flip",
+    "data.pkl flip",
+    "tensor record flip",
+    "small record flip",
+    "data.pkl flip, CRC fixed",
+)
+
+
 def zip_cases(name: str, data: bytes, rng: random.Random, counts: dict[str, int]) -> list[Case]:
     layout = ZipLayout.of(data)
     cases: list[Case] = []

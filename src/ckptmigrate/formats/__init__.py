@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
@@ -21,6 +20,7 @@ from .atomic import check_target
 from .base import (
     FileFormat,
     Format,
+    Peekable,
     ReadOptions,
     WriteOptions,
     formats,
@@ -29,24 +29,33 @@ from .base import (
     register,
     unregister,
 )
-from .checkpoint import Checkpoint, TrainingContainer
+from .checkpoint import Checkpoint, Header, TrainingContainer
 from .stamp import write_stamp
+from .storage import location
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from ..plan.state import PlanState
+    from .storage import CkptPath
+
+    PathLike: TypeAlias = str | os.PathLike[str] | CkptPath
 
 __all__ = [
     "Checkpoint",
     "FileFormat",
     "Format",
+    "Header",
     "ReadOptions",
     "TrainingContainer",
     "WriteOptions",
     "check_output",
     "check_output_path",
     "formats",
+    "location",
     "lock_path",
     "open_checkpoint",
+    "peek_checkpoint",
     "read_checkpoint",
     "recognised",
     "recover",
@@ -58,14 +67,26 @@ __all__ = [
 _DEFAULT_WRITE = WriteOptions()
 
 
-def open_checkpoint(path: str | os.PathLike[str], options: ReadOptions | None = None) -> Checkpoint:
+def open_checkpoint(path: PathLike, options: ReadOptions | None = None) -> Checkpoint:
     """Open a checkpoint of any registered format without reading tensor data."""
-    p = Path(path)
+    p = location(path)
     return recognise(p).open(p, options or ReadOptions())
 
 
+def peek_checkpoint(path: PathLike, options: ReadOptions | None = None) -> Header | None:
+    """What a checkpoint records about itself, read without torch where its format can.
+
+    None when only opening it can tell (its format has no ``peek``, or the
+    file needs more than a look: it has no stamp, or something is unusual);
+    a path that is no checkpoint at all raises, as :func:`open_checkpoint` does.
+    """
+    p = location(path)
+    fmt = recognise(p)
+    return fmt.peek(p, options or ReadOptions()) if isinstance(fmt, Peekable) else None
+
+
 def read_checkpoint(
-    path: str | os.PathLike[str],
+    path: PathLike,
     *,
     trust_pickle: bool = False,
     state_dict_key: str | None = None,
@@ -74,15 +95,15 @@ def read_checkpoint(
     return open_checkpoint(path, ReadOptions(trust_pickle, state_dict_key))
 
 
-def _format_for(target: Path, source: Checkpoint) -> Format:
+def _format_for(target: CkptPath, source: Checkpoint) -> Format:
     return output_format(target, source.format) or source.format
 
 
 def check_output(
-    target: str | os.PathLike[str], source: Checkpoint, options: WriteOptions = _DEFAULT_WRITE
+    target: PathLike, source: Checkpoint, options: WriteOptions = _DEFAULT_WRITE
 ) -> None:
     """Refuse an output ``source`` cannot be written to, before any work is done on it."""
-    out = Path(target)
+    out = location(target)
     fmt = _format_for(out, source)
     if fmt.holds_only_tensors and source.training is not None:
         others = ", ".join(map(repr, source.training.others()))
@@ -108,7 +129,7 @@ def _suffix_of(able: Callable[[Format], bool]) -> str:
 
 
 def write_checkpoint(
-    target: str | os.PathLike[str],
+    target: PathLike,
     source: Checkpoint,
     state: PlanState,
     revisions: tuple[str, ...] | None,
@@ -121,7 +142,7 @@ def write_checkpoint(
     given, replaces the training container the state dict is put back into).
     ``revisions`` is the stamp to record: ``()`` means at base, None removes it.
     """
-    out = Path(target)
+    out = location(target)
     check_output(out, source, options)
     full = source.file_state(state)
     metadata = {k: dict(v) for k, v in full.metadata.items()}
@@ -129,37 +150,37 @@ def write_checkpoint(
     _format_for(out, source).write(out, source, full, metadata, options)
 
 
-def recognised(path: str | os.PathLike[str]) -> Format | None:
+def recognised(path: PathLike) -> Format | None:
     """The format that owns ``path``, or None (no checkpoint there, or no such path)."""
     try:
-        return recognise(Path(path))
+        return recognise(location(path))
     except CheckpointError:
         return None
 
 
-def lock_path(path: str | os.PathLike[str]) -> Path:
+def lock_path(path: PathLike) -> CkptPath:
     """The file a writer of ``path`` locks (a sharded folder's index; a file itself)."""
-    p = Path(path)
+    p = location(path)
     fmt = recognised(p)
     return fmt.lock_path(p) if fmt is not None else p
 
 
-def recover(path: str | os.PathLike[str]) -> list[str]:
+def recover(path: PathLike) -> list[str]:
     """Clear what killed writers of ``path`` left; call it holding the writer's lock."""
-    p = Path(path)
+    p = location(path)
     fmt = recognised(p)
     finish = getattr(fmt, "recover", None)
     return list(finish(p)) if finish is not None else []
 
 
-def check_output_path(
-    checkpoint: str | os.PathLike[str], output: str | os.PathLike[str] | None
-) -> None:
+def check_output_path(checkpoint: PathLike, output: PathLike | None) -> None:
     """Refuse an ``-o`` path nothing can be written at, before anything is read or locked."""
     if output is None:
         return
-    out = Path(output)
-    fmt = output_format(out, recognised(Path(checkpoint)))  # unreadable input: its read says why
+    out = location(output)
+    fmt = output_format(
+        out, recognised(location(checkpoint))
+    )  # unreadable input: its read says why
     if fmt is not None:
         fmt.check_target(out)
     else:

@@ -13,10 +13,13 @@ import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import WriteError
 from .fileio import fsync_dir, fsync_file
+
+if TYPE_CHECKING:
+    from .storage import CkptPath
 
 TMP_SUFFIX = ".ckptmigrate-tmp"
 
@@ -141,11 +144,19 @@ def _switch(tmp: Path, target: Path, durable: bool) -> None:
     os.replace(tmp, target)
 
 
-def check_target(target: Path) -> None:
+def check_target(target: CkptPath) -> None:
     """A file can be written at ``target``: it is no directory and its folder exists.
 
-    Checked before any work is done, and again when the file is written.
+    Checked before any work is done, and again when the file is written. On
+    an object store folders need not exist.
     """
+    if not isinstance(target, Path):
+        if target.is_dir():
+            raise WriteError(
+                f"cannot write {target}: it is a folder",
+                hint="give a file URL with -o, or move the folder away",
+            )
+        return
     parent = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
         raise WriteError(
@@ -216,7 +227,7 @@ def atomic_output(target: Path, *, durable: bool = True) -> Iterator[Path]:
         raise
 
 
-def write_error(target: Path, exc: BaseException) -> WriteError:
+def write_error(target: CkptPath, exc: BaseException) -> WriteError:
     """Turn a failure while writing the temporary file into a WriteError."""
     if isinstance(exc, OSError):
         reason = _explain(exc)

@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from ..errors import CheckpointError, CkptMigrateError
 from . import probe
@@ -27,7 +27,8 @@ from . import probe
 if TYPE_CHECKING:
     from ..plan.nodes import Node
     from ..plan.state import PlanState
-    from .checkpoint import Checkpoint
+    from .checkpoint import Checkpoint, Header
+    from .storage import CkptPath, Output
 
 #: The built-in formats' modules, in the order they are asked to recognise a path.
 BUILTIN_FORMATS = ("peft", "sharded", "dcp", "safetensors_file", "torch_file")
@@ -67,21 +68,21 @@ class Format(Protocol):
     #: Whether ``--keep-wrapper-prefix`` can put ``module.`` back into its keys.
     keeps_wrapper_prefix: ClassVar[bool]
 
-    def recognise(self, path: Path, head: bytes) -> bool:
+    def recognise(self, path: CkptPath, head: bytes) -> bool:
         """Whether ``path`` (whose first bytes are ``head``, ``b""`` for a folder) is ours."""
 
-    def accepts_output(self, target: Path, source: Format | None) -> bool:
+    def accepts_output(self, target: CkptPath, source: Format | None) -> bool:
         """Whether a checkpoint in ``source`` format asked to go to ``target`` is written by us."""
 
-    def open(self, path: Path, options: ReadOptions) -> Checkpoint:
+    def open(self, path: CkptPath, options: ReadOptions) -> Checkpoint:
         """The checkpoint at ``path``, read lazily (no tensor data yet)."""
 
-    def check_target(self, target: Path) -> None:
+    def check_target(self, target: CkptPath) -> None:
         """Refuse an output path we cannot write, before any work is done."""
 
     def write(
         self,
-        target: Path,
+        target: CkptPath,
         source: Checkpoint,
         full: PlanState,
         metadata: Mapping[str, Mapping[str, Any]],
@@ -89,8 +90,21 @@ class Format(Protocol):
     ) -> None:
         """Write the whole file's plan (``metadata`` stamped) atomically; verify it if asked."""
 
-    def lock_path(self, path: Path) -> Path:
+    def lock_path(self, path: CkptPath) -> CkptPath:
         """The file a writer of ``path`` locks (one that every writer replaces)."""
+
+
+@runtime_checkable
+class Peekable(Protocol):
+    """A format that can tell a checkpoint's stamp without torch (for ``current``)."""
+
+    def peek(self, path: CkptPath, options: ReadOptions) -> Header | None:
+        """What the file records about itself, or None when only :meth:`Format.open` can tell.
+
+        Reads only what the stamp needs and imports no torch; anything unusual
+        (a pickle needing more than tensors and plain containers, a damaged
+        file) is None, so that ``open`` answers it, with its own errors.
+        """
 
 
 class FileFormat(ABC):
@@ -102,25 +116,29 @@ class FileFormat(ABC):
     keeps_wrapper_prefix: ClassVar[bool] = False
 
     @abstractmethod
-    def recognise(self, path: Path, head: bytes) -> bool: ...
+    def recognise(self, path: CkptPath, head: bytes) -> bool: ...
 
     @abstractmethod
-    def open(self, path: Path, options: ReadOptions) -> Checkpoint: ...
+    def open(self, path: CkptPath, options: ReadOptions) -> Checkpoint: ...
 
     @abstractmethod
     def write_file(
         self,
-        path: Path,
+        path: Output,
         source: Checkpoint,
         full: PlanState,
         metadata: Mapping[str, Mapping[str, Any]],
         options: WriteOptions,
     ) -> None:
-        """Write the file's bytes to ``path`` (a fresh temporary file), reading via ``source``."""
+        """Write the file's bytes to ``path``, reading via ``source``.
+
+        ``path`` is a fresh temporary file or an upload: open it with
+        :func:`.fileio.open_for_writing`, nothing else.
+        """
 
     def write_part(
         self,
-        path: Path,
+        path: Output,
         entries: Mapping[str, Node],
         produce: Callable[[str], Any],
         own: Checkpoint | None,
@@ -131,47 +149,53 @@ class FileFormat(ABC):
         so that its bytes may be copied; else None.
         """
         raise CheckpointError(
-            f"{path.name}: {self.name} files cannot be written as shards",
+            f"{self.name} files cannot be written as shards",
             hint="write the checkpoint as one file with -o",
         )
 
-    def accepts_output(self, target: Path, source: Format | None) -> bool:
+    def accepts_output(self, target: CkptPath, source: Format | None) -> bool:
         return target.suffix.lower() in self.suffixes
 
-    def check_target(self, target: Path) -> None:
+    def check_target(self, target: CkptPath) -> None:
         from .atomic import check_target
 
         check_target(target)
 
-    def lock_path(self, path: Path) -> Path:
+    def lock_path(self, path: CkptPath) -> CkptPath:
         return path
 
     def open_written(self, path: Path, source: Checkpoint) -> Checkpoint:
-        """Read back a file this format just wrote from ``source``, to verify it."""
+        """Read back a file this format just wrote from ``source``, to verify it.
+
+        ``path`` is local: the temporary file, or an upload's read-back file,
+        which holds everything but the tensor bytes.
+        """
         return self.open(path, ReadOptions())
 
     def write(
         self,
-        target: Path,
+        target: CkptPath,
         source: Checkpoint,
         full: PlanState,
         metadata: Mapping[str, Mapping[str, Any]],
         options: WriteOptions,
     ) -> None:
-        """Write beside ``target``, verify the temporary file, then switch it in atomically."""
-        from .atomic import atomic_output, write_error
+        """Write beside ``target`` (or upload it), verify what was written, then switch it in."""
+        from .atomic import write_error
+        from .storage import staged_output, target_version
         from .verify import verify_written
 
-        with atomic_output(target, durable=options.durable) as tmp:
+        expect = target_version(target, source)
+        with staged_output(target, durable=options.durable, expect=expect) as staged:
             try:
-                self.write_file(tmp, source, full, metadata, options)
+                self.write_file(staged.output, source, full, metadata, options)
             except CkptMigrateError:
                 raise
             except Exception as exc:
                 raise write_error(target, exc) from exc
             if options.verify:
                 wrapper = source.wrapper_prefix if options.keep_wrapper_prefix else ""
-                written = self.open_written(tmp, source)
+                written = self.open_written(staged.readable, source)
                 verify_written(written, target, full, metadata, source.key_prefix, wrapper)
 
 
@@ -222,7 +246,7 @@ def formats() -> tuple[Format, ...]:
     return tuple(_registry)
 
 
-def recognise(path: Path) -> Format:
+def recognise(path: CkptPath) -> Format:
     """The format that owns ``path``; a :class:`CheckpointError` saying what it is otherwise."""
     head = probe.read_head(path)
     for fmt in formats():
@@ -231,7 +255,7 @@ def recognise(path: Path) -> Format:
     raise probe.not_a_checkpoint(path, head)
 
 
-def output_format(target: Path, source: Format | None) -> Format | None:
+def output_format(target: CkptPath, source: Format | None) -> Format | None:
     """The format a checkpoint in ``source`` format is written in at ``target``.
 
     The first format that accepts the target (by its suffix, or a folder

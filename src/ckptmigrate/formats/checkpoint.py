@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
@@ -28,6 +27,7 @@ if TYPE_CHECKING:
     from ..plan.nodes import Node, TensorSpec
     from ..plan.state import PlanState
     from .base import Format
+    from .storage import CkptPath
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,13 @@ class TrainingContainer:
     #: The container's values may be plan nodes, computed only when written: a DCP
     #: checkpoint's optimizer state is read only where a migration changes it.
     lazy: bool = False
+    #: Fetches the tensors of a container read by ranges (a file on a store), for the
+    #: training pass, which computes with them; None when they are at hand already.
+    fetch: Callable[[Any], Any] | None = None
+
+    def materialised(self) -> Any:
+        """The container with every tensor's values at hand (the state dict left as it is)."""
+        return self.fetch(self.container) if self.fetch is not None else self.container
 
     @property
     def state_dict(self) -> Any:
@@ -57,11 +64,61 @@ class TrainingContainer:
         return [str(k) for k in self.container if (k,) != self.state_path[:1]][:limit]
 
 
+def reading_notes(
+    state_path: tuple[str, ...] | None,
+    wrapper: str,
+    n_keys: int,
+    keep_wrapper_prefix: bool | None,
+) -> list[str]:
+    """What a user should know about how a file was read: where the weights were, wrappers."""
+    out: list[str] = []
+    if state_path is not None:
+        out.append(f"state dict found under {'/'.join(repr(p) for p in state_path)}")
+    if wrapper:
+        output = {
+            None: "",
+            True: "; output keys are written back with it",
+            False: "; output keys are written without it (--keep-wrapper-prefix keeps it)",
+        }[keep_wrapper_prefix]
+        out.append(
+            f"stripped wrapper prefix {wrapper!r} "
+            f"({describe_wrapper(wrapper)}) from {n_keys} keys{output}"
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a checkpoint records about itself, read without torch or any tensor data.
+
+    Enough for ``current`` on a stamped file: its keys (a wrapper's prefix
+    taken off), the per-module metadata holding the stamp, and where the
+    weights sat. Formats that can tell this cheaply return it from ``peek``.
+    """
+
+    path: CkptPath
+    keys: tuple[str, ...]
+    metadata: dict[str, dict[str, Any]]
+    state_path: tuple[str, ...] | None = None
+    wrapper_prefix: str = ""
+
+    def stamp(self, prefix: str | None) -> Stamp | None:
+        """The stamp of the lineage whose keys sit under ``prefix`` (checked like ``focus``)."""
+        p = keyspace.normal(prefix)
+        if p and not any(k.startswith(p) for k in self.keys):
+            return None  # no such keys: opening the file says so
+        where = f"{self.path} (under {p!r})" if p else str(self.path)
+        return read_stamp(keyspace.metadata_under(self.metadata, p).get(""), where)
+
+    def notes(self) -> list[str]:
+        return reading_notes(self.state_path, self.wrapper_prefix, len(self.keys), None)
+
+
 @dataclass
 class Checkpoint:
     """One checkpoint, read lazily."""
 
-    path: Path
+    path: CkptPath
     format: Format
     schema: dict[str, TensorSpec | None]
     metadata: dict[str, dict[str, Any]]
@@ -78,6 +135,8 @@ class Checkpoint:
     #: ``read`` returns views of the file's storages (memory-mapped): reading costs
     #: nothing and tied tensors show as one storage. False where a read loads data.
     views_share_storage: bool = True
+    #: The store's identifier of the content read (an ETag); None for local files.
+    version: str | None = None
     #: Set when the file holds a PEFT adapter of the lineage's model, not the model's weights.
     adapter: AdapterLayout | None = None
 
@@ -151,18 +210,9 @@ class Checkpoint:
         ``keep_wrapper_prefix`` is None for commands that write nothing, else
         whether the output keeps the wrapper prefix.
         """
-        out: list[str] = []
-        if self.training is not None:
-            where = "/".join(repr(p) for p in self.training.state_path)
-            out.append(f"state dict found under {where}")
-        if self.wrapper_prefix:
-            output = {
-                None: "",
-                True: "; output keys are written back with it",
-                False: "; output keys are written without it (--keep-wrapper-prefix keeps it)",
-            }[keep_wrapper_prefix]
-            out.append(
-                f"stripped wrapper prefix {self.wrapper_prefix!r} "
-                f"({describe_wrapper(self.wrapper_prefix)}) from {len(self.schema)} keys{output}"
-            )
-        return out
+        return reading_notes(
+            self.training.state_path if self.training is not None else None,
+            self.wrapper_prefix,
+            len(self.schema),
+            keep_wrapper_prefix,
+        )

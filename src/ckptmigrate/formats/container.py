@@ -13,10 +13,12 @@ Importing this module does not import torch.
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 from ..errors import CheckpointError
+from .unpickle import InertTensor
 
 #: Where training containers usually keep the weights, in lookup order.
 CONTAINER_KEYS = ("state_dict", "model_state_dict", "model")
@@ -27,17 +29,23 @@ WRAPPER_PREFIXES = {
 }
 
 
+def is_tensor(value: Any) -> bool:
+    """A tensor, or a pickle's description of one (read without torch)."""
+    if isinstance(value, InertTensor):
+        return True
+    torch = sys.modules.get("torch")  # no tensor exists before torch is imported
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def is_state_dict(value: Any) -> bool:
     """A mapping of string keys to tensors (plus ``*_extra_state`` objects)."""
-    import torch
-
     if not isinstance(value, Mapping) or not value:
         return False
     saw_tensor = False
     for k, v in value.items():
         if not isinstance(k, str):
             return False
-        if isinstance(v, torch.Tensor):
+        if is_tensor(v):
             saw_tensor = True
         elif not k.endswith("_extra_state"):
             return False

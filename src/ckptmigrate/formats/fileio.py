@@ -10,19 +10,26 @@ from __future__ import annotations
 import ctypes
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, cast
+
+from .storage import write_payload
 
 if TYPE_CHECKING:
     import torch
 
+    from .storage import Output
 
-def open_for_writing(path: Path) -> BinaryIO:
-    """Open (creating) a file to write from its start, without O_TRUNC on an empty file.
 
-    ext4 starts writeback of the whole file when a file opened with O_TRUNC is
-    closed (its protection for replace-via-truncate); our temporary files are
-    fresh and empty, and the caller decides about fsync itself.
+def open_for_writing(path: Output) -> BinaryIO:
+    """Open a new file's output to write from its start: a local file, or an upload.
+
+    A local file is opened without O_TRUNC when empty: ext4 starts writeback
+    of the whole file when a file opened with O_TRUNC is closed (its
+    protection for replace-via-truncate); our temporary files are fresh and
+    empty, and the caller decides about fsync itself.
     """
+    if not isinstance(path, Path):
+        return cast(BinaryIO, path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
     if os.fstat(fd).st_size:
         os.ftruncate(fd, 0)
@@ -81,7 +88,7 @@ def write_tensor(fh: BinaryIO, tensor: torch.Tensor) -> None:
     """Append a tensor's raw bytes to ``fh``."""
     t = plain_tensor(tensor)
     if t.numel():
-        fh.write(tensor_bytes(t))
+        write_payload(fh, tensor_bytes(t))
 
 
 def fsync_file(path: Path) -> None:

@@ -11,6 +11,10 @@ name, and otherwise locks the new one, then reads what is there now.
 Holding the lock, it also removes the temporary files that killed writers of
 this path left (their process is gone), so whatever the next command on the
 file does, even nothing, it leaves no stale temporary file behind.
+
+A file on a store is locked by the store (:mod:`.s3`: a lease object created
+with a conditional write; the incomplete uploads of killed writers are
+aborted the same way).
 """
 
 from __future__ import annotations
@@ -22,21 +26,29 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import WriteError
 from .atomic import clean_stale
+
+if TYPE_CHECKING:
+    from .storage import CkptPath
 
 DEFAULT_TIMEOUT = 600.0
 
 
 @contextlib.contextmanager
 def locked(
-    path: Path,
+    path: CkptPath,
     *,
     timeout: float = DEFAULT_TIMEOUT,
     notify: Callable[[str], None] | None = None,
 ) -> Iterator[None]:
     """Hold an exclusive lock on the file at ``path`` (nothing to lock if it doesn't exist)."""
+    if not isinstance(path, Path):
+        with path.store.locked(path.path, notify=notify, timeout=timeout):
+            yield
+        return
     deadline = time.monotonic() + timeout
     told = False
     while True:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import CheckpointError, CkptMigrateError, WriteError
+from . import storage
 from .atomic import TMP_SUFFIX, _exchange, _explain, clean_stale, temp_prefix
 from .base import FileFormat, Format, ReadOptions, WriteOptions, register
 from .checkpoint import Checkpoint
@@ -37,6 +38,7 @@ from .fileio import fsync_dir, fsync_file
 
 if TYPE_CHECKING:
     from ..plan.state import PlanState
+    from .storage import CkptPath
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -53,7 +55,7 @@ class AdapterFiles:
     storage: Mapping[str, bool]  # module -> fan_in_fan_out; empty where the config says it
 
 
-def adapter_folder(path: Path) -> Path | None:
+def adapter_folder(path: CkptPath) -> CkptPath | None:
     """The adapter folder a path names: the folder itself, or one of its two files."""
     folder = path if path.is_dir() else path.parent
     if path.is_file() and path.name not in (CONFIG_NAME, *WEIGHT_NAMES):
@@ -89,19 +91,19 @@ class PeftFormat:
     holds_only_tensors: ClassVar[bool] = True
     keeps_wrapper_prefix: ClassVar[bool] = False
 
-    def recognise(self, path: Path, head: bytes) -> bool:
+    def recognise(self, path: CkptPath, head: bytes) -> bool:
         return adapter_folder(path) is not None
 
-    def accepts_output(self, target: Path, source: Format | None) -> bool:
+    def accepts_output(self, target: CkptPath, source: Format | None) -> bool:
         return source is self
 
-    def open(self, path: Path, options: ReadOptions) -> Checkpoint:
+    def open(self, path: CkptPath, options: ReadOptions) -> Checkpoint:
         folder = adapter_folder(path)
         assert folder is not None
-        return read_adapter(folder, options)
+        return read_adapter(local_only(folder), options)
 
-    def check_target(self, target: Path) -> None:
-        out = _output_folder(target)
+    def check_target(self, target: CkptPath) -> None:
+        out = _output_folder(local_only(target))
         if out.exists() and not out.is_dir():
             raise WriteError(
                 f"cannot write a PEFT adapter to {target}: it is a file",
@@ -118,13 +120,13 @@ class PeftFormat:
                 hint="create it first or choose another -o path",
             )
 
-    def lock_path(self, path: Path) -> Path:
+    def lock_path(self, path: CkptPath) -> CkptPath:
         folder = adapter_folder(path) if path.exists() else None
-        return (folder or _output_folder(path)) / CONFIG_NAME
+        return (folder or _output_folder(local_only(path))) / CONFIG_NAME
 
     def write(
         self,
-        target: Path,
+        target: CkptPath,
         source: Checkpoint,
         full: PlanState,
         metadata: Mapping[str, Mapping[str, Any]],
@@ -140,7 +142,12 @@ class PeftFormat:
             if files.storage:
                 root[STORAGE_KEY] = json.dumps(dict(sorted(files.storage.items())))
             metadata = {**metadata, "": root}
-        write_adapter(_output_folder(target), source, full, metadata, options, config)
+        write_adapter(_output_folder(local_only(target)), source, full, metadata, options, config)
+
+
+def local_only(path: CkptPath) -> Path:
+    """Adapter folders are read and switched with local file system calls only."""
+    return storage.local_only(path, "PEFT adapter folders")
 
 
 def _output_folder(target: Path) -> Path:
@@ -251,7 +258,7 @@ def write_adapter(
         try:
             os.chmod(tmp, _folder_mode(folder))
             in_place = folder.resolve() == source.path.resolve()
-            _carry_others(source.path, source.files, tmp, link=in_place)
+            _carry_others(local_only(source.path), source.files, tmp, link=in_place)
             inner = replace(options, container=None, progress=options.progress)
             fmt.write_file(tmp / name, weights, full, metadata, inner)
             text = source.config_bytes if config is None else _config_text(config)

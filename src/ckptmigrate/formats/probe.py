@@ -11,9 +11,13 @@ from __future__ import annotations
 import codecs
 import re
 import struct
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
+from .storage import read_head as _first_bytes
+
+if TYPE_CHECKING:
+    from .storage import CkptPath
 
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _HEAD_BYTES = 4096
@@ -32,13 +36,13 @@ _MAGIC = (
 _PYTHON = re.compile(r"^(?:import |from \S+ import |def |class |if __name__)", re.MULTILINE)
 
 
-def index_path(path: Path) -> Path | None:
+def index_path(path: CkptPath) -> CkptPath | None:
     """The index file a path names (itself, or the one inside a folder)."""
     if path.is_dir():
         for name in INDEX_NAMES:
             if (path / name).exists():
                 return path / name
-        found = sorted(path.glob("*.index.json"))
+        found: list[CkptPath] = sorted(path.glob("*.index.json"), key=str)
         return found[0] if len(found) == 1 else None
     if path.name.endswith(".index.json"):
         return path
@@ -59,7 +63,7 @@ def looks_like_safetensors(head: bytes) -> bool:
     return n >= 2 and head[8:9] == b"{"
 
 
-def read_head(path: Path) -> bytes:
+def read_head(path: CkptPath) -> bytes:
     """The first bytes formats recognise a file by (``b""`` for a folder or an empty file).
 
     A path that is missing or unreadable is refused here, whatever format it
@@ -70,8 +74,7 @@ def read_head(path: Path) -> bytes:
     if path.is_dir():
         return b""
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(_HEAD_BYTES)
+        head = _first_bytes(path, _HEAD_BYTES)
     except OSError as exc:
         raise CheckpointError(
             f"cannot read {path}: {exc.strerror}", hint="check permissions"
@@ -79,7 +82,7 @@ def read_head(path: Path) -> bytes:
     return head
 
 
-def not_a_checkpoint(path: Path, head: bytes) -> CheckpointError:
+def not_a_checkpoint(path: CkptPath, head: bytes) -> CheckpointError:
     """What to tell a user whose path no format recognised."""
     if path.is_dir():
         return CheckpointError(
@@ -105,7 +108,7 @@ def not_a_checkpoint(path: Path, head: bytes) -> CheckpointError:
     )
 
 
-def _looks_like(path: Path, head: bytes) -> str | None:
+def _looks_like(path: CkptPath, head: bytes) -> str | None:
     """A name for what the file is, when it is recognisably something else."""
     for magic, name in _MAGIC:
         if head.startswith(magic):

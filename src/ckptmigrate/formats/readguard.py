@@ -26,18 +26,31 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
+
+if TYPE_CHECKING:
+    from .storage import CkptPath
 
 _held: dict[int, Path] = {}
 _previous: list[Any] = []  # the SIGIO handler before ours, while ours is installed
 
 
-def hold(path: Path) -> Callable[[], None]:
-    """Lease ``path`` for reading; the function returned gives it back."""
+#: Files this process writes and reads back itself (an upload's local read-back copy):
+#: never leased, since this process's own writer holds them open.
+own_files: set[Path] = set()
+
+
+def hold(path: CkptPath) -> Callable[[], None]:
+    """Lease ``path`` for reading; the function returned gives it back.
+
+    A store's object needs none: every read after the first asks for the version first read.
+    """
     fcntl = _fcntl()
-    if fcntl is None or threading.current_thread() is not threading.main_thread():
+    if not isinstance(path, Path) or fcntl is None or path in own_files:
+        return _nothing
+    if threading.current_thread() is not threading.main_thread():
         return _nothing
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

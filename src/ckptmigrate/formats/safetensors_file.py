@@ -16,7 +16,6 @@ import contextlib
 import functools
 import json
 import mmap
-import os
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,19 +25,29 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..errors import CheckpointError
 from . import fileio, readguard
 from .base import FileFormat, ReadOptions, WriteOptions, register
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, Header
 from .probe import looks_like_safetensors
 from .stamp import flatten_stamps, is_stamp_key, read_stamp, stamp_entries
+from .storage import open_blob, version
 
 if TYPE_CHECKING:
     import torch
 
     from ..plan.nodes import Node, TensorSpec
     from ..plan.state import PlanState
+    from .remote import RemotePath
+    from .storage import Blob, CkptPath, Output
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors package's own limit
 #: The header every shard of a PyTorch model carries (transformers checks it).
 SHARD_HEADER = {"format": "pt"}
+#: Bytes per element of every dtype a header may name (checked without torch).
+ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "C64": 8, "U16": 2, "U32": 4, "U64": 8,
+}  # fmt: skip
+#: The first read of a file on a store: the length and, for most files, the whole header.
+_FIRST_READ = 1 << 16
 
 
 @functools.cache
@@ -85,16 +94,24 @@ class SafetensorsFormat(FileFormat):
     name: ClassVar[str] = "safetensors"
     suffixes: ClassVar[tuple[str, ...]] = (".safetensors",)
 
-    def recognise(self, path: Path, head: bytes) -> bool:
+    def recognise(self, path: CkptPath, head: bytes) -> bool:
         # the suffix wins: a damaged file named .safetensors gets this reader's errors
         return bool(head) and (path.suffix == ".safetensors" or looks_like_safetensors(head))
 
-    def open(self, path: Path, options: ReadOptions) -> Checkpoint:
+    def open(self, path: CkptPath, options: ReadOptions) -> Checkpoint:
         return read_safetensors(path)
+
+    def peek(self, path: CkptPath, options: ReadOptions) -> Header | None:
+        """The header alone, validated as :meth:`open` validates it, without torch."""
+        try:
+            _start, header, meta = read_header(path)
+        except CheckpointError:
+            return None  # open() says what is wrong
+        return Header(path, tuple(header), stamp_entries(meta))
 
     def write_file(
         self,
-        path: Path,
+        path: Output,
         source: Checkpoint,
         full: PlanState,
         metadata: Mapping[str, Mapping[str, Any]],
@@ -108,7 +125,7 @@ class SafetensorsFormat(FileFormat):
 
     def write_part(
         self,
-        path: Path,
+        path: Output,
         entries: Mapping[str, Node],
         produce: Callable[[str], Any],
         own: Checkpoint | None,
@@ -117,22 +134,26 @@ class SafetensorsFormat(FileFormat):
         write_safetensors(path, list(entries), specs, produce, SHARD_HEADER, {})
 
 
-def _bad(path: Path, what: str) -> CheckpointError:
+def _bad(path: CkptPath, what: str) -> CheckpointError:
     return CheckpointError(
         f"{path} is not a valid safetensors file: {what}",
         hint="the file may be truncated or damaged; re-create or re-download it",
     )
 
 
-def read_header(path: Path) -> tuple[int, dict[str, Any], dict[str, str]]:
+def read_header(path: CkptPath) -> tuple[int, dict[str, Any], dict[str, str]]:
     """(data start, tensor entries, __metadata__), every field validated.
 
     The header comes from an untrusted file and its offsets are used to slice
     a memory map, so every entry must describe exactly its bytes, and the
     entries together exactly the data, before anything is read.
     """
-    size = os.path.getsize(path)
-    n, header = _raw_header(path, size)
+    blob = open_blob(path)
+    try:
+        size = blob.size
+        n, header = _raw_header(path, blob)
+    finally:
+        blob.close()
     meta = header.pop("__metadata__", None)
     if meta is None:
         meta = {}
@@ -155,18 +176,20 @@ def read_header(path: Path) -> tuple[int, dict[str, Any], dict[str, str]]:
     return 8 + n, header, meta
 
 
-def _raw_header(path: Path, size: int) -> tuple[int, dict[str, Any]]:
+def _raw_header(path: CkptPath, blob: Blob) -> tuple[int, dict[str, Any]]:
     """The header's length and its JSON object, not yet validated."""
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise _bad(path, f"only {size} bytes, too short for a header")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER:
-            raise _bad(path, f"header length {n} is larger than the {MAX_HEADER}-byte limit")
-        if 8 + n > size:
-            raise _bad(path, f"header length {n} runs past the end of the {size}-byte file")
-        raw = fh.read(n)
+    size = blob.size
+    first = blob.read(0, 8 if isinstance(path, Path) else _FIRST_READ)
+    if len(first) < 8:
+        raise _bad(path, f"only {size} bytes, too short for a header")
+    (n,) = struct.unpack("<Q", first[:8])
+    if n > MAX_HEADER:
+        raise _bad(path, f"header length {n} is larger than the {MAX_HEADER}-byte limit")
+    if 8 + n > size:
+        raise _bad(path, f"header length {n} runs past the end of the {size}-byte file")
+    raw = first[8 : 8 + n]
+    if len(raw) < n:
+        raw += blob.read(8 + len(raw), 8 + n)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -178,14 +201,14 @@ def _raw_header(path: Path, size: int) -> tuple[int, dict[str, Any]]:
     return n, header
 
 
-def _span(path: Path, name: str, info: Any, data_len: int) -> tuple[int, int, str]:
+def _span(path: CkptPath, name: str, info: Any, data_len: int) -> tuple[int, int, str]:
     """One entry's (begin, end, name), checked: known dtype, sane shape, exactly its bytes."""
     if not isinstance(info, dict):
         raise _bad(path, f"entry {name!r} is not an object")
     dtype = info.get("dtype")
     shape = info.get("shape")
     offsets = info.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in dtypes():
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
         raise _bad(path, f"entry {name!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in shape
@@ -203,7 +226,7 @@ def _span(path: Path, name: str, info: Any, data_len: int) -> tuple[int, int, st
         numel *= d
         if numel > data_len:
             break
-    nbytes = numel * dtypes()[dtype].itemsize
+    nbytes = numel * ITEMSIZE[dtype]
     if not 0 <= begin <= end <= data_len:
         raise _bad(path, f"entry {name!r} points past the end of the data ({offsets})")
     if end - begin != nbytes:
@@ -214,10 +237,11 @@ def _span(path: Path, name: str, info: Any, data_len: int) -> tuple[int, int, st
     return begin, end, name
 
 
-def read_safetensors(path: Path) -> SafetensorsCheckpoint:
-    """Open lazily: the header is validated now, the data memory-mapped on first read."""
-    import torch
+def read_safetensors(path: CkptPath) -> SafetensorsCheckpoint:
+    """Open lazily: the header is validated now, the data memory-mapped on first read.
 
+    A file on a store is read by ranges instead: each tensor when it is read.
+    """
     from ..plan.nodes import TensorSpec
 
     start, header, meta = read_header(path)
@@ -226,6 +250,33 @@ def read_safetensors(path: Path) -> SafetensorsCheckpoint:
         name: TensorSpec(tuple(info["shape"]), table[info["dtype"]])
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
     }
+    if isinstance(path, Path):
+        reader, close = _mapped_reader(path, start, header, schema)
+    else:
+        reader, close = _ranged_reader(path, start, header, schema), lambda: None
+    modules = stamp_entries(meta)
+    return SafetensorsCheckpoint(
+        path=path,
+        format=FORMAT,
+        schema=schema,
+        metadata=modules,
+        stamp=read_stamp(modules.get(""), str(path)),
+        reader=reader,
+        header_metadata={k: v for k, v in meta.items() if not is_stamp_key(k)},
+        close=close,
+        version=version(path),
+    )
+
+
+Reader = Callable[[str], "torch.Tensor"]
+
+
+def _mapped_reader(
+    path: Path, start: int, header: dict[str, Any], schema: dict[str, TensorSpec | None]
+) -> tuple[Reader, Callable[[], None]]:
+    """Tensors as views of one memory map of the file, made on the first read."""
+    import torch
+
     state: dict[str, Any] = {"mm": None, "release": None}
 
     def mapping() -> mmap.mmap:
@@ -259,21 +310,33 @@ def read_safetensors(path: Path) -> SafetensorsCheckpoint:
             state["release"]()
             state["release"] = None
 
-    modules = stamp_entries(meta)
-    return SafetensorsCheckpoint(
-        path=path,
-        format=FORMAT,
-        schema=schema,
-        metadata=modules,
-        stamp=read_stamp(modules.get(""), str(path)),
-        reader=reader,
-        header_metadata={k: v for k, v in meta.items() if not is_stamp_key(k)},
-        close=close,
-    )
+    return reader, close
+
+
+def _ranged_reader(
+    path: RemotePath, start: int, header: dict[str, Any], schema: dict[str, TensorSpec | None]
+) -> Reader:
+    """A file on a store: one ranged read per tensor, when it is read."""
+    import torch
+
+    blob = path.blob()
+
+    def reader(key: str) -> torch.Tensor:
+        spec = schema[key]
+        assert spec is not None
+        begin, end = header[key]["data_offsets"]
+        if end == begin:
+            return torch.empty(spec.shape, dtype=spec.dtype)
+        data = bytearray(blob.read(start + begin, start + end))
+        if len(data) != end - begin:
+            raise _bad(path, f"the data of {key!r} ends early (the file is shorter than it was)")
+        return torch.frombuffer(data, dtype=spec.dtype).reshape(spec.shape)
+
+    return reader
 
 
 def write_safetensors(
-    target: Path,
+    target: Output,
     keys: list[str],
     specs: Mapping[str, TensorSpec | None],
     produce: Callable[[str], Any],

@@ -29,29 +29,34 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import CheckpointError, CkptMigrateError, WriteError
 from .base import FileFormat, Format, ReadOptions, WriteOptions, output_format, register
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, Header
 from .fileio import fsync_dir
 from .probe import index_path
 from .stamp import flatten_stamps, is_stamp_key, read_stamp, stamp_entries
+from .storage import replace_small, same_location, staged_output, version
 
 if TYPE_CHECKING:
     from ..plan.nodes import Node, TensorSpec
     from ..plan.state import PlanState
+    from .storage import CkptPath
 
 _TAG = re.compile(r"-ckm[0-9a-f]{8}(?:-\d+)?$")
+_SHARD_EXTS = ("safetensors", "bin", "pt", "pth")
 
 
 @dataclass
 class ShardSet:
     """The index as read, and its shards: what writing needs to keep keys where they were."""
 
-    index_path: Path
+    index_path: CkptPath
     index: dict[str, Any]
     shard_of: dict[str, str]  # key -> shard file name
     shards: dict[str, Checkpoint] = field(default_factory=dict)
+    #: the index's version as read (on a store: its ETag), which the new index replaces
+    version: str | None = None
 
     @property
-    def folder(self) -> Path:
+    def folder(self) -> CkptPath:
         return self.index_path.parent
 
 
@@ -70,18 +75,31 @@ class ShardedFormat:
     holds_only_tensors: ClassVar[bool] = True
     keeps_wrapper_prefix: ClassVar[bool] = False
 
-    def recognise(self, path: Path, head: bytes) -> bool:
+    def recognise(self, path: CkptPath, head: bytes) -> bool:
         return index_path(path) is not None
 
-    def accepts_output(self, target: Path, source: Format | None) -> bool:
+    def accepts_output(self, target: CkptPath, source: Format | None) -> bool:
         return source is self  # a sharded input stays sharded, wherever it goes
 
-    def open(self, path: Path, options: ReadOptions) -> Checkpoint:
+    def open(self, path: CkptPath, options: ReadOptions) -> Checkpoint:
         found = index_path(path)
         assert found is not None
         return read_sharded(found, trust_pickle=options.trust_pickle)
 
-    def check_target(self, target: Path) -> None:
+    def peek(self, path: CkptPath, options: ReadOptions) -> Header | None:
+        """The index alone: the stamp is in its metadata, no shard needs opening."""
+        found = index_path(path)
+        if found is None:
+            return None
+        try:
+            _index, weight_map, meta = _read_index(found)
+        except CheckpointError:
+            return None
+        return Header(
+            found, tuple(weight_map), stamp_entries({str(k): str(v) for k, v in meta.items()})
+        )
+
+    def check_target(self, target: CkptPath) -> None:
         if target.is_file() and not target.name.endswith(".json"):
             raise WriteError(
                 f"cannot write a sharded checkpoint to {target}: it is a file",
@@ -90,7 +108,7 @@ class ShardedFormat:
 
     def write(
         self,
-        target: Path,
+        target: CkptPath,
         source: Checkpoint,
         full: PlanState,
         metadata: Mapping[str, Mapping[str, Any]],
@@ -99,22 +117,22 @@ class ShardedFormat:
         assert isinstance(source, ShardedCheckpoint)
         write_sharded(target, source, full, metadata, options)
 
-    def lock_path(self, path: Path) -> Path:
+    def lock_path(self, path: CkptPath) -> CkptPath:
         return index_path(path) or path
 
-    def recover(self, path: Path) -> list[str]:
+    def recover(self, path: CkptPath) -> list[str]:
         found = index_path(path)
-        return recover(found) if found is not None else []
+        return recover(found) if isinstance(found, Path) else []
 
 
-def _bad(path: Path, what: str) -> CheckpointError:
+def _bad(path: CkptPath, what: str) -> CheckpointError:
     return CheckpointError(
         f"{path} is not a valid sharded-checkpoint index: {what}",
         hint="check the index and that every shard file it names is present",
     )
 
 
-def _read_index(path: Path) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
+def _read_index(path: CkptPath) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
     """The index, its weight map and its metadata, every shard name checked."""
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
@@ -149,10 +167,11 @@ def _short(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def read_sharded(path: Path, *, trust_pickle: bool = False) -> ShardedCheckpoint:
+def read_sharded(path: CkptPath, *, trust_pickle: bool = False) -> ShardedCheckpoint:
     """Open every shard lazily; every key the index names must be in its shard."""
     from . import open_checkpoint
 
+    index_version = version(path)
     index, weight_map, meta = _read_index(path)
     shards: dict[str, Checkpoint] = {}
     for shard in dict.fromkeys(weight_map.values()):
@@ -167,7 +186,7 @@ def read_sharded(path: Path, *, trust_pickle: bool = False) -> ShardedCheckpoint
             raise _bad(path, f"key {key!r} is not in its shard {shard}")
         schema[key] = shards[shard].schema[key]
     modules = stamp_entries({str(k): str(v) for k, v in meta.items()})
-    sharded = ShardSet(path, index, dict(weight_map), shards)
+    sharded = ShardSet(path, index, dict(weight_map), shards, index_version)
 
     def reader(key: str) -> Any:
         return shards[sharded.shard_of[key]].read(key)
@@ -251,7 +270,7 @@ def _free_name(shard: str, tag: str, taken: set[str]) -> str:
     return name
 
 
-def _output_index(target: Path, sharded: ShardSet) -> Path:
+def _output_index(target: CkptPath, sharded: ShardSet) -> CkptPath:
     """Where the new index goes, its folder created: ``-o v5`` and ``-o v5/x.index.json`` alike."""
     found = index_path(target) if target.exists() else None
     if found is not None:
@@ -283,7 +302,7 @@ def _plan_names(
     full: PlanState,
     sharded: ShardSet,
     metadata: Mapping[str, Mapping[str, Any]],
-    folder: Path,
+    folder: CkptPath,
     same_folder: bool,
 ) -> tuple[list[_Job], dict[str, str]]:
     """The shards to write and the new weight map; shards unchanged in place are kept."""
@@ -307,7 +326,7 @@ def _plan_names(
 
 
 def write_sharded(
-    target: Path,
+    target: CkptPath,
     source: ShardedCheckpoint,
     full: PlanState,
     metadata: Mapping[str, Mapping[str, Any]],
@@ -317,32 +336,38 @@ def write_sharded(
     sharded = source.parts
     out_index = _output_index(target, sharded)
     folder = out_index.parent
-    same_folder = folder.resolve() == sharded.folder.resolve()
+    same_folder = same_location(folder, sharded.folder)
+    if same_folder and not isinstance(out_index, Path):
+        _remove_orphans(folder, sharded)  # a store keeps no journal (below)
     jobs, weight_map = _plan_names(full, sharded, metadata, folder, same_folder)
     replaced = [s for s in sharded.shards if same_folder and s not in set(weight_map.values())]
-    if same_folder:  # what a kill from here on leaves behind, for the next command to clear
+    if same_folder and isinstance(out_index, Path):  # what a kill leaves, for the next command
         _journal(out_index, [job.name for job in jobs], replaced, options.durable)
     index = _new_index(sharded, full, metadata, weight_map)
-    written: list[Path] = []
+    # In place, the new index replaces exactly the one read (a store refuses any other).
+    expect = sharded.version if same_folder else version(out_index)
+    written: list[CkptPath] = []
     try:
         _write_shards(jobs, folder, source, full, options, written)
-        _write_index(out_index, index, options.durable)
+        _write_index(out_index, index, options.durable, expect)
     except BaseException:
         if not _is_in_place(out_index, index):  # failed before the switch: undo
             for path in written:
                 path.unlink(missing_ok=True)
-            _pending(out_index).unlink(missing_ok=True)
+            if isinstance(out_index, Path):
+                _pending(out_index).unlink(missing_ok=True)
         # after it (an interrupt or a failed folder sync), the new shards are the
         # checkpoint; the journal stays for the next command to clear the old ones
         raise
-    if options.durable:
+    if options.durable and isinstance(folder, Path):
         fsync_dir(folder)
     for shard in replaced:  # no longer referenced
         (folder / shard).unlink(missing_ok=True)
-    _pending(out_index).unlink(missing_ok=True)
+    if isinstance(out_index, Path):
+        _pending(out_index).unlink(missing_ok=True)
 
 
-def _is_in_place(path: Path, index: dict[str, Any]) -> bool:
+def _is_in_place(path: CkptPath, index: dict[str, Any]) -> bool:
     """Whether the index at ``path`` is the new one (the switch happened)."""
     try:
         return bool(_read_index(path)[0] == index)
@@ -395,23 +420,33 @@ def recover(index: Path) -> list[str]:
     return removed
 
 
+def _remove_orphans(folder: CkptPath, sharded: ShardSet) -> None:
+    """On a store (no journal): shards a killed in-place run wrote under its own names
+    (``-ckm...``) and never switched to. No index names them, and this run holds the
+    index's lock, so their writer is gone."""
+    for path in folder.iterdir():
+        stem, _, ext = path.name.partition(".")
+        if path.name not in sharded.shards and ext in _SHARD_EXTS and _TAG.search(stem):
+            path.unlink(missing_ok=True)
+
+
 def _write_shards(
     jobs: list[_Job],
-    folder: Path,
+    folder: CkptPath,
     source: ShardedCheckpoint,
     full: PlanState,
     options: WriteOptions,
-    written: list[Path],
+    written: list[CkptPath],
 ) -> None:
     """Write every job's shard, ``options.jobs`` at a time; each one lands in ``written``."""
     from ..plan.nodes import sources_of
     from ..plan.state import Evaluator
-    from .atomic import atomic_output, write_error
+    from .atomic import write_error
 
     sharded = source.parts
     lock = threading.Lock()
 
-    def write_one(job: _Job) -> Path:
+    def write_one(job: _Job) -> CkptPath:
         path = folder / job.name
         original = sharded.shards.get(job.shard)
         fmt = output_format(path, original.format if original is not None else None)
@@ -420,15 +455,16 @@ def _write_shards(
         entries = {k: full.entries[k] for k in job.keys}
         leaves = {sharded.shard_of.get(k) for n in entries.values() for k in sources_of(n)}
         own = original if leaves <= {job.shard} else None
-        with atomic_output(path, durable=options.durable) as tmp:
+        # a shard is written under a name no file has (create-only on a store)
+        with staged_output(path, durable=options.durable, expect=None) as staged:
             try:
-                fmt.write_part(tmp, entries, Evaluator(entries, source.read), own)
+                fmt.write_part(staged.output, entries, Evaluator(entries, source.read), own)
             except CkptMigrateError:
                 raise
             except Exception as exc:
                 raise write_error(path, exc) from exc
             if options.verify:
-                _verify_shard(fmt, tmp, path, entries)
+                _verify_shard(fmt, staged.readable, path, entries)
         with lock:
             written.append(path)
         return path
@@ -462,15 +498,21 @@ def _new_index(
     return index
 
 
-def _write_index(out_index: Path, index: dict[str, Any], durable: bool) -> None:
-    """The switch: one atomic replace of the index."""
+def _write_index(
+    out_index: CkptPath, index: dict[str, Any], durable: bool, expect: str | None
+) -> None:
+    """The switch: one atomic replace of the index (on a store, of the version read)."""
+    text = json.dumps(index, indent=2) + "\n"
+    if not isinstance(out_index, Path):
+        replace_small(out_index, text.encode("utf-8"), durable=durable, expect=expect)
+        return
     from .atomic import atomic_output
 
     with atomic_output(out_index, durable=durable) as tmp:
-        tmp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
 
 
-def _verify_shard(fmt: FileFormat, tmp: Path, path: Path, entries: Mapping[str, Node]) -> None:
+def _verify_shard(fmt: FileFormat, tmp: Path, path: CkptPath, entries: Mapping[str, Node]) -> None:
     """The shard just written holds exactly the planned keys, shapes and dtypes."""
     ckpt = fmt.open(tmp, ReadOptions())
     try:

@@ -13,28 +13,31 @@ recognise paths); reading and writing do.
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import CheckpointError
 from . import keyspace, readguard, unpickle
 from .base import FileFormat, ReadOptions, WriteOptions, register
-from .checkpoint import Checkpoint, TrainingContainer
+from .checkpoint import Checkpoint, Header, TrainingContainer
 from .container import locate_state_dict, replace_at, wrapper_prefix
 from .stamp import read_stamp
+from .storage import read_head, version
 from .views import check_view
 
 if TYPE_CHECKING:
     from ..plan.nodes import Node, TensorSpec
     from ..plan.state import PlanState
-    from .torch_save import ZipSource
+    from .storage import CkptPath, Output
+    from .torch_save import RemoteZipSource, ZipSource
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_MAGIC = b"\x80"  # a pickle: torch's legacy (pre-zip) format
@@ -44,8 +47,22 @@ _PICKLE_MAGIC = b"\x80"  # a pickle: torch's legacy (pre-zip) format
 class TorchCheckpoint(Checkpoint):
     """A torch file: its zip index when read lazily (so untouched storages are copied raw)."""
 
-    zip_source: ZipSource | None = None
+    zip_source: ZipSource | RemoteZipSource | None = None
     legacy: bool = False
+    #: The state dict as unpickled (keys with their wrapper prefix).
+    loaded: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def stored(self, key: str) -> Any:
+        """A tensor as the file holds it, to be written back unchanged.
+
+        A file on a store gives its stand-in, whose record is then streamed,
+        rather than fetching every tensor before the first is written.
+        """
+        from .torch_save import RemoteZipSource
+
+        if isinstance(self.zip_source, RemoteZipSource):
+            return self.loaded[self.wrapper_prefix + key]
+        return self.read(key)
 
     def notes(self, *, keep_wrapper_prefix: bool | None = None) -> list[str]:
         out = super().notes(keep_wrapper_prefix=keep_wrapper_prefix)
@@ -62,13 +79,21 @@ class TorchFormat(FileFormat):
     holds_only_tensors: ClassVar[bool] = False
     keeps_wrapper_prefix: ClassVar[bool] = True
 
-    def recognise(self, path: Path, head: bytes) -> bool:
+    def recognise(self, path: CkptPath, head: bytes) -> bool:
         return head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)
 
-    def open(self, path: Path, options: ReadOptions) -> Checkpoint:
+    def open(self, path: CkptPath, options: ReadOptions) -> Checkpoint:
         return read_torch(
             path, trust_pickle=options.trust_pickle, state_dict_key=options.state_dict_key
         )
+
+    def peek(self, path: CkptPath, options: ReadOptions) -> Header | None:
+        """``data.pkl`` read without torch (:mod:`.torch_peek`); None to open it with torch."""
+        if options.trust_pickle:
+            return None  # the user asked for the pickle to run as written
+        from .torch_peek import peek_torch
+
+        return peek_torch(path, options.state_dict_key)
 
     def open_written(self, path: Path, source: Checkpoint) -> Checkpoint:
         """Read back what was written: the state dict where the input had it.
@@ -83,7 +108,7 @@ class TorchFormat(FileFormat):
 
     def write_file(
         self,
-        path: Path,
+        path: Output,
         source: Checkpoint,
         full: PlanState,
         metadata: Mapping[str, Mapping[str, Any]],
@@ -99,7 +124,7 @@ class TorchFormat(FileFormat):
 
     def write_part(
         self,
-        path: Path,
+        path: Output,
         entries: Mapping[str, Node],
         produce: Callable[[str], Any],
         own: Checkpoint | None,
@@ -107,8 +132,10 @@ class TorchFormat(FileFormat):
         write_torch(path, own, entries, produce, {}, None, None)
 
 
-def _is_legacy(path: Path) -> bool:
+def _is_legacy(path: CkptPath) -> bool:
     """A pre-1.6 pickle rather than a zip (also a zip that lost its end is still a zip)."""
+    if not isinstance(path, Path):
+        return read_head(path, 4) != _ZIP_MAGIC
     with open(path, "rb") as fh:
         if fh.read(4) == _ZIP_MAGIC:
             return False
@@ -119,8 +146,8 @@ def _is_legacy(path: Path) -> bool:
 
 
 def load_object(
-    path: Path, *, trust_pickle: bool = False, opaque: bool = False
-) -> tuple[Any, bool, ZipSource | None]:
+    path: CkptPath, *, trust_pickle: bool = False, opaque: bool = False
+) -> tuple[Any, bool, ZipSource | RemoteZipSource | None]:
     """Load it safely: (object, is_legacy_format, the zip index when read lazily).
 
     ``opaque`` (zip files only) turns objects outside the allow-list into inert
@@ -141,6 +168,11 @@ def load_object(
                 pass
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if not isinstance(path, Path):  # the legacy format has no index: read it whole
+                obj = torch.load(
+                    io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=not trust_pickle
+                )
+                return obj, legacy, None
             obj = torch.load(
                 path, map_location="cpu", weights_only=not trust_pickle, mmap=not legacy
             )
@@ -169,7 +201,7 @@ def _damaged(where: str, exc: BaseException) -> CheckpointError:
 
 
 def read_torch(
-    path: Path,
+    path: CkptPath,
     *,
     trust_pickle: bool = False,
     state_dict_key: str | None = None,
@@ -179,6 +211,7 @@ def read_torch(
     import torch
 
     from ..plan.nodes import TensorSpec
+    from .torch_save import RemoteZipSource
 
     release = readguard.hold(path)  # the file is memory-mapped from here on
     try:
@@ -195,14 +228,25 @@ def read_torch(
             TensorSpec.of(value) if isinstance(value, torch.Tensor) else None
         )
 
+    remote = isinstance(source, RemoteZipSource)
+
     def reader(key: str, _sd: Mapping[str, Any] = sd, _p: str = prefix) -> Any:
         value = _sd[_p + key]
         if isinstance(value, torch.Tensor):
+            check_view(str(path), key, value)
+            if isinstance(source, RemoteZipSource):
+                return source.materialise(value)  # fetched by range, checked
             if source is not None:
                 source.check_storage(value.untyped_storage())  # damaged bytes never flow on
-            check_view(str(path), key, value)
         return value
 
+    def fetch(container: Any) -> Any:
+        assert isinstance(source, RemoteZipSource)
+        return source.materialise_all(container, skip=sd)
+
+    training = None
+    if state_path:
+        training = TrainingContainer(obj, state_path, fetch=fetch if remote else None)
     return TorchCheckpoint(
         path=path,
         format=FORMAT,
@@ -210,10 +254,12 @@ def read_torch(
         metadata=metadata,
         stamp=read_stamp(metadata.get(""), str(path)),
         reader=reader,
-        training=TrainingContainer(obj, state_path) if state_path else None,
+        training=training,
         wrapper_prefix=prefix,
         legacy=legacy,
         zip_source=source,
+        loaded=sd,
+        version=version(path),
         close=release,
     )
 
@@ -241,10 +287,12 @@ def check_carried(source: Checkpoint) -> None:
     """
     import torch
 
+    from .torch_save import ZipSource
+
     if not isinstance(source, TorchCheckpoint) or source.training is None:
         return
     zs = source.zip_source
-    if zs is None:
+    if not isinstance(zs, ZipSource):  # a store's records are checked as they are fetched
         return
     state_dict = source.training.state_dict
     stack: list[Any] = [source.training.container]
@@ -263,7 +311,7 @@ def check_carried(source: Checkpoint) -> None:
 
 
 def write_torch(
-    target: Path,
+    target: Output,
     source: Checkpoint | None,
     entries: Mapping[str, Node],
     produce: Callable[[str], Any],
@@ -284,6 +332,8 @@ def write_torch(
     views = source is not None and source.views_share_storage
 
     def value(key: str, node: Node) -> Any:
+        if isinstance(node, Source) and isinstance(source, TorchCheckpoint):
+            return source.stored(node.key)
         if isinstance(node, Source) and source is not None and (views or node.spec is None):
             return source.read(node.key)
         if node.spec is None:

@@ -15,10 +15,16 @@ makes the fast path possible:
 
 The output is what ``torch.save`` writes (same records, same pickle), readable
 by any PyTorch since 1.6, and bit-identical from run to run.
+
+A file on a store (:class:`RemoteZipSource`) is read by ranges instead: the
+zip's directory and ``data.pkl``, with every storage a *meta* storage that
+stands for its record; a tensor's bytes are fetched (and checked) when it is
+read, and an unchanged one is streamed record to record when written.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import os
@@ -31,14 +37,21 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 
 from ..errors import CheckpointError
 from ..plan.nodes import TensorSpec
 from . import fileio, unpickle
-from .zip64 import ALIGN, BadZip, Record, ZipWriter, crc32, read_index
+from .torch_peek import pickle_record
+from .zip64 import ALIGN, BadZip, Record, ZipReader, ZipWriter, crc32, read_index
+
+if TYPE_CHECKING:
+    from .remote import RemotePath
+    from .storage import Output
+
+_CHUNK = 1 << 24
 
 
 class NeedsTorchLoad(Exception):
@@ -109,8 +122,111 @@ class ZipSource:
             raise _bad(self.path, f"{what} fails its checksum")
         return data
 
+    def copy_into(self, writer: ZipWriter, name: str, record: Record, src_fd: int) -> None:
+        """Write an input record unchanged: in the kernel into a local file, else from the map."""
+        self.check(record)
+        if src_fd >= 0 and writer.copies_files:
+            writer.add_copy(name, src_fd, record)
+            return
+        assert self.base is not None
+        view = fileio.storage_bytes(
+            self.base[record.data_offset : record.data_offset + record.size]
+        )
+        writer.add_known(
+            name, record, (view[i : i + _CHUNK] for i in range(0, view.nbytes, _CHUNK))
+        )
 
-def _bad(path: Path, what: str) -> CheckpointError:
+
+@dataclass
+class RemoteZipSource:
+    """A torch file on a store: its records fetched by ranges, storages standing in as meta."""
+
+    path: RemotePath
+    zip: ZipReader
+    prefix: str
+    #: meta storage (its ``_cdata``) -> the record it stands for
+    by_storage: dict[int, Record] = field(default_factory=dict)
+    _last: tuple[str, torch.UntypedStorage] | None = None
+
+    @property
+    def size(self) -> int:
+        return self.zip.size
+
+    def read_record(self, name: str, what: str) -> bytes:
+        try:
+            return self.zip.read(name)
+        except BadZip as exc:
+            raise _damaged_record(self.path, what, exc) from None
+
+    def locate(self, storage: torch.UntypedStorage) -> Record | None:
+        if storage.device.type != "meta":
+            return None
+        record = self.by_storage.get(storage._cdata)
+        return record if record is not None and record.size == storage.nbytes() else None
+
+    def check_storage(self, storage: torch.UntypedStorage) -> None:
+        """Fetched records are checked as they arrive."""
+
+    def materialise(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A stand-in tensor with its bytes fetched (one ranged read per storage, checked)."""
+        if tensor.device.type != "meta":
+            return tensor
+        record = self.by_storage.get(tensor.untyped_storage()._cdata)
+        if record is None:
+            return tensor
+        if self._last is None or self._last[0] != record.name:
+            data = bytearray(self.read_record(record.name, f"record {record.name}"))
+            fetched = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0)
+            self._last = (record.name, fetched.untyped_storage())
+        out = torch.empty((0,), dtype=tensor.dtype)
+        out.set_(self._last[1], tensor.storage_offset(), tensor.shape, tensor.stride())
+        if isinstance(tensor, torch.nn.Parameter):
+            return torch.nn.Parameter(out, requires_grad=tensor.requires_grad)
+        return out
+
+    def materialise_all(self, obj: Any, skip: Any = None) -> Any:
+        """``obj`` with every stand-in tensor fetched (``skip``: a subtree left as it is)."""
+        memo: dict[int, Any] = {}
+
+        def walk(node: Any) -> Any:
+            if node is skip:
+                return node
+            if id(node) in memo:
+                return memo[id(node)]
+            out: Any = node
+            if isinstance(node, torch.Tensor):
+                out = self.materialise(node)
+            elif isinstance(node, dict):
+                out = copy.copy(node)
+                for k, v in node.items():
+                    out[k] = walk(v)
+            elif isinstance(node, list):
+                out = [walk(v) for v in node]
+            elif isinstance(node, tuple) and type(node) is tuple:
+                out = tuple(walk(v) for v in node)
+            memo[id(node)] = out
+            return out
+
+        return walk(obj)
+
+    def copy_into(self, writer: ZipWriter, name: str, record: Record, src_fd: int) -> None:
+        """Stream an input record unchanged, checked against its CRC as it goes."""
+        try:
+            writer.add_known(name, record, self.zip.stream(record.name, _CHUNK))
+        except BadZip as exc:
+            raise _damaged_record(self.path, f"record {record.name}", exc) from None
+
+
+def _damaged_record(path: object, what: str, exc: BadZip) -> CheckpointError:
+    if "checksum" in str(exc):
+        return CheckpointError(
+            f"{path} is damaged: {what} fails its checksum",
+            hint="the file was corrupted on disk or in transfer; restore or re-download it",
+        )
+    return _bad(path, str(exc))
+
+
+def _bad(path: object, what: str) -> CheckpointError:
     return CheckpointError(
         f"{path} is not a readable PyTorch checkpoint ({what})",
         hint="the file may be truncated or damaged; check it was copied completely",
@@ -123,15 +239,15 @@ def read_zip(path: Path) -> ZipSource:
         index = read_index(path)
     except BadZip as exc:
         raise _bad(path, str(exc)) from None
-    pkl = [n for n in index.records if n.endswith("data.pkl") and n.count("/") == 1]
-    if len(pkl) != 1:
-        raise _bad(path, "no data.pkl record")
-    source = ZipSource(path, index.size, pkl[0][: -len("data.pkl")], index.records)
+    pkl = pickle_record(index.records, path)
+    source = ZipSource(path, index.size, pkl[: -len("data.pkl")], index.records)
     source.by_offset = {r.data_offset: r for r in index.records.values()}
     return source
 
 
-def load(path: Path, *, trust_pickle: bool = False, opaque: bool = False) -> tuple[Any, ZipSource]:
+def load(
+    path: Path | RemotePath, *, trust_pickle: bool = False, opaque: bool = False
+) -> tuple[Any, ZipSource | RemoteZipSource]:
     """Unpickle ``data.pkl`` with every storage a lazy slice of one memory map.
 
     ``opaque`` reads the structure of a pickle that needs globals outside the
@@ -139,6 +255,8 @@ def load(path: Path, *, trust_pickle: bool = False, opaque: bool = False) -> tup
     this process wrote from a trusted input). Raises :class:`NeedsTorchLoad`
     for a valid file only ``torch.load`` can read.
     """
+    if not isinstance(path, Path):
+        return load_remote(path, trust_pickle=trust_pickle)
     source = read_zip(path)
     order = source.records.get(source.prefix + "byteorder")
     if order is not None:
@@ -154,20 +272,63 @@ def load(path: Path, *, trust_pickle: bool = False, opaque: bool = False) -> tup
     return unpickle.unpickle(data, load_storage, trust_pickle=trust_pickle, opaque=opaque), source
 
 
+def load_remote(path: RemotePath, *, trust_pickle: bool = False) -> tuple[Any, RemoteZipSource]:
+    """Unpickle ``data.pkl`` read by ranges; every storage a meta stand-in for its record."""
+    try:
+        reader = ZipReader.open(path.blob())
+    except BadZip as exc:
+        raise _bad(path, str(exc)) from None
+    pkl = pickle_record(list(reader.infos), path)
+    prefix = pkl[: -len("data.pkl")]
+    source = RemoteZipSource(path, reader, prefix)
+    reader.prefetch([pkl, prefix + "byteorder", prefix + ".format_version"])
+    if prefix + "byteorder" in reader.infos:
+        mark = source.read_record(prefix + "byteorder", "the byteorder record")
+        if mark.decode("ascii", "replace") != sys.byteorder:
+            raise NeedsTorchLoad
+    data = source.read_record(pkl, "data.pkl")
+
+    loaded: dict[str, torch.storage.TypedStorage] = {}
+
+    def persistent_load(saved_id: Any) -> torch.storage.TypedStorage:
+        key, dtype, nbytes = _storage_id(saved_id)
+        if key in loaded:
+            return loaded[key]
+        name = f"{prefix}data/{key}"
+        info = reader.infos.get(name)
+        if info is None or nbytes > info.file_size or nbytes < 0:
+            raise pickle.UnpicklingError(f"storage {key!r} is missing or too short")
+        untyped = torch.UntypedStorage(nbytes, device="meta")  # type: ignore[no-untyped-call]
+        source.by_storage[untyped._cdata] = Record(name, -1, info.file_size, info.CRC)
+        typed = torch.storage.TypedStorage(  # type: ignore[no-untyped-call]
+            wrap_storage=untyped, dtype=dtype, _internal=True
+        )
+        loaded[key] = typed
+        return typed
+
+    return unpickle.unpickle(data, persistent_load, trust_pickle=trust_pickle), source
+
+
+def _storage_id(saved_id: Any) -> tuple[str, torch.dtype, int]:
+    """(record key, dtype, byte count) of a pickle's storage reference."""
+    if not isinstance(saved_id, tuple) or len(saved_id) != 5 or saved_id[0] != "storage":
+        raise pickle.UnpicklingError(f"unexpected persistent id {saved_id!r}")
+    _, storage_type, key, _location, numel = saved_id
+    with warnings.catch_warnings():  # the legacy storage classes warn on .dtype
+        warnings.simplefilter("ignore")
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+    nbytes = int(numel) * torch.empty((), dtype=dtype, device="meta").element_size()
+    return str(key), dtype, nbytes
+
+
 def _storage_loader(source: ZipSource) -> Callable[[Any], torch.storage.TypedStorage]:
     """The pickle's ``persistent_load``: each storage id becomes a slice of the file's map."""
     loaded: dict[str, torch.storage.TypedStorage] = {}
 
     def persistent_load(saved_id: Any) -> torch.storage.TypedStorage:
-        if not isinstance(saved_id, tuple) or len(saved_id) != 5 or saved_id[0] != "storage":
-            raise pickle.UnpicklingError(f"unexpected persistent id {saved_id!r}")
-        _, storage_type, key, _location, numel = saved_id
+        key, dtype, nbytes = _storage_id(saved_id)
         if key in loaded:
             return loaded[key]
-        with warnings.catch_warnings():  # the legacy storage classes warn on .dtype
-            warnings.simplefilter("ignore")
-            dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
-        nbytes = int(numel) * dtype.itemsize
         record = source.records.get(f"{source.prefix}data/{key}")
         if record is None or nbytes > record.size or nbytes < 0:
             raise pickle.UnpicklingError(f"storage {key!r} is missing or too short")
@@ -232,10 +393,22 @@ class _PlannedStorage:
     tensor: PlannedTensor
 
 
+@dataclass(eq=False)
+class _StoredStorage:
+    """An input record a remote stand-in tensor views: written by copying the record."""
+
+    record: Record
+    dtype: torch.dtype
+    nbytes: int
+
+
+Source = ZipSource | RemoteZipSource
+
+
 class _Pickler(pickle.Pickler):
     """torch.save's pickle, with planned tensors standing in for computed ones."""
 
-    def __init__(self, file: BinaryIO, source: ZipSource | None) -> None:
+    def __init__(self, file: BinaryIO, source: Source | None) -> None:
         super().__init__(file, protocol=2)
         self.source = source
         self.storages: dict[object, _Storage] = {}
@@ -249,6 +422,11 @@ class _Pickler(pickle.Pickler):
         return found.key
 
     def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, _StoredStorage):
+            record = obj.record
+            key = self._key(("input", record.name), lambda k: _Storage(k, copy_from=record))
+            numel = obj.nbytes // obj.dtype.itemsize
+            return ("storage", _storage_type(obj.dtype), key, "cpu", numel)
         if isinstance(obj, _PlannedStorage):
             key = self._key(id(obj.tensor), lambda k: _Storage(k, planned=obj.tensor))
             dtype = obj.tensor.spec.dtype
@@ -279,13 +457,30 @@ class _Pickler(pickle.Pickler):
                 torch._utils._rebuild_tensor_v2,
                 (_PlannedStorage(obj), 0, shape, _contiguous_stride(shape), False, OrderedDict()),
             )
+        if isinstance(obj, torch.Tensor) and obj.device.type == "meta":
+            return self._stored(obj)
         return NotImplemented
+
+    def _stored(self, tensor: torch.Tensor) -> Any:
+        """A remote input's stand-in tensor, pickled as ``torch.save`` pickles the real one."""
+        untyped = tensor.untyped_storage()
+        record = self.source.locate(untyped) if self.source is not None else None
+        if record is None:
+            raise CheckpointError("a meta tensor has no data to write; pass real tensors")
+        if isinstance(tensor, torch.nn.Parameter):
+            return (
+                torch._utils._rebuild_parameter,
+                (tensor.detach(), tensor.requires_grad, OrderedDict()),
+            )
+        storage = _StoredStorage(record, tensor.dtype, int(untyped.nbytes()))
+        args = (storage, tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        return (torch._utils._rebuild_tensor_v2, (*args, tensor.requires_grad, OrderedDict()))
 
 
 def write(
-    target: Path,
+    target: Output,
     obj: Any,
-    source: ZipSource | None,
+    source: Source | None,
     produce: Callable[[str], Any],
     progress: Callable[[int], None] | None = None,
 ) -> None:
@@ -298,7 +493,7 @@ def write(
     pickler = _Pickler(buf, source)
     pickler.dump(obj)
     data = buf.getvalue()
-    src_fd = os.open(source.path, os.O_RDONLY) if source is not None else -1
+    src_fd = os.open(source.path, os.O_RDONLY) if isinstance(source, ZipSource) else -1
     try:
         with fileio.open_for_writing(target) as fh:
             writer = ZipWriter(fh)
@@ -324,16 +519,15 @@ def write(
 def _write_storage(
     writer: ZipWriter,
     st: _Storage,
-    source: ZipSource | None,
+    source: Source | None,
     src_fd: int,
     produce: Callable[[str], Any],
 ) -> None:
-    """One storage record: copied in the kernel (checked first), from memory, or computed."""
+    """One storage record: copied from the input (checked first), from memory, or computed."""
     name = f"data/{st.key}"
     if st.copy_from is not None:
         assert source is not None
-        source.check(st.copy_from)
-        writer.add_copy(name, src_fd, st.copy_from)
+        source.copy_into(writer, name, st.copy_from, src_fd)
     elif st.memory is not None:
         writer.add_buffer(name, fileio.storage_bytes(st.memory))
     else:

@@ -8,6 +8,10 @@ input without running anything in it (each unknown class becomes an inert
 stand-in). A refusal is reported as :class:`UnsafeCheckpointError` naming
 the global the pickle asked for, as Python 3 spells it.
 
+:func:`inert` reads a pickle without torch at all, for a stamp: containers,
+and tensors as mere descriptions; anything more, and the file is opened the
+ordinary way.
+
 Importing this module does not import torch; the unpicklers do when used.
 """
 
@@ -18,6 +22,7 @@ import io
 import pickle
 import re
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -167,3 +172,96 @@ class _OpaqueUnpickler(pickle.Unpickler):
             module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         found = _allowed_globals().get(f"{module}.{name}")
         return found if found is not None else _Opaque
+
+
+# --------------------------------------------------------------------------- without torch
+
+
+class InertStorage:
+    """A storage a pickle refers to: which record, how many bytes. Nothing is read."""
+
+    def __init__(self, key: str, nbytes: int) -> None:
+        self.key = key
+        self.nbytes = nbytes
+
+
+class InertTensor:
+    """A tensor as a pickle describes it (its storage and shape), without torch."""
+
+    def __init__(self, storage: Any, shape: Any) -> None:
+        self.storage = storage
+        self.shape = tuple(shape) if isinstance(shape, (tuple, list)) else ()
+
+
+class _StorageType:
+    """``torch.FloatStorage`` and friends: only their element size is needed."""
+
+    def __init__(self, itemsize: int) -> None:
+        self.itemsize = itemsize
+
+
+_ITEMSIZE = {
+    "DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
+    "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1,
+    "BoolStorage": 1, "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16, "UntypedStorage": 1,
+}  # fmt: skip
+_STORAGE_TYPES = {name: _StorageType(size) for name, size in _ITEMSIZE.items()}
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, *_rest: Any) -> InertTensor:
+    return InertTensor(storage, size)
+
+
+def _rebuild_parameter(data: Any, *_rest: Any) -> Any:
+    return data
+
+
+_REBUILD = {
+    "_rebuild_tensor_v2": _rebuild_tensor,
+    "_rebuild_parameter": _rebuild_parameter,
+    "_rebuild_parameter_with_state": _rebuild_parameter,
+}
+
+
+class _InertUnpickler(pickle.Unpickler):
+    """Plain containers and tensor *descriptions*; any other global stops the read.
+
+    Every global it hands out is one of the inert stand-ins above (or
+    ``OrderedDict``), all on PyTorch's weights-only allow-list, so a pickle
+    this reads is one ``torch.load(weights_only=True)`` reads as well.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if module == "torch._utils" and name in _REBUILD:
+            return _REBUILD[name]
+        if module == "torch" and name in _STORAGE_TYPES:
+            return _STORAGE_TYPES[name]
+        raise pickle.UnpicklingError(f"{module}.{name} is more than a stamp needs")
+
+
+def inert(data: bytes, record_size: Callable[[str], int | None]) -> Any:
+    """``data`` unpickled without torch and without running anything from it.
+
+    Tensors come out as :class:`InertTensor`; each storage must have a record
+    (``record_size(key)``, None when missing) at least as long as it says.
+    Raises :class:`pickle.UnpicklingError` (or another error of a damaged
+    pickle) for anything else: the caller then opens the file with torch.
+    """
+
+    def persistent_load(saved_id: Any) -> InertStorage:
+        if not isinstance(saved_id, tuple) or len(saved_id) != 5 or saved_id[0] != "storage":
+            raise pickle.UnpicklingError(f"unexpected persistent id {saved_id!r}")
+        _, kind, key, _location, numel = saved_id
+        size = record_size(str(key))
+        if not isinstance(kind, _StorageType) or not isinstance(numel, int) or size is None:
+            raise pickle.UnpicklingError(f"storage {key!r} is missing")
+        nbytes = numel * kind.itemsize
+        if not 0 <= nbytes <= size:
+            raise pickle.UnpicklingError(f"storage {key!r} is too short")
+        return InertStorage(str(key), nbytes)
+
+    unpickler = _InertUnpickler(io.BytesIO(data), encoding="utf-8")
+    unpickler.persistent_load = persistent_load  # type: ignore[method-assign]
+    return unpickler.load()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import WriteError
@@ -12,11 +11,12 @@ from .stamp import read_stamp
 if TYPE_CHECKING:
     from ..plan.state import PlanState
     from .checkpoint import Checkpoint
+    from .storage import CkptPath
 
 
 def verify_written(
     written: Checkpoint,
-    target: Path,
+    target: CkptPath,
     full: PlanState,
     metadata: Mapping[str, Mapping[str, Any]],
     key_prefix: str,
@@ -46,7 +46,7 @@ def verify_written(
         written.close()
 
 
-def _same(target: Path, got: Mapping[str, object], want: Mapping[str, object]) -> None:
+def _same(target: CkptPath, got: Mapping[str, object], want: Mapping[str, object]) -> None:
     if list(got) != list(want) or any(got[k] != want[k] for k in want):
         missing = [k for k in want if k not in got]
         extra = [k for k in got if k not in want]

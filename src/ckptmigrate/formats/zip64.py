@@ -17,13 +17,17 @@ import os
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from . import fileio
+from .storage import BlobFile, write_payload
+
+if TYPE_CHECKING:
+    from .storage import Blob
 
 ALIGN = 64
 _PAD_ID = 0x4246  # the "FB" padding extra field PyTorch's writer uses
@@ -78,34 +82,60 @@ def read_index(source: Path | bytes | BinaryIO) -> ZipIndex:
     Raises :class:`BadZip` naming the first problem.
     """
     with _opened(source) as fh:
-        size = fh.seek(0, io.SEEK_END)
-        try:
-            with zipfile.ZipFile(fh) as zf:
-                infos = zf.infolist()
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
-            raise BadZip(f"damaged zip directory: {exc}") from None
+        size, infos = read_directory(fh)
         records: dict[str, Record] = {}
         for info in infos:
-            records[info.filename] = _record(fh, info, size)
+            fh.seek(info.header_offset)
+            head = fh.read(30)
+            if len(head) == 30:
+                head += fh.read(struct.unpack("<H", head[26:28])[0])
+            records[info.filename] = local_record(info, head, size)
     return ZipIndex(size, records)
 
 
-def _record(fh: BinaryIO, info: zipfile.ZipInfo, size: int) -> Record:
-    """One directory entry, checked against the local header it points at."""
-    if info.compress_type != zipfile.ZIP_STORED:
-        raise BadZip(f"record {info.filename!r} is compressed")
-    if info.compress_size != info.file_size:
-        raise BadZip(f"record {info.filename!r} has two different sizes")
-    if not 0 <= info.header_offset < size:
-        raise BadZip(f"record {info.filename!r} has no valid local header")
-    fh.seek(info.header_offset)
-    head = fh.read(30)
-    if len(head) != 30 or head[:4] != b"PK\x03\x04":
+def read_directory(fh: BinaryIO) -> tuple[int, list[zipfile.ZipInfo]]:
+    """The zip's size and central directory, each entry a stored record inside the file.
+
+    Only the end records and the directory are read: a reader that fetches by
+    ranges resolves each record's local header (:func:`local_record`) when it
+    needs that record's bytes.
+    """
+    size = fh.seek(0, io.SEEK_END)
+    try:
+        with zipfile.ZipFile(fh) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
+        raise BadZip(f"damaged zip directory: {exc}") from None
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise BadZip(f"record {info.filename!r} is compressed")
+        if info.compress_size != info.file_size:
+            raise BadZip(f"record {info.filename!r} has two different sizes")
+        if not 0 <= info.header_offset < size:
+            raise BadZip(f"record {info.filename!r} has no valid local header")
+    return size, infos
+
+
+def header_guess(info: zipfile.ZipInfo) -> int:
+    """Bytes from a record's local header to its data, as PyTorch writes it (at most 64
+    bytes of padding, a zip64 field); :func:`local_record` says when there are more."""
+    return 30 + len(info.orig_filename.encode("utf-8", "replace")) + 128
+
+
+def header_length(head: bytes) -> int:
+    """Bytes from a local header (at least 30 of them in ``head``) to its record's data."""
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    return 30 + int(name_len) + int(extra_len)
+
+
+def local_record(info: zipfile.ZipInfo, head: bytes, size: int) -> Record:
+    """A directory entry checked against its local header (``head``: the bytes it starts)."""
+    if len(head) < 30 or head[:4] != b"PK\x03\x04":
         raise BadZip(f"record {info.filename!r} has no valid local header")
     flags, method = struct.unpack("<HH", head[6:10])
     crc, csize, usize = struct.unpack("<III", head[14:26])
     name_len, extra_len = struct.unpack("<HH", head[26:30])
-    name = fh.read(name_len)
+    name = head[30 : 30 + name_len]
     # Without a data descriptor (flag bit 3: what torch.save writes), the
     # local header repeats the checksum and sizes; they must agree.
     sizes_ok = (csize, usize) in ((info.file_size, info.file_size), (_ZIP64_LIMIT, _ZIP64_LIMIT))
@@ -121,11 +151,93 @@ def _record(fh: BinaryIO, info: zipfile.ZipInfo, size: int) -> Record:
     return Record(info.filename, data_offset, info.file_size, info.CRC)
 
 
+@dataclass
+class ZipReader:
+    """A zip read by ranges (:class:`~.storage.Blob`): the directory first, records when asked.
+
+    Opening reads the end records and the central directory; a record's
+    local header is checked when its bytes are first read, together with
+    them (one request). ``check_all`` checks every local header up front,
+    as :func:`read_index` does, where that costs little (a local file).
+    """
+
+    blob: Blob
+    size: int = 0
+    infos: dict[str, zipfile.ZipInfo] = field(default_factory=dict)
+    records: dict[str, Record] = field(default_factory=dict)
+    _window: tuple[int, bytes] = (0, b"")
+
+    @classmethod
+    def open(cls, blob: Blob, *, check_all: bool = False) -> ZipReader:
+        size, infos = read_directory(BlobFile(blob))  # type: ignore[arg-type]
+        reader = cls(blob, size, {i.filename: i for i in infos})
+        if check_all:
+            for name in reader.infos:
+                reader.record(name)
+        return reader
+
+    def _bytes(self, start: int, end: int) -> bytes:
+        lo, data = self._window
+        if lo <= start and end <= lo + len(data):
+            return data[start - lo : end - lo]
+        return self.blob.read(start, end)
+
+    def prefetch(self, names: Iterable[str], limit: int = 1 << 20) -> None:
+        """Read the span holding these small records in one request (if at most ``limit``)."""
+        infos = [self.infos[n] for n in names if n in self.infos]
+        if not infos:
+            return
+        lo = min(i.header_offset for i in infos)
+        hi = min(self.size, max(i.header_offset + header_guess(i) + i.file_size for i in infos))
+        if hi - lo <= limit:
+            self._window = (lo, self.blob.read(lo, hi))
+
+    def record(self, name: str) -> Record:
+        """The record's data offset, its local header checked."""
+        found = self.records.get(name)
+        if found is None:
+            info = self.infos[name]
+            head = self._bytes(info.header_offset, info.header_offset + header_guess(info))
+            found = self.records[name] = local_record(info, head, self.size)
+        return found
+
+    def read(self, name: str) -> bytes:
+        """A record's bytes, checked against its CRC (header and data in one request)."""
+        info = self.infos[name]
+        if name in self.records:
+            record = self.records[name]
+            data = self._bytes(record.data_offset, record.data_offset + record.size)
+        else:
+            start = info.header_offset
+            chunk = self._bytes(start, start + header_guess(info) + info.file_size)
+            record = self.records[name] = local_record(info, chunk, self.size)
+            skip = record.data_offset - start
+            data = chunk[skip : skip + record.size]
+            if len(data) < record.size:
+                data = self._bytes(record.data_offset, record.data_offset + record.size)
+        if zlib.crc32(data) != record.crc:
+            raise BadZip(f"record {name} fails its checksum")
+        return data
+
+    def stream(self, name: str, chunk: int = 1 << 24) -> Iterator[bytes]:
+        """A record's bytes in pieces, checked against its CRC after the last one."""
+        record = self.record(name)
+        crc = 0
+        for start in range(record.data_offset, record.data_offset + record.size, chunk):
+            data = self.blob.read(start, min(start + chunk, record.data_offset + record.size))
+            crc = zlib.crc32(data, crc)
+            yield data
+        if crc != record.crc:
+            raise BadZip(f"record {name} fails its checksum")
+
+
 class ZipWriter:
     """Write stored records in PyTorch's layout to a binary file, then the directory."""
 
     def __init__(self, fh: BinaryIO, prefix: str = "archive/") -> None:
         self.fh = fh
+        #: a local file, which records can be copied into in the kernel
+        self.copies_files = isinstance(fh, (io.BufferedWriter, io.FileIO))
         self.prefix = prefix
         self.entries: list[tuple[bytes, int, int, int]] = []  # name, header offset, size, crc
         self.offset = 0
@@ -167,8 +279,19 @@ class ZipWriter:
 
     def add_buffer(self, name: str, buffer: memoryview) -> None:
         self._begin(name, buffer.nbytes, crc32(buffer))
-        self.fh.write(buffer)
+        write_payload(self.fh, buffer)
         self.offset += buffer.nbytes
+
+    def add_known(self, name: str, record: Record, chunks: Iterable[bytes | memoryview]) -> None:
+        """A record whose size and checksum are known, its bytes written as they arrive."""
+        self._begin(name, record.size, record.crc)
+        done = 0
+        for chunk in chunks:
+            write_payload(self.fh, chunk)
+            done += len(chunk) if not isinstance(chunk, memoryview) else chunk.nbytes
+        if done != record.size:
+            raise OSError(f"short copy: {done} of {record.size} bytes")
+        self.offset += record.size
 
     def add_copy(self, name: str, src_fd: int, record: Record) -> None:
         """A record whose bytes (checksum known) are copied from another file in the kernel."""

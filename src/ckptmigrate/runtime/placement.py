@@ -9,7 +9,7 @@ against every revision's (see :mod:`ckptmigrate.identify`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..config import Config
 from ..errors import StampError
@@ -20,6 +20,7 @@ from .route import has_steps
 
 if TYPE_CHECKING:
     from ..formats.checkpoint import Checkpoint
+    from ..formats.stamp import Stamp
     from ..schema import Schema
 
 
@@ -40,7 +41,17 @@ def resolve_ids(script_dir: ScriptDirectory, symbols: str) -> tuple[str, ...]:
     return tuple(r.revision for r in script_dir.get_revisions(parts) if r is not None)
 
 
-def stamped_heads(script_dir: ScriptDirectory, ckpt: Checkpoint) -> tuple[str, ...] | None:
+class Stamped(Protocol):
+    """A checkpoint, or what a look at one found: where it is, and its stamp."""
+
+    @property
+    def path(self) -> object: ...
+
+    @property
+    def stamp(self) -> Stamp | None: ...
+
+
+def stamped_heads(script_dir: ScriptDirectory, ckpt: Stamped) -> tuple[str, ...] | None:
     """The checkpoint's recorded revisions, checked against the lineage (None: no stamp)."""
     if ckpt.stamp is None:
         return None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import Config
@@ -14,6 +13,7 @@ from ..script.revision import format_ids
 
 if TYPE_CHECKING:
     from ..formats.checkpoint import Checkpoint
+    from ..formats.storage import CkptPath
     from ..plan.state import PlanState
     from .migration import MigrationStep
 
@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 class MigrationResult:
     """What an upgrade/downgrade did (or would do, for a dry run)."""
 
-    checkpoint: Path
-    output: Path | None
+    checkpoint: CkptPath
+    output: CkptPath | None
     from_revisions: tuple[str, ...]
     to_revisions: tuple[str, ...]
     steps: list[MigrationStep] = field(default_factory=list)
@@ -39,7 +39,7 @@ class MigrationResult:
 class StampResult:
     """What ``stamp`` found and recorded."""
 
-    checkpoint: Path
+    checkpoint: CkptPath
     #: the stamp the file had (None: none)
     from_revisions: tuple[str, ...] | None
     to_revisions: tuple[str, ...]
@@ -77,7 +77,7 @@ def print_plan(
     p(f"Result: {len(state)} entries (was {n_in}), at {_ids(result.to_revisions)}")
 
 
-def done_line(result: MigrationResult, where: str, out: Path, upgrade: bool) -> str:
+def done_line(result: MigrationResult, where: str, out: CkptPath, upgrade: bool) -> str:
     verb = "Upgraded" if upgrade else "Downgraded"
     text = (
         f"{verb} {where}: {_ids(result.from_revisions)} -> {_ids(result.to_revisions)} "

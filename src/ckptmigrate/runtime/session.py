@@ -15,11 +15,12 @@ import contextlib
 import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 from ..errors import CkptMigrateError, CommandError, MultipleHeads, RevisionError
+from ..formats.storage import location, same_location
 from ..paths import display_path
 from ..script.directory import ScriptDirectory
 from ..script.revision import format_ids
@@ -30,6 +31,8 @@ from .route import refuse_wrong_way, steps_to
 if TYPE_CHECKING:
     # Imported when a checkpoint has been opened: path errors answer before torch loads.
     from ..formats.checkpoint import Checkpoint
+    from ..formats.stamp import Stamp
+    from ..formats.storage import CkptPath
     from ..plan.state import PlanState
     from .migration import MigrationStep
     from .report import MigrationResult, StampResult
@@ -73,6 +76,39 @@ def opened(
         yield ckpt.focus(options.key_prefix or config.get("key_prefix"))
     finally:
         ckpt.close()
+
+
+@dataclass(frozen=True)
+class Peeked:
+    """A checkpoint's stamp as a look at the file found it, without opening it."""
+
+    path: CkptPath
+    stamp: Stamp
+
+
+def peeked(config: Config, checkpoint: PathLike, options: CheckpointOptions) -> Peeked | None:
+    """The stamp of the lineage's keys, read without torch; None when opening the file must tell.
+
+    Says what :func:`opened` says about how the file was read, so the two
+    answers look alike.
+    """
+    if options.trust_pickle:
+        return None
+    from ..formats import ReadOptions, peek_checkpoint
+
+    key = options.state_dict_key or config.get("state_dict_key")
+    header = peek_checkpoint(checkpoint, ReadOptions(False, key))
+    if header is None:
+        return None
+    try:
+        stamp = header.stamp(options.key_prefix or config.get("key_prefix"))
+    except CkptMigrateError:
+        return None  # a damaged or newer stamp: opening the file says so
+    if stamp is None:
+        return None
+    for note in header.notes():
+        config.log(f"Note: {note}")
+    return Peeked(header.path, stamp)
 
 
 class MigrationSession:
@@ -134,7 +170,7 @@ class MigrationSession:
             before = () if purge else (stamped_heads(self.script_dir, ckpt) or ())
             stamped = ckpt.stamp.revisions if ckpt.stamp is not None else None
             after = self._heads_after_stamp(before, revisions)
-            result = StampResult(Path(checkpoint), stamped, after)
+            result = StampResult(location(checkpoint), stamped, after)
             if skip_same and stamped == after and self.options.output is None:
                 self.config.log(
                     f"Nothing to stamp: {display_path(checkpoint)} is stamped at "
@@ -169,14 +205,15 @@ class MigrationSession:
     # ------------------------------------------------------------------ the run
 
     def _migrate(
-        self, checkpoint: PathLike, ckpt: Checkpoint, out: Path, target: str, upgrade: bool
+        self, checkpoint: PathLike, ckpt: Checkpoint, out: CkptPath, target: str, upgrade: bool
     ) -> MigrationResult:
         from .report import done_line, progress_bar
 
         if ckpt.adapter is not None:  # a PEFT adapter follows its base model's lineage
             from ..adapters import run
+            from ..formats.peft import local_only
 
-            return run.migrate(self, checkpoint, ckpt, out, target, upgrade)
+            return run.migrate(self, checkpoint, ckpt, local_only(out), target, upgrade)
         opts, config = self.options, self.config
         where = display_path(checkpoint)
         placement = place(config, self.script_dir, ckpt, opts.from_revision)
@@ -216,7 +253,7 @@ class MigrationSession:
         steps = steps_to(self.script_dir, current, target, up, where)
         self._check_claim(ckpt, placement, bool(steps))
         result = MigrationResult(
-            Path(ckpt.path), None, current, current, steps, False, placement.identified
+            location(ckpt.path), None, current, current, steps, False, placement.identified
         )
         if not steps:
             return result, ckpt.initial_state(), None
@@ -247,12 +284,12 @@ class MigrationSession:
         from .report import MigrationResult
 
         opts = self.options
-        output = Path(opts.output) if opts.output else None
+        output = location(opts.output) if opts.output else None
         return MigrationResult(
-            Path(checkpoint), output, current, current, steps, opts.dry_run, identified
+            location(checkpoint), output, current, current, steps, opts.dry_run, identified
         )
 
-    def _copies(self, checkpoint: PathLike, out: Path, steps: list[MigrationStep]) -> bool:
+    def _copies(self, checkpoint: PathLike, out: CkptPath, steps: list[MigrationStep]) -> bool:
         """Whether a checkpoint already at the target is still written (where -o asks for it)."""
         opts = self.options
         copy = not steps and opts.output is not None and not opts.dry_run
@@ -262,7 +299,7 @@ class MigrationSession:
         self,
         checkpoint: PathLike,
         ckpt: Checkpoint,
-        out: Path,
+        out: CkptPath,
         current: tuple[str, ...],
         target: str,
         upgrade: bool,
@@ -394,20 +431,20 @@ class MigrationSession:
             yield
 
     @contextlib.contextmanager
-    def _opened_to_write(self, checkpoint: PathLike) -> Iterator[tuple[Checkpoint, Path]]:
+    def _opened_to_write(self, checkpoint: PathLike) -> Iterator[tuple[Checkpoint, CkptPath]]:
         """The checkpoint and where it goes, refused before any work if it cannot go there."""
         from ..formats import WriteOptions, check_output
 
         opts = self.options
         keep = opts.keep_wrapper_prefix
         with opened(self.config, checkpoint, opts.reading(), keep_wrapper_prefix=keep) as ckpt:
-            out = Path(opts.output) if opts.output else Path(checkpoint)
+            out = location(opts.output if opts.output else checkpoint)
             check_output(out, ckpt, WriteOptions(keep_wrapper_prefix=keep))
             yield ckpt, out
 
     def write(
         self,
-        out: Path,
+        out: CkptPath,
         ckpt: Checkpoint,
         state: PlanState,
         revisions: tuple[str, ...] | None,
@@ -446,11 +483,8 @@ class MigrationSession:
         return self.options.output is None
 
 
-def _same_file(a: Path, b: PathLike) -> bool:
-    try:
-        return a.resolve() == Path(b).resolve()
-    except OSError:  # pragma: no cover - resolve on a broken path
-        return False
+def _same_file(a: CkptPath, b: PathLike) -> bool:
+    return same_location(a, location(b))
 
 
 def _checking(stop: Callable[[], None], bar: Callable[[int], None] | None) -> Callable[[int], None]:

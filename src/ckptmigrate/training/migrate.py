@@ -60,7 +60,8 @@ def migrate_container(
     """
     if ckpt.training is None:
         return None
-    container = ckpt.training.container
+    # A run computes with the state tensors; a file read by ranges fetches them first.
+    container = ckpt.training.container if dry_run else ckpt.training.materialised()
     lazy = ckpt.training.lazy  # values are plan nodes: the pass runs on their stand-ins
     view, table = keyed.stand_ins(container) if lazy else (container, {})
     found = find_optimizers(view, ckpt.training.state_path)

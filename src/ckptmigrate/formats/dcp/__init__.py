@@ -24,24 +24,29 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from ...errors import CheckpointError, WriteError
 from ..base import Format, ReadOptions, WriteOptions, formats, register
+from ..storage import local_only
 from .metadata import METADATA_NAME
 
 if TYPE_CHECKING:
     from ...plan.state import PlanState
     from ..checkpoint import Checkpoint
+    from ..remote import RemotePath
+    from ..storage import CkptPath
+
+P = TypeVar("P", bound="Path | RemotePath")
 
 #: Data files this package writes (``ckptmigrate-<tag>-<n>.distcp``); others keep DCP's names.
 OWN_PREFIX = "ckptmigrate-"
 DATA_SUFFIX = ".distcp"
 
 
-def folder_of(path: Path) -> Path:
+def folder_of(path: P) -> P:
     """The checkpoint folder a path names (the folder itself, or its ``.metadata``)."""
-    return path.parent if path.name == METADATA_NAME else path
+    return path.parent if path.name == METADATA_NAME else path  # type: ignore[return-value]
 
 
 def _refusal(folder: Path) -> CheckpointError | None:
@@ -89,23 +94,29 @@ class DCPFormat:
     holds_only_tensors: ClassVar[bool] = False
     keeps_wrapper_prefix: ClassVar[bool] = False
 
-    def recognise(self, path: Path, head: bytes) -> bool:
+    def recognise(self, path: CkptPath, head: bytes) -> bool:
+        if head and path.name != METADATA_NAME:
+            return False  # a file with content: no folder (and no request to a store)
         folder = folder_of(path)
+        if not isinstance(folder, Path):  # on a store: recognised, then refused on open
+            return (folder / METADATA_NAME).is_file()
         return (folder / METADATA_NAME).is_file() or _refusal(folder) is not None
 
-    def accepts_output(self, target: Path, source: Format | None) -> bool:
+    def accepts_output(self, target: CkptPath, source: Format | None) -> bool:
         suffix = target.suffix.lower()
         if any(suffix in f.suffixes for f in formats() if f is not self):
             return False  # -o names a file format (an existing folder of that name is an error)
         if source is self:  # a DCP checkpoint stays one
             return True
         # another checkpoint converted into a folder that is empty (or a DCP checkpoint)
-        return source is not None and _is_output_folder(folder_of(target))
+        return (
+            source is not None and isinstance(target, Path) and _is_output_folder(folder_of(target))
+        )
 
-    def open(self, path: Path, options: ReadOptions) -> Checkpoint:
+    def open(self, path: CkptPath, options: ReadOptions) -> Checkpoint:
         from .reading import read_dcp
 
-        folder = folder_of(path)
+        folder = folder_of(local_only(path, "DCP folders"))
         refused = _refusal(folder)
         if refused is not None:
             raise refused
@@ -113,8 +124,8 @@ class DCPFormat:
             folder, trust_pickle=options.trust_pickle, state_dict_key=options.state_dict_key
         )
 
-    def check_target(self, target: Path) -> None:
-        folder = folder_of(target)
+    def check_target(self, target: CkptPath) -> None:
+        folder = folder_of(local_only(target, "DCP folders"))
         if folder.exists() and not folder.is_dir():
             raise WriteError(
                 f"cannot write a DCP checkpoint to {folder}: it is a file",
@@ -134,7 +145,7 @@ class DCPFormat:
 
     def write(
         self,
-        target: Path,
+        target: CkptPath,
         source: Checkpoint,
         full: PlanState,
         metadata: Mapping[str, Mapping[str, Any]],
@@ -142,16 +153,16 @@ class DCPFormat:
     ) -> None:
         from .writing import write_dcp
 
-        write_dcp(folder_of(target), source, full, metadata, options)
+        write_dcp(folder_of(local_only(target, "DCP folders")), source, full, metadata, options)
 
-    def lock_path(self, path: Path) -> Path:
+    def lock_path(self, path: CkptPath) -> CkptPath:
         return folder_of(path) / METADATA_NAME
 
-    def recover(self, path: Path) -> list[str]:
+    def recover(self, path: CkptPath) -> list[str]:
         """Remove the data files interrupted writes left (the lock on .metadata is held)."""
         from .writing import remove_leftovers
 
-        return remove_leftovers(folder_of(path))
+        return remove_leftovers(folder_of(path)) if isinstance(path, Path) else []
 
 
 FORMAT = register(DCPFormat())
