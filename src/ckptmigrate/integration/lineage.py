@@ -204,7 +204,7 @@ class Lineage:
         stamp = read_stamp(meta, where)
         rmap = self.script_dir.revision_map
         if stamp is not None:
-            unknown = [r for r in stamp.revisions if r not in rmap]
+            unknown = [r for r in stamp.revisions if not rmap.knows(r)]
             if unknown:
                 raise LoadError(
                     f"{where} is at revision {', '.join(unknown)}, unknown to {self.owner}'s "
@@ -213,7 +213,7 @@ class Lineage:
                     hint="update your code (git pull) or downgrade the checkpoint with the newer "
                     f"code: ckptmigrate downgrade CKPT {self.revision}",
                 )
-            return stamp.revisions
+            return rmap.canonical(stamp.revisions)
         return self.identify(sub, where)
 
     def identify(self, sub: Mapping[str, Any], where: str) -> tuple[str, ...] | None:

@@ -36,8 +36,10 @@ class Outcome:
 
 def direction(rmap: RevisionMap, current: Sequence[str], target: str) -> str:
     """ "none", "upgrade" or "downgrade" to get from ``current`` to exactly ``target``."""
-    if tuple(current) == (target,):
+    if tuple(current) == (target,) or (target == "base" and not current):
         return "none"
+    if target == "base":
+        return "downgrade"
     goal = rmap.revision(target)
     below_goal = {r.revision for r in rmap.ancestors([goal])}
     if all(c in below_goal for c in current):
