@@ -18,11 +18,13 @@ import subprocess
 import sys
 import threading
 import uuid
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -523,6 +525,42 @@ def test_a_dcp_run_killed_mid_write_leaves_the_old_checkpoint(
     assert _folder_in(s3, "ckpt") == _local(tmp_path / "ckpt")
     assert s3.pending_uploads() == []
     assert not any("lock" in k for k in s3.objects())
+
+
+def test_a_dcp_upload_killed_mid_part_is_aborted_by_the_next_writer(
+    tmp_path: Path, s3: Bucket, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 12 MiB data file goes up in 5 MiB parts; killed at its second, nothing is visible,
+    and the next writer of the folder (it holds the .metadata lock) aborts that upload."""
+    import torch.distributed.checkpoint as dcp
+
+    monkeypatch.chdir(tmp_path)
+    two_step_lineage(tmp_path, ("base00000001", "next00000002"), 'op.transpose("w", 0, 1)')
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(3072, 1024, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": {"w": w}}, checkpoint_id=tmp_path / "ckpt")
+    run("stamp", "ckpt", "base00000001")
+    url = s3.put_folder("ckpt", tmp_path / "ckpt")
+    before = _folder_in(s3, "ckpt")
+    stop = _Stop(lambda r: r.key.endswith(".distcp") and r.query.get("partNumber") == ["2"])
+    env = {"CKPTMIGRATE_S3_PART_SIZE": str(5 << 20)}
+    _kill_when_reached(stop, s3, tmp_path / "alembic_style.ini", url, env=env)
+    # the old checkpoint, and nothing else visible but the dead writer's lock
+    assert _folder_in(s3, "ckpt") == {**before, "..metadata.ckptmigrate-lock": ANY}
+    assert [k for k in s3.pending_uploads() if k.endswith(".distcp")]  # the killed upload
+
+    # a writer that uploads no data file of that name (stamp rewrites .metadata alone)
+    run("stamp", url, "base")
+    assert s3.pending_uploads() == []
+    assert _folder_in(s3, "ckpt").keys() == before.keys()  # the lock gone too
+    monkeypatch.setattr("ckptmigrate.formats.s3.PART_SIZE", 5 << 20)
+    run("stamp", "ckpt", "base")
+    for where in (url, "ckpt"):
+        run("upgrade", where, "--from", "base00000001")
+    assert _folder_in(s3, "ckpt") == _local(tmp_path / "ckpt")
+    assert s3.pending_uploads() == []
 
 
 def test_a_concurrent_writer_of_a_dcp_folder_is_not_overwritten(
