@@ -44,6 +44,20 @@ class ModelInfo:
         )
 
 
+@dataclass
+class Facts:
+    """What is known to be true beyond the checkpoint: the model, and live optimizers.
+
+    The command line knows the configured model (``model =``); a loader that
+    migrates on the way into a live model knows that model, and sometimes the
+    optimizers built for it (``optimizers``: per optimizer found in the
+    container, the file keys of its parameters per param group, in order).
+    """
+
+    model: ModelInfo | None = None
+    optimizers: Sequence[Sequence[Sequence[str]]] | None = None
+
+
 def model_info(config: Config) -> ModelInfo | None:
     """The configured model, built on meta; None (with a note) when it cannot be built.
 
