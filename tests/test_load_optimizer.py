@@ -97,7 +97,8 @@ def test_the_live_optimizers_groups_decide_the_layout(project: Path) -> None:
         last = model.fc3 if hasattr(model, "fc3") else model.fc2
         head = list(last.parameters())
         body = [p for p in model.parameters() if all(p is not q for q in head)]
-        return torch.optim.SGD([{"params": head, "lr": 0.1}, {"params": body}], lr=0.01, momentum=0.9)
+        groups = [{"params": head, "lr": 0.1}, {"params": body}]
+        return torch.optim.SGD(groups, lr=0.01, momentum=0.9)
 
     v1_training_checkpoint("train.pt", grouped)
     old = load_dict("train.pt")["optimizer"]  # ids: fc2.weight 0, fc2.bias 1, fc1.* 2, 3
