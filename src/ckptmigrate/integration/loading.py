@@ -99,8 +99,7 @@ def load(
             log.info("stripped wrapper prefix %r from %s", ckpt.wrapper_prefix, path)
         if map_location is not None:
             sd = OrderedDict(
-                (k, v.to(map_location) if isinstance(v, torch.Tensor) else v)
-                for k, v in sd.items()
+                (k, v.to(map_location) if isinstance(v, torch.Tensor) else v) for k, v in sd.items()
             )
         optimizers = _optimizers(optimizer)
         training = ckpt.training if optimizers else None
