@@ -24,7 +24,7 @@ from ..errors import CkptMigrateError
 from ..formats.checkpoint import Checkpoint
 from ..formats.container import replace_at
 from ..formats.stamp import write_stamp
-from ..plan.nodes import Node, Source
+from ..plan.nodes import Node, Source, TensorSpec
 from ..plan.state import Evaluator, PlanState
 from ..runtime.memory import after, in_memory, planned
 from ..runtime.migration import MigrationStep
@@ -75,6 +75,77 @@ def optimizer_groups(
     return out
 
 
+@dataclass
+class Plan:
+    """How a whole state dict gets to every class's revision: per output key, its node."""
+
+    entries: dict[str, Node]  # over the input's keys
+    metadata: dict[str, dict[str, Any]]  # stamped at the targets
+    records: list[LineageRecord] = field(default_factory=list)
+    steps: list[MigrationStep] = field(default_factory=list)
+    #: (lineage, from, to) of each lineage migrated, in order
+    used: list[tuple[Lineage, tuple[str, ...], str]] = field(default_factory=list)
+
+
+def plan_checkpoint(
+    model: torch.nn.Module,
+    specs: Mapping[str, TensorSpec | None],
+    metadata: Mapping[str, Mapping[str, Any]],
+    name: str,
+    *,
+    extra: Sequence[tuple[Lineage, torch.nn.Module, str]] = (),
+) -> Plan:
+    """The plan for a state dict of ``specs`` (no tensor data is read).
+
+    Each versioned module of ``model`` (and each of ``extra``) is placed on its
+    lineage by the state its entries are in after the lineages before it,
+    which is followed on shapes alone.
+    """
+    shadow = _shadow(specs)
+    meta = {k: dict(v) for k, v in metadata.items()}
+    plan = Plan({k: Source(k, s) for k, s in specs.items()}, meta)
+    for lineage, module, prefix in [*extra, *lineages_in(model)]:
+        keys = list(shadow)
+        start = start_of(lineage, module, shadow, plan.metadata, prefix)
+        if list(shadow) != keys:  # a wrapper prefix was stripped: a rename, for the plan
+            plan.entries = _renamed(plan.entries, keys, list(shadow))
+        if start is None:
+            continue
+        ckpt = in_memory(shadow, plan.metadata, name).focus(prefix)
+        try:
+            state, done = planned(
+                lineage.script_dir, ckpt, start.current, start.target, log=log.info
+            )
+        except CkptMigrateError as exc:
+            raise migration_failed(start, exc) from exc
+        full = ckpt.file_state(state)
+        shadow = _shadow(full.schema())
+        plan.metadata = {k: dict(v) for k, v in full.metadata.items()}
+        write_stamp(plan.metadata.setdefault(prefix[:-1], {}), (start.target,))
+        plan.entries = after(full.entries, plan.entries)
+        plan.steps.extend(done)
+        plan.used.append((lineage, start.current, start.target))
+        record = LineageRecord(
+            prefix,
+            type(module).__qualname__,
+            start.current,
+            start.target,
+            [str(s) for s in done],
+            identified=not start.stamped,
+        )
+        note(record)
+        plan.records.append(record)
+    return plan
+
+
+def _shadow(specs: Mapping[str, TensorSpec | None]) -> dict[str, Any]:
+    """A state dict of meta tensors with these shapes: what placing a lineage looks at."""
+    return {
+        k: torch.empty(s.shape, dtype=s.dtype, device="meta") if s is not None else None
+        for k, s in specs.items()
+    }
+
+
 def migrate_checkpoint(
     model: torch.nn.Module,
     sd: Mapping[str, Any],
@@ -92,65 +163,30 @@ def migrate_checkpoint(
     ``container`` is the training checkpoint ``sd`` sits in (at ``state_path``):
     its optimizer state follows the migration, numbered in ``model``'s order
     and, with ``optimizers`` (file keys per group, per optimizer), laid out as
-    those optimizers hold their parameters. The input is not modified.
+    those optimizers hold their parameters. The input is not modified; tensors
+    a migration leaves alone are passed through as the same objects.
     """
-    current: OrderedDict[str, Any] = OrderedDict(sd)
-    meta = {k: dict(v) for k, v in metadata.items()}
-    plan: dict[str, Node] = {k: Source(k, s) for k, s in in_memory(sd, {}, name).schema.items()}
-    steps: list[MigrationStep] = []
-    records: list[LineageRecord] = []
-    used: list[tuple[Lineage, tuple[str, ...], str]] = []
-    for lineage, module, prefix in [*extra, *lineages_in(model)]:
-        keys = list(current)
-        start = start_of(lineage, module, current, meta, prefix)
-        if list(current) != keys:  # a wrapper prefix was stripped: a rename, for the plan
-            plan = _renamed(plan, keys, list(current))
-        if start is None:
-            continue
-        ckpt = in_memory(current, meta, name).focus(prefix)
-        try:
-            state, done = planned(
-                lineage.script_dir, ckpt, start.current, start.target, log=log.info
-            )
-        except CkptMigrateError as exc:
-            raise migration_failed(start, exc) from exc
-        full = ckpt.file_state(state)
-        evaluate = Evaluator(full.entries, current.__getitem__)
-        current = OrderedDict((k, evaluate(k)) for k in full.entries)
-        meta = {k: dict(v) for k, v in full.metadata.items()}
-        write_stamp(meta.setdefault(prefix[:-1], {}), (start.target,))
-        plan = after(full.entries, plan)
-        steps.extend(done)
-        used.append((lineage, start.current, start.target))
-        record = LineageRecord(
-            prefix,
-            type(module).__qualname__,
-            start.current,
-            start.target,
-            [str(s) for s in done],
-            identified=not start.stamped,
-        )
-        note(record)
-        records.append(record)
-    current._metadata = meta  # type: ignore[attr-defined]
-    out = Migrated(current, None, records)
+    original = in_memory(
+        sd,
+        metadata,
+        name,
+        container=container,
+        state_path=state_path,
+        wrapper_prefix=wrapper_prefix,
+    )
+    plan = plan_checkpoint(model, original.schema, metadata, name, extra=extra)
+    if not plan.used:
+        same: OrderedDict[str, Any] = OrderedDict(sd)
+        same._metadata = {k: dict(v) for k, v in metadata.items()}  # type: ignore[attr-defined]
+        return Migrated(same, container)
+    evaluate = Evaluator(plan.entries, sd.__getitem__)
+    current = OrderedDict((k, evaluate(k)) for k in plan.entries)
+    current._metadata = plan.metadata  # type: ignore[attr-defined]
+    out = Migrated(current, None, plan.records)
     if container is None:
         return out
-    out.container = replace_at(container, state_path, current)
-    if used:
-        original = in_memory(
-            sd,
-            metadata,
-            name,
-            container=container,
-            state_path=state_path,
-            wrapper_prefix=wrapper_prefix,
-        )
-        migrated = _carry_training_state(
-            model, original, PlanState(plan, meta), steps, used, optimizers
-        )
-        if migrated is not None:
-            out.container = replace_at(migrated, state_path, current)
+    carried = _carry_training_state(model, original, plan, optimizers)
+    out.container = replace_at(carried if carried is not None else container, state_path, current)
     return out
 
 
@@ -165,9 +201,7 @@ def _renamed(plan: dict[str, Node], before: list[str], now: list[str]) -> dict[s
 def _carry_training_state(
     model: torch.nn.Module,
     before: Checkpoint,
-    plan: PlanState,
-    steps: list[MigrationStep],
-    used: list[tuple[Lineage, tuple[str, ...], str]],
+    plan: Plan,
     optimizers: Sequence[Sequence[Sequence[str]]] | None,
 ) -> Any:
     """The container with its optimizer state carried along the whole plan (None: none).
@@ -179,7 +213,7 @@ def _carry_training_state(
     from ..training.layout import ties_by_identity
     from ..training.sides import Facts, ModelInfo
 
-    lineage, from_revisions, target = used[0]
+    lineage, from_revisions, target = plan.used[0]
     live = ModelInfo(
         f"the {type(model).__name__} being loaded", own_schema(model), ties_by_identity(model)
     )
@@ -187,9 +221,9 @@ def _carry_training_state(
         lineage.config,
         lineage.script_dir,
         before,
-        plan,
+        PlanState(plan.entries, plan.metadata),
         from_revisions,
         (target,),
-        steps,
+        plan.steps,
         facts=Facts(live, optimizers),
     )
