@@ -31,6 +31,7 @@ from ..errors import CheckpointError, CkptMigrateError, WriteError
 from .base import FileFormat, Format, ReadOptions, WriteOptions, output_format, register
 from .checkpoint import Checkpoint
 from .fileio import fsync_dir
+from .hub_layout import copy_companions, with_config_stamps, write_config_stamp
 from .probe import index_path
 from .stamp import flatten_stamps, is_stamp_key, read_stamp, stamp_entries
 
@@ -144,7 +145,9 @@ def read_sharded(path: Path, *, trust_pickle: bool = False) -> ShardedCheckpoint
         if key not in shards[shard].schema:
             raise _bad(path, f"key {key!r} is not in its shard {shard}")
         schema[key] = shards[shard].schema[key]
-    modules = stamp_entries({str(k): str(v) for k, v in meta.items()})
+    modules = with_config_stamps(
+        stamp_entries({str(k): str(v) for k, v in meta.items()}), path.parent
+    )
     sharded = ShardSet(path, index, dict(weight_map), shards)
 
     def reader(key: str) -> Any:
@@ -307,6 +310,10 @@ def write_sharded(
         raise
     if options.durable:
         fsync_dir(folder)
+    # a new folder is a whole model folder (config.json ...); either way config's stamp is the
+    # index's
+    copy_companions(sharded.folder, folder)
+    write_config_stamp(folder, metadata, durable=options.durable)
     if same_folder:  # the old files are no longer referenced
         keep = set(weight_map.values())
         for shard in sharded.shards:

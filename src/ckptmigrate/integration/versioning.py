@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 import sys
 from collections import OrderedDict
@@ -93,9 +94,26 @@ def versioned(
         cls.__schema_revision__ = _SchemaRevision()  # type: ignore[attr-defined]
         _wrap_init(cls)
         _wrap_load_state_dict(cls)
+        _adapt_to_frameworks(cls)
         return cls
 
     return decorate
+
+
+#: Framework packages whose model classes load and save their own way, and the module of
+#: ``ckptmigrate.integration`` whose ``adapt(cls)`` hooks a versioned subclass into that way.
+FRAMEWORKS: dict[str, str] = {"transformers": "transformers"}
+
+
+def _adapt_to_frameworks(cls: type[torch.nn.Module]) -> None:
+    """Let each framework integration adapt ``cls``, for frameworks that are imported.
+
+    A class can only subclass a framework's model class when that framework is
+    imported already, so one that is not imported is never imported here.
+    """
+    for package, module in FRAMEWORKS.items():
+        if package in sys.modules:
+            importlib.import_module(f"{__package__}.{module}").adapt(cls)
 
 
 def _wrap_init(cls: type[torch.nn.Module]) -> None:
