@@ -321,3 +321,37 @@ def test_ckptmigrate_runs_before_transformers_conversions(
     again = cls.from_pretrained(tmp_path / "again")
     for key, value in trained.state_dict().items():
         assert same(again.state_dict()[key], value), key
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as fh:
+        line = next(x for x in fh if x.startswith("RssAnon:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_the_checkpoint_is_in_memory_once_and_never_written(trained: Any, tmp_path: Path) -> None:
+    """Renamed weights stay views of the file's private memory map, as transformers leaves
+    its own: loading adds next to no memory of its own, and training writes only to copies."""
+    config = transformers.GPT2Config(
+        n_layer=8, n_embd=256, n_head=8, vocab_size=4096, n_positions=32, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    big = transformers.GPT2LMHeadModel(config)
+    save_folder(tmp_path / "old", old_layout(stored(big)), config, shards=1, fmt="safetensors",
+                stamp=R1)  # fmt: skip
+    del big
+    weights = tmp_path / "old" / "model.safetensors"
+    size, before_bytes = weights.stat().st_size, weights.read_bytes()
+    cls = versioned(transformers.GPT2LMHeadModel, R2)
+    warm = cls.from_pretrained(tmp_path / "old")  # imports, caches; kept, so that its memory
+    before = _rss_anon()  # is not what the next load reuses
+    model = cls.from_pretrained(tmp_path / "old")
+    grown = _rss_anon() - before
+    assert grown < size / 4, f"loading a {size >> 20} MB checkpoint took {grown >> 20} MB"
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(IDS, labels=IDS).loss.backward()
+    opt.step()
+    assert weights.read_bytes() == before_bytes
+    assert torch.equal(logits(warm), logits(cls.from_pretrained(tmp_path / "old")))

@@ -12,7 +12,6 @@ recognise paths); reading and writing do.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import mmap
@@ -249,11 +248,10 @@ def read_safetensors(path: Path) -> SafetensorsCheckpoint:
         return raw.view(spec.dtype).reshape(spec.shape)
 
     def close() -> None:
-        if state["mm"] is not None:
-            # tensors may still point into the mapping; then the GC unmaps it
-            with contextlib.suppress(BufferError):
-                state["mm"].close()
-            state["mm"] = None
+        # Only the reference is dropped: every tensor read holds one too (torch.frombuffer),
+        # so the map goes when the last of them does. Closing it here would unmap memory
+        # that a tensor still handed out (a model's parameter) points into.
+        state["mm"] = None
 
     modules = stamp_entries(meta)
     return SafetensorsCheckpoint(

@@ -60,7 +60,7 @@ from ..formats import read_checkpoint
 from ..formats.atomic import atomic_output
 from ..formats.checkpoint import Checkpoint
 from ..formats.stamp import flatten_stamps, is_stamp_key, stamp_entries, write_stamp
-from ..plan.nodes import Node, Source, TensorSpec, walk
+from ..plan.nodes import Node, TensorSpec
 from ..plan.state import Evaluator
 from ..runtime.memory import in_memory
 from .resume import lineages_in, plan_checkpoint
@@ -222,29 +222,21 @@ class LazyTensor:
 class _Values:
     """Computes outputs one at a time (transformers asks from several threads).
 
-    A value that is (a view of) a tensor read from the file is copied, as
-    transformers copies what it reads from a safetensors file: the model's
-    parameters never point into the checkpoint's memory map.
+    A tensor the migration leaves as it was stays a view of the checkpoint's
+    memory map, as transformers' own loading leaves it: a private, copy-on-
+    write map, so training never writes to the file, and the weights are in
+    memory once, as page cache, not copied.
     """
 
     def __init__(self, entries: Mapping[str, Node], read: Callable[[str], Any]) -> None:
-        self._entries = entries
-        self._read = read
         self._evaluate = Evaluator(entries, read)
         self._lock = threading.Lock()
 
     def value(self, key: str) -> torch.Tensor:
         with self._lock:
             value = self._evaluate(key)
-            inputs = {
-                self._read(n.key).untyped_storage().data_ptr()
-                for n in walk(self._entries[key])
-                if isinstance(n, Source)
-            }
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{key}: the checkpoint holds a {type(value).__name__} there")
-        if value.untyped_storage().data_ptr() in inputs:
-            value = value.clone(memory_format=torch.contiguous_format)
         return value
 
 
