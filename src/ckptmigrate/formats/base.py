@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .checkpoint import Checkpoint
 
 #: The built-in formats' modules, in the order they are asked to recognise a path.
-BUILTIN_FORMATS = ("sharded", "hf_folder", "safetensors_file", "torch_file")
+BUILTIN_FORMATS = ("hf_trainer", "sharded", "hf_folder", "safetensors_file", "torch_file")
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,7 @@ def load(
     optimizer state follows the migration as ``ckptmigrate upgrade`` carries
     it, laid out as that optimizer holds its parameters, and is loaded into it.
     """
+    from ..training.sides import keeps_order
     from .resume import migrate_checkpoint, optimizer_groups
 
     sd, meta, ckpt = _read_state_dict(path, trust_pickle, state_dict_key)
@@ -124,8 +125,10 @@ def load(
             optimizers=optimizer_groups(model, optimizers) if optimizers else None,
             extra=extra,
             wrapper_prefix=ckpt.wrapper_prefix,
+            keeps_order=keeps_order(ckpt),
         )
         report.lineages.extend(migrated.records)
+        _fill_ties(model, migrated.state_dict)
         with tree_migrated():
             try:
                 result = model.load_state_dict(migrated.state_dict, strict=strict)
@@ -140,6 +143,17 @@ def load(
         return report
     finally:
         ckpt.close()
+
+
+def _fill_ties(model: torch.nn.Module, sd: dict[str, Any]) -> None:
+    """A tied parameter stored under one of its keys only (as safetensors stores it) fills both."""
+    from ..training.layout import ties_by_identity
+
+    for alias, first in ties_by_identity(model).items():
+        if alias not in sd and first in sd:
+            sd[alias] = sd[first]
+        elif first not in sd and alias in sd:
+            sd[first] = sd[alias]
 
 
 def _optimizers(

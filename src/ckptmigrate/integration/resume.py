@@ -157,6 +157,7 @@ def migrate_checkpoint(
     optimizers: Sequence[Sequence[Sequence[str]]] | None = None,
     extra: Sequence[tuple[Lineage, torch.nn.Module, str]] = (),
     wrapper_prefix: str = "",
+    keeps_order: bool = True,
 ) -> Migrated:
     """Bring ``sd`` to the revision of every versioned module of ``model`` (and ``extra``).
 
@@ -173,6 +174,7 @@ def migrate_checkpoint(
         container=container,
         state_path=state_path,
         wrapper_prefix=wrapper_prefix,
+        keeps_order=keeps_order,
     )
     plan = plan_checkpoint(model, original.schema, metadata, name, extra=extra)
     if not plan.used:

@@ -221,9 +221,21 @@ def start_of(
 
 
 def _fits_as_is(sub: Mapping[str, Any], module: torch.nn.Module) -> bool:
-    from ..runtime.memory import specs_of
+    """The module's own layout, a tied parameter's second key allowed to be absent.
 
-    return Schema.from_specs(specs_of(sub)).same_layout(own_schema(module))
+    ``safetensors`` stores a tensor once, so a state dict saved through it
+    (``save_pretrained``, ``save_model``) lacks the keys that repeat a tied one.
+    """
+    from ..runtime.memory import specs_of
+    from ..training.layout import ties_by_identity
+
+    have = Schema.from_specs(specs_of(sub))
+    want = own_schema(module)
+    tied = ties_by_identity(module)
+    want = Schema(
+        (k, e) for k, e in want.items() if not (k in tied and k not in have and tied[k] in have)
+    )
+    return have.same_layout(want)
 
 
 def _migrate_at(

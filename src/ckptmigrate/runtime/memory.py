@@ -125,7 +125,14 @@ class InMemoryFormat(FileFormat):
         raise CkptMigrateError(f"{path}: an in-memory checkpoint is not written")
 
 
+class UnorderedInMemoryFormat(InMemoryFormat):
+    """Read from a file that lists its keys sorted, not in the model's order (safetensors)."""
+
+    keeps_parameter_order: ClassVar[bool] = False
+
+
 IN_MEMORY = InMemoryFormat()
+UNORDERED_IN_MEMORY = UnorderedInMemoryFormat()
 
 
 def in_memory(
@@ -136,13 +143,18 @@ def in_memory(
     container: Any = None,
     state_path: tuple[str, ...] = (),
     wrapper_prefix: str = "",
+    keeps_order: bool = True,
 ) -> Checkpoint:
-    """A state dict (and the training container it sits in) seen as a checkpoint."""
+    """A state dict (and the training container it sits in) seen as a checkpoint.
+
+    ``keeps_order``: whether ``sd`` lists its keys in the model's order, which
+    an optimizer state is numbered in.
+    """
     meta = {k: dict(v) for k, v in metadata.items()}
     training = TrainingContainer(container, state_path) if container is not None else None
     return Checkpoint(
         path=Path(name),
-        format=IN_MEMORY,
+        format=IN_MEMORY if keeps_order else UNORDERED_IN_MEMORY,
         schema=specs_of(sd),
         metadata=meta,
         stamp=read_stamp(meta.get(""), name),

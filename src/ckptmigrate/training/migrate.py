@@ -88,8 +88,9 @@ def migrate_container(
     model = facts.model
     model_old = model if model is not None and model.matches(ckpt.schema) else None
     model_new = model if model is not None and model.matches(state.schema()) else None
-    old_specs = old_file_specs(ckpt, model_old)
-    entries = new_file_entries(ckpt, state, list(model_new.schema) if model_new else None)
+    old_specs = old_file_specs(ckpt, model_old, state, model_new)
+    order = [k for k in model_new.schema if k in state.entries] if model_new else None
+    entries = new_file_entries(ckpt, state, order)  # a tied second key is absent in safetensors
     plans = [optimizer_plan(opt, old_specs, ckpt.wrapper_prefix) for opt in found]
     named = [key for p in plans if p.names for _g, _pid, key in p.names]
     old = old_layout(
