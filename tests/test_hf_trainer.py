@@ -27,7 +27,7 @@ from tests.conftest import Run, make_lineage
 from tests.harness.common import same
 
 import ckptmigrate
-from ckptmigrate.errors import LoadError
+from ckptmigrate.errors import LoadError, WriteError
 from ckptmigrate.formats.safetensors_file import read_header
 from ckptmigrate.integration.hf_trainer import MigrateOnResume
 
@@ -206,7 +206,10 @@ def test_without_the_model_the_upgrade_does_not_guess_the_optimizer_order(
     folder, _ = saved
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     result = run("upgrade", str(folder), code=1)
-    assert "model =" in result.stderr and "optimizer_state" in result.stderr
+    error = result.stderr.splitlines()[-1]
+    assert "the weights file lists its keys sorted" in error, result.stderr
+    assert "model =" in error and "optimizer_state = drop" in error
+    assert "state dict found under" not in result.stderr  # no such entry in a folder
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
@@ -246,3 +249,48 @@ def test_a_folder_that_cannot_be_placed_is_a_ckptmigrate_error(
               trainer_class=MigratingTrainer)  # fmt: skip
     text = str(info.value)
     assert "has no ckptmigrate stamp" in text and "ckptmigrate stamp CKPT REV" in text
+
+
+def _configure_model() -> None:
+    ini = Path("alembic_style.ini")
+    ini.write_text(ini.read_text() + "prepend_sys_path = .\nmodel = trainer_models:build\n")
+
+
+def test_a_failed_write_leaves_the_folder_as_it_was(
+    saved: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path, run: Run,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The weights are written, then the optimizer state fails: nothing of it is seen."""
+    import ckptmigrate.formats.hf_trainer as fmt
+
+    folder, _ = saved
+    _configure_model()
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def disk_full(path: Path, state: Any) -> None:
+        raise WriteError(f"cannot write {path}: the disk is full")
+
+    monkeypatch.setattr(fmt, "_save_optimizer", disk_full)
+    result = run("upgrade", str(folder), code=1)
+    assert "optimizer.pt: the disk is full" in result.stderr
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["checkpoint-2"]
+
+
+def test_a_folder_a_killed_writer_left_is_removed(
+    saved: tuple[Path, dict[str, torch.Tensor]], run: Run
+) -> None:
+    import subprocess
+
+    from ckptmigrate.formats.atomic import TMP_SUFFIX
+
+    folder, _ = saved
+    _configure_model()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    left = folder.parent / f".checkpoint-2.{dead.stdout.strip()}.x{TMP_SUFFIX}"
+    left.mkdir()
+    (left / "model.safetensors").write_bytes(b"half")
+    run("upgrade", str(folder))
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["checkpoint-2"]
+    assert run("current", str(folder)).stdout == f"{R3} (head)\n"

@@ -131,3 +131,19 @@ def test_an_unplaceable_checkpoint_is_a_ckptmigrate_error(project: Path) -> None
     assert "has no ckptmigrate stamp" in text and "no base schema" in text
     assert "ckptmigrate stamp CKPT REV" in text and "ckptmigrate schema --record" in text
     assert "Error(s) in loading" not in text and "size mismatch" not in text
+
+
+def test_an_optimizer_built_with_other_groups_is_refused_with_the_fix(project: Path) -> None:
+    def two_groups(model: nn.Module) -> torch.optim.Optimizer:
+        params = list(model.parameters())
+        return torch.optim.Adam([{"params": params[:2]}, {"params": params[2:], "lr": 0.1}])
+
+    v1_training_checkpoint("train.pt", two_groups)
+    model = versioned_model()
+    opt = adam(model)
+    with pytest.raises(ckptmigrate.CkptMigrateError) as info:
+        ckptmigrate.load(model, "train.pt", optimizer=opt)
+    text = str(info.value)
+    assert "has 2 param group(s), but the optimizer to restore it into has 1" in text
+    assert "build the optimizer with the same param groups" in text
+    assert not opt.state  # nothing half-restored

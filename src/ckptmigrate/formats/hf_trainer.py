@@ -58,6 +58,11 @@ class TrainerCheckpoint(Checkpoint):
 
     model: Checkpoint
 
+    def notes(self, *, keep_wrapper_prefix: bool | None = None) -> list[str]:
+        # the container is this format's own making: no entry of the folder to point at
+        notes = super().notes(keep_wrapper_prefix=keep_wrapper_prefix)
+        return [n for n in notes if not n.startswith("state dict found under")]
+
 
 class TrainerFolderFormat:
     """``checkpoint-N/``: weights and ``optimizer.pt`` migrate together; the rest is carried."""

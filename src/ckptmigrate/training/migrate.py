@@ -34,8 +34,9 @@ from ..plan.state import PlanState
 from ..runtime.migration import MigrationStep
 from ..script.directory import ScriptDirectory
 from . import lightning
-from .optimizer import find_optimizers, replace_path
+from .optimizer import OptimizerStateError, find_optimizers, replace_path
 from .pairing import (
+    OptimizerPlan,
     check_pairing,
     live_membership,
     membership,
@@ -43,11 +44,12 @@ from .pairing import (
     pair,
     unplaced_error,
 )
-from .policy import keep_or_drop, policy
+from .policy import ESCAPE, keep_or_drop, policy
 from .rebuild import rebuild
 from .report import report
 from .sides import (
     Facts,
+    keeps_order,
     model_info,
     new_file_entries,
     new_layout,
@@ -92,6 +94,8 @@ def migrate_container(
     order = [k for k in model_new.schema if k in state.entries] if model_new else None
     entries = new_file_entries(ckpt, state, order)  # a tied second key is absent in safetensors
     plans = [optimizer_plan(opt, old_specs, ckpt.wrapper_prefix) for opt in found]
+    if model_old is None and model_new is None and not keeps_order(ckpt):
+        _refuse_unknown_order(ckpt, plans, config.section)
     named = [key for p in plans if p.names for _g, _pid, key in p.names]
     old = old_layout(
         ckpt, state, script_dir, from_revisions, old_specs, named, model_old, model_new
@@ -127,6 +131,18 @@ def migrate_container(
             say(line)
         out = replace_path(out, plan.found.path, rebuilt.value)
     return None if dry_run else out
+
+
+def _refuse_unknown_order(ckpt: Checkpoint, plans: Sequence[OptimizerPlan], section: str) -> None:
+    """An optimizer numbered by position, and weights whose file does not keep that order."""
+    if all(p.names for p in plans):
+        return  # saved with param_names: matched by name
+    raise OptimizerStateError(
+        f"{ckpt.path}: the weights file lists its keys sorted, not in the order the optimizer "
+        "numbered its parameters, and no model says that order",
+        hint=f"set 'model = package.module:build_model' in [{section}] (the model as it is "
+        f"after the migration), or {ESCAPE}",
+    )
 
 
 def _revisions_by_op(steps: Sequence[MigrationStep]) -> dict[str, list[str]]:
