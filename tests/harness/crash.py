@@ -116,7 +116,10 @@ def _trials(
     """Trial after trial until ``kills`` SIGKILLs landed on a running process.
 
     A delay past the run's end lets it finish first; such trials are counted
-    (and checked) too, but do not count as kills.
+    (and checked) too, but do not count as kills. The window the delays are
+    drawn from follows how long runs take now (a loaded machine runs slower or
+    faster than the clean run that measured it): it shrinks after a run that
+    finished first and grows back after a kill near its end.
     """
     folder = ckpt.parent
     phases: Counter[str] = Counter()
@@ -124,11 +127,12 @@ def _trials(
     max_leftovers = 0
     landed = trials = 0
     at_before = digest(ckpt) == scenario.before_digest
-    while landed < kills and trials < 4 * kills:
+    window = 1.2 * clean_seconds
+    while landed < kills and trials < 8 * kills:
         trials += 1
         if not at_before:
             shutil.copyfile(scenario.before, ckpt)
-        delay = rng.uniform(0.0, 1.2 * clean_seconds)
+        delay = rng.uniform(0.0, window)
         pid = os.fork()
         if pid == 0:
             _child(scenario.argv)
@@ -139,6 +143,10 @@ def _trials(
         _, status = os.waitpid(pid, 0)
         killed = os.WIFSIGNALED(status)
         landed += killed
+        if not killed:
+            window = max(0.8 * window, 0.01)
+        elif delay > 0.8 * window:
+            window = min(1.1 * window, 4 * clean_seconds)
         if not killed and os.waitstatus_to_exitcode(status) != 0:
             failures.append(f"trial {trials}: the run failed with exit {status} before the kill")
         now = digest(ckpt)
