@@ -250,6 +250,15 @@ def test_a_folder_that_cannot_be_placed_is_a_ckptmigrate_error(
     text = str(info.value)
     assert "has no ckptmigrate stamp" in text and "ckptmigrate stamp CKPT REV" in text
 
+    future = tmp_path / "future"  # saved by code newer than this lineage
+    shutil.copytree(folder, future)
+    config = json.loads((future / "config.json").read_text())
+    config["ckptmigrate"]["ckptmigrate.revision"] = "ffff99999999"
+    (future / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LoadError, match="ffff99999999, unknown to"):
+        train(cls(models.config()), tmp_path / "y", 4, resume=future,
+              trainer_class=MigratingTrainer)  # fmt: skip
+
 
 def _configure_model() -> None:
     ini = Path("alembic_style.ini")
