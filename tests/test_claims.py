@@ -161,9 +161,7 @@ def test_nothing_is_written_at_a_revision_whose_schema_the_result_contradicts(
 # ----------------------------------------------------------------------------- unknown schemas
 
 
-def test_without_a_base_schema_only_identification_talks_about_it(
-    project: Path, run: Run
-) -> None:
+def test_without_a_base_schema_only_identification_talks_about_it(project: Path, run: Run) -> None:
     """A plain --from or stamp workflow needs no base schema, so it hears nothing of one."""
     (project / "migrations/base_schema.txt").unlink()
     torch.save(v1_state_dict(), "model.pth")

@@ -38,6 +38,7 @@ _MAGIC = b'{"toy-lists"'
 
 #: The built-in formats, in the order they are asked.
 BUILT_IN = [
+    "peft",
     "Hugging Face Trainer checkpoint",
     "sharded",
     "Hugging Face model folder",
@@ -179,7 +180,7 @@ def test_registering_a_name_twice_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    "first", ["torch_file", "safetensors_file", "sharded", "hf_folder", "hf_trainer"]
+    "first", ["torch_file", "safetensors_file", "sharded", "hf_folder", "hf_trainer", "peft"]
 )
 def test_built_in_order_does_not_depend_on_which_module_is_imported_first(
     tmp_path: Path, first: str

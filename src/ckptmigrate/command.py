@@ -331,6 +331,10 @@ def current(
     script_dir = ScriptDirectory.from_config(config)
     with opened(config, checkpoint, make_options(CheckpointOptions, dict(options))) as ckpt:
         stamped = stamped_heads(script_dir, ckpt)
+        if stamped is None and ckpt.adapter is not None:
+            from .adapters import run
+
+            return run.current(config, script_dir, ckpt)
         if stamped is None:
             from .identify import identify_current
 
@@ -392,6 +396,14 @@ def diff(
     with opened(config, checkpoint, opts) as ckpt:
         from .runtime.placement import standing
         from .schema import Schema, compare, format_table
+
+        if ckpt.adapter is not None:
+            where = display_path(checkpoint)
+            raise CommandError(
+                f"{where} is a PEFT adapter: diff compares a model's checkpoint with the model",
+                hint=f"'ckptmigrate current {where}' says which revision it is at, and "
+                f"'ckptmigrate upgrade {where} --dry-run' what upgrading does to it",
+            )
 
         have = Schema.from_specs(ckpt.schema)
         script_dir, want, want_name, matched = _diff_target(config, revision)

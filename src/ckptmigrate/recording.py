@@ -70,6 +70,12 @@ def base_from_checkpoint(
     with opened(config, checkpoint, options) as ckpt:
         from .schema import Schema, read_base_schema
 
+        if ckpt.adapter is not None:
+            raise CommandError(
+                f"{where} is a PEFT adapter, which holds only part of its base model",
+                hint="record the base schema from the model (or a checkpoint of it) instead",
+            )
+
         unknown = ckpt.stamp is None and read_base_schema(script_dir.dir) is None
         if from_revision is None and unknown:
             tips = format_ids(script_dir.revision_map.heads) or "none yet"

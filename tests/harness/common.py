@@ -129,6 +129,26 @@ def tmp_files_of(folder: Path, pid: int) -> list[Path]:
     return [p for p in folder.iterdir() if p.name.endswith(TMP_SUFFIX) and mark in p.name]
 
 
+def cli_child(argv: list[str], done_fd: int = -1) -> None:
+    """In a forked child: run the command line quietly, report when the work ended, exit."""
+    import time
+
+    from ckptmigrate.cli import main as cli_main
+
+    quiet_fds()
+    code = 1
+    try:
+        cli_main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        code = 99
+    if done_fd >= 0:
+        os.write(done_fd, repr(time.perf_counter()).encode())
+    os._exit(code)
+
+
 def quiet_fds() -> None:
     """Send this process's stdout/stderr to /dev/null (forked children)."""
     null = os.open(os.devnull, os.O_WRONLY)

@@ -29,31 +29,15 @@ import torch
 from tests.harness.common import (
     REV_A,
     REV_B,
+    cli_child,
     digest,
     leftovers,
-    quiet_fds,
     same,
     standard_project,
     tmp_files_of,
 )
 
 from ckptmigrate.cli import main as cli_main
-
-
-def _child(argv: list[str], done_fd: int = -1) -> None:
-    """Run the command line, then report when the work ended (before exiting)."""
-    quiet_fds()
-    code = 1
-    try:
-        cli_main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        code = 99
-    if done_fd >= 0:
-        os.write(done_fd, repr(time.perf_counter()).encode())
-    os._exit(code)
 
 
 def _run_clean(argv: list[str]) -> tuple[int, float]:
@@ -67,7 +51,7 @@ def _run_clean(argv: list[str]) -> tuple[int, float]:
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
-        _child(argv, write_fd)
+        cli_child(argv, write_fd)
     os.close(write_fd)
     _, status = os.waitpid(pid, 0)
     with os.fdopen(read_fd, "rb") as fh:
@@ -135,7 +119,7 @@ def _trials(
         delay = rng.uniform(0.0, window)
         pid = os.fork()
         if pid == 0:
-            _child(scenario.argv)
+            cli_child(scenario.argv)
         time.sleep(delay)
         os.kill(pid, signal.SIGSTOP)  # freeze it to see how far it got
         had_tmp = bool(tmp_files_of(folder, pid))

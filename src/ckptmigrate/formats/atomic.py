@@ -39,7 +39,7 @@ def temp_path(target: Path) -> Path:
 
 
 def clean_stale(target: Path) -> list[Path]:
-    """Remove temporary files of ``target`` left by processes that no longer run."""
+    """Remove temporary files (or folders) of ``target`` left by processes that no longer run."""
     removed: list[Path] = []
     prefix = f".{target.name}."
     try:
@@ -55,7 +55,7 @@ def clean_stale(target: Path) -> list[Path]:
         if not pid_text.isdigit() or int(pid_text) == os.getpid() or _alive(int(pid_text)):
             continue
         with contextlib.suppress(OSError):
-            if path.is_dir():  # a folder a killed writer left (atomic_folder)
+            if path.is_dir() and not path.is_symlink():  # a killed writer's folder
                 shutil.rmtree(path)
             else:
                 path.unlink()

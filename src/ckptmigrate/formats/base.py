@@ -30,7 +30,14 @@ if TYPE_CHECKING:
     from .checkpoint import Checkpoint
 
 #: The built-in formats' modules, in the order they are asked to recognise a path.
-BUILTIN_FORMATS = ("hf_trainer", "sharded", "hf_folder", "safetensors_file", "torch_file")
+BUILTIN_FORMATS = (
+    "peft",
+    "hf_trainer",
+    "sharded",
+    "hf_folder",
+    "safetensors_file",
+    "torch_file",
+)
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,9 @@ class WriteOptions:
     durable: bool = True
     keep_wrapper_prefix: bool = False
     progress: Callable[[int], None] | None = None
-    container: Any = None  # the training container to write back (from the training pass)
+    # what the output holds besides the tensors: the training container to write back
+    # (from the training pass), an adapter's new config
+    container: Any = None
 
 
 class Format(Protocol):

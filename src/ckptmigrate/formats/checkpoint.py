@@ -24,6 +24,7 @@ from .container import describe_wrapper
 from .stamp import Stamp, read_stamp
 
 if TYPE_CHECKING:
+    from ..adapters.layout import AdapterLayout
     from ..plan.nodes import Node, TensorSpec
     from ..plan.state import PlanState
     from .base import Format
@@ -71,6 +72,8 @@ class Checkpoint:
     key_prefix: str = ""
     file_schema: dict[str, TensorSpec | None] | None = None
     file_metadata: dict[str, dict[str, Any]] | None = None
+    #: Set when the file holds a PEFT adapter of the lineage's model, not the model's weights.
+    adapter: AdapterLayout | None = None
 
     def read(self, key: str) -> Any:
         """A tensor by its key in the file (prefix included)."""

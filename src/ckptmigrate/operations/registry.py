@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 if TYPE_CHECKING:
     import torch
 
+    from ..plan.lowrank import LowRank
     from ..plan.nodes import TensorSpec
     from .checks import OpContext
 
@@ -112,6 +113,30 @@ class Operation:
 
     def node_label(self) -> str:
         return self.label or self.name
+
+    def low_rank(
+        self,
+        parts: Sequence[LowRank | None],
+        inputs: Sequence[TensorSpec],
+        result: TensorSpec,
+        /,
+        *_: Any,
+        **params: Any,
+    ) -> LowRank | None:
+        """The exact counterpart of a node on a LoRA adapter's factors.
+
+        ``parts`` are the low-rank deltas the adapter adds to the node's inputs
+        (None: that input has no adapter; at least one is a delta), ``inputs``
+        their shapes and ``result`` the node's. Returns the delta of the
+        result (``scale * B @ A`` rearranged as the node rearranges the
+        weight), or raises :class:`~ckptmigrate.plan.lowrank.NoExactCounterpart`
+        saying why there is none; nothing is guessed.
+        """
+        from ..plan.lowrank import NoExactCounterpart
+
+        raise NoExactCounterpart(
+            f"{self.name} says nothing about how a low-rank delta of the weight changes"
+        )
 
     # ------------------------------------------------------------------ autogenerate
 

@@ -14,12 +14,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from .init import make_tensor
 from .spec import TensorSpec, dtype_name
+
+if TYPE_CHECKING:
+    from .lowrank import LowRank
 
 # TensorSpec and dtype_name live in .spec (below the initialisers); most code reads them
 # together with the nodes, so they are part of this module's interface too.
@@ -142,6 +145,18 @@ class NodeOp(Protocol):
         self, source: TensorSpec, result: TensorSpec, params: Mapping[str, Any]
     ) -> tuple[int, str] | None:
         """(values lost, how) when the node itself throws part of its input away."""
+        ...
+
+    def low_rank(
+        self,
+        parts: Sequence[LowRank | None],
+        inputs: Sequence[TensorSpec],
+        result: TensorSpec,
+        /,
+        *_: Any,
+        **params: Any,
+    ) -> LowRank | None:
+        """The node's exact counterpart on a LoRA adapter's factors (see ``plan.lowrank``)."""
         ...
 
 

@@ -120,8 +120,12 @@ def run_steps(
         if log is not None:
             log(f"Running {step}")
         run_step(step, state, symbolic=symbolic)
-        if step.is_upgrade:
-            current = rmap.heads_after_upgrade(current, step.script)
-        else:
-            current = rmap.heads_after_downgrade(current, step.script)
+        current = heads_after(rmap, current, step)
     return current
+
+
+def heads_after(rmap: RevisionMap, heads: tuple[str, ...], step: MigrationStep) -> tuple[str, ...]:
+    """The revisions a checkpoint at ``heads`` is at once ``step`` has run."""
+    if step.is_upgrade:
+        return rmap.heads_after_upgrade(heads, step.script)
+    return rmap.heads_after_downgrade(heads, step.script)

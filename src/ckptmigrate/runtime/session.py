@@ -107,7 +107,11 @@ class MigrationSession:
         with self._locked(checkpoint), self._opened_to_write(checkpoint) as (ckpt, out):
             before = () if purge else (stamped_heads(self.script_dir, ckpt) or ())
             after = self._heads_after_stamp(before, revisions)
-            if after:
+            if after and ckpt.adapter is not None:
+                from ..adapters import run
+
+                run.check_stamp(self, ckpt, after, display_path(checkpoint))
+            elif after:
                 from ..claims import STAMP, check_start
 
                 check_start(
@@ -118,7 +122,7 @@ class MigrationSession:
                     claimed_by=STAMP,
                     force=self.options.force,
                 )
-            self._write(out, ckpt, ckpt.initial_state(), after or None)
+            self.write(out, ckpt, ckpt.initial_state(), after or None)
             where = display_path(out)
             self.config.log(
                 f"Stamped {where} at {format_ids(after)}"
@@ -132,35 +136,21 @@ class MigrationSession:
     def _migrate(
         self, checkpoint: PathLike, ckpt: Checkpoint, out: Path, target: str, upgrade: bool
     ) -> MigrationResult:
-        from .report import MigrationResult, done_line, print_plan, progress_bar
+        from .report import done_line, print_plan, progress_bar
 
+        if ckpt.adapter is not None:  # a PEFT adapter follows its base model's lineage
+            from ..adapters import run
+
+            return run.migrate(self, checkpoint, ckpt, out, target, upgrade)
         opts, config = self.options, self.config
         where = display_path(checkpoint)
         placement = place(config, self.script_dir, ckpt, opts.from_revision)
         current = placement.revisions
         steps = steps_to(self.script_dir, current, target, upgrade, where)
-        # A copy at the target is still written where -o asks for one.
-        copy = not steps and opts.output is not None and not opts.dry_run
-        copy = copy and not _same_file(out, checkpoint)
-        self._check_claim(ckpt, placement, bool(steps) or copy)
-        result = MigrationResult(
-            Path(checkpoint),
-            Path(opts.output) if opts.output else None,
-            current,
-            current,
-            steps,
-            opts.dry_run,
-            placement.identified,
-        )
+        self._check_claim(ckpt, placement, bool(steps) or self._copies(checkpoint, out, steps))
+        result = self.result(checkpoint, current, steps, placement.identified)
         if not steps:
-            refuse_wrong_way(self.script_dir, current, target, upgrade, where)
-            if copy:
-                self._write(out, ckpt, ckpt.initial_state(), current)
-            written = f"; written to {display_path(out)}" if copy else ""
-            direction = "upgrade" if upgrade else "downgrade"
-            config.log(
-                f"Nothing to {direction}: {where} is at {format_ids(current) or 'base'}{written}"
-            )
+            self.nothing_to_do(checkpoint, ckpt, out, current, target, upgrade)
             return result
         state = ckpt.initial_state()
         result.to_revisions = self._run_steps(steps, state, current)
@@ -171,11 +161,54 @@ class MigrationSession:
         if opts.dry_run:
             return result
         bar = progress_bar(config, ckpt, state)
-        self._write(out, ckpt, state, result.to_revisions, container=container, progress=bar)
+        self.write(out, ckpt, state, result.to_revisions, container=container, progress=bar)
         if bar is not None:
             bar.finish()
         config.log(done_line(result, where, out, upgrade))
         return result
+
+    def result(
+        self,
+        checkpoint: PathLike,
+        current: tuple[str, ...],
+        steps: list[MigrationStep],
+        identified: bool,
+    ) -> MigrationResult:
+        """What a run from ``current`` along ``steps`` is about to do (its target set later)."""
+        from .report import MigrationResult
+
+        opts = self.options
+        output = Path(opts.output) if opts.output else None
+        return MigrationResult(
+            Path(checkpoint), output, current, current, steps, opts.dry_run, identified
+        )
+
+    def _copies(self, checkpoint: PathLike, out: Path, steps: list[MigrationStep]) -> bool:
+        """Whether a checkpoint already at the target is still written (where -o asks for it)."""
+        opts = self.options
+        copy = not steps and opts.output is not None and not opts.dry_run
+        return copy and not _same_file(out, checkpoint)
+
+    def nothing_to_do(
+        self,
+        checkpoint: PathLike,
+        ckpt: Checkpoint,
+        out: Path,
+        current: tuple[str, ...],
+        target: str,
+        upgrade: bool,
+    ) -> None:
+        """The checkpoint is at ``target``: say so (a copy still goes where -o says)."""
+        where = display_path(checkpoint)
+        refuse_wrong_way(self.script_dir, current, target, upgrade, where)
+        copy = self._copies(checkpoint, out, [])
+        if copy:
+            self.write(out, ckpt, ckpt.initial_state(), current)
+        written = f"; written to {display_path(out)}" if copy else ""
+        direction = "upgrade" if upgrade else "downgrade"
+        self.config.log(
+            f"Nothing to {direction}: {where} is at {format_ids(current) or 'base'}{written}"
+        )
 
     def _run_steps(
         self, steps: list[MigrationStep], state: PlanState, current: tuple[str, ...]
@@ -301,7 +334,7 @@ class MigrationSession:
             check_output(out, ckpt, WriteOptions(keep_wrapper_prefix=keep))
             yield ckpt, out
 
-    def _write(
+    def write(
         self,
         out: Path,
         ckpt: Checkpoint,

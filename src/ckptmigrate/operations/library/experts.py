@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ...plan.lowrank import LowRank
 from ...plan.nodes import Apply, Node, TensorSpec
 from ..checks import OpContext
 from ..registry import OpCall, Operation, Part, SpecOf, register
@@ -71,6 +72,17 @@ class Stack(Operation):
     def kernel(self, args: Sequence[torch.Tensor], *, dim: int) -> torch.Tensor:
         return torch.stack(list(args), dim=dim)
 
+    def low_rank(
+        self,
+        parts: Sequence[LowRank | None],
+        inputs: Sequence[TensorSpec],
+        result: TensorSpec,
+        *,
+        dim: int,
+    ) -> LowRank | None:
+        """The experts' factor pairs stacked (one rank for all, zero-padded; one scale)."""
+        return LowRank.stack(parts, inputs, dim)
+
     def inverse(self, call: OpCall, before: SpecOf) -> list[OpCall]:
         a = self.arguments(call)
         cut: dict[str, object] = {"into": _key_list(a["keys"])}
@@ -117,6 +129,18 @@ class Unstack(Operation):
         # A copy, not a view: torch.save writes a view's whole storage, so an expert
         # kept after the others were dropped would carry all of them.
         return args[0].select(dim, index).clone(memory_format=torch.contiguous_format)
+
+    def low_rank(
+        self,
+        parts: Sequence[LowRank | None],
+        inputs: Sequence[TensorSpec],
+        result: TensorSpec,
+        *,
+        dim: int,
+        index: int,
+    ) -> LowRank | None:
+        part = parts[0]
+        return part.select(dim, index) if part is not None else None
 
     def part_kept(self, params: Mapping[str, Any]) -> Part:
         return params["dim"], params["index"], 1

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ...plan.lowrank import LowRank
 from ...plan.nodes import Apply, Node, TensorSpec
 from ..checks import OpContext
 from ..registry import OpCall, Operation, Part, SpecOf, register
@@ -88,6 +89,20 @@ class Split(Operation):
         # kept after its siblings were dropped would carry the full fused tensor.
         return args[0].narrow(dim, start, length).clone(memory_format=torch.contiguous_format)
 
+    def low_rank(
+        self,
+        parts: Sequence[LowRank | None],
+        inputs: Sequence[TensorSpec],
+        result: TensorSpec,
+        *,
+        dim: int,
+        start: int,
+        length: int,
+    ) -> LowRank | None:
+        """Along the output dim ``B`` is cut and ``A`` copied; along the input dim the reverse."""
+        part = parts[0]
+        return part.narrow(dim, start, length) if part is not None else None
+
     def part_kept(self, params: Mapping[str, Any]) -> Part:
         return params["dim"], params["start"], params["length"]
 
@@ -138,6 +153,21 @@ class Concat(Operation):
 
     def kernel(self, args: Sequence[torch.Tensor], *, dim: int) -> torch.Tensor:
         return torch.cat(list(args), dim=dim)
+
+    def low_rank(
+        self,
+        parts: Sequence[LowRank | None],
+        inputs: Sequence[TensorSpec],
+        result: TensorSpec,
+        *,
+        dim: int,
+    ) -> LowRank | None:
+        """Along the output dim: ``B`` block-diagonal, the ``A``\\ s stacked, at the summed rank.
+
+        Parts at different scales have the ratio folded into their ``B``;
+        parts cut from one delta (a split undone) join back at its rank.
+        """
+        return LowRank.concat(parts, inputs, dim)
 
     def inverse(self, call: OpCall, before: SpecOf) -> list[OpCall] | None:
         a = self.arguments(call)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ...plan.init import check_init, make_tensor
+from ...plan.lowrank import LowRank, NoExactCounterpart
 from ...plan.nodes import TensorSpec
 from ..checks import OpContext
 from ..registry import CannotFollowState, OpCall, Operation, SpecOf, register
@@ -56,6 +57,21 @@ class Reshape(Operation):
     def kernel(self, args: Sequence[torch.Tensor], *, shape: tuple[int, ...]) -> torch.Tensor:
         return args[0].reshape(shape)
 
+    def low_rank(
+        self,
+        parts: Sequence[LowRank | None],
+        inputs: Sequence[TensorSpec],
+        result: TensorSpec,
+        *,
+        shape: tuple[int, ...],
+    ) -> LowRank | None:
+        if tuple(shape) == inputs[0].shape:
+            return parts[0]
+        raise NoExactCounterpart(
+            f"reshaping {list(inputs[0].shape)} to {list(shape)} reorders the elements "
+            "across the low-rank factors' product"
+        )
+
     def inverse(self, call: OpCall, before: SpecOf) -> list[OpCall] | None:
         return _restoring(self, call, before, "shape")
 
@@ -76,6 +92,25 @@ class Transpose(Operation):
 
     def kernel(self, args: Sequence[torch.Tensor], *, dim0: int, dim1: int) -> torch.Tensor:
         return args[0].transpose(dim0, dim1).contiguous()
+
+    def low_rank(
+        self,
+        parts: Sequence[LowRank | None],
+        inputs: Sequence[TensorSpec],
+        result: TensorSpec,
+        *,
+        dim0: int,
+        dim1: int,
+    ) -> LowRank | None:
+        """(B A)^T = A^T B^T: the factors swap and transpose.
+
+        Stored the other way round, a weight is a Conv1D's ``[in, out]`` where
+        it was a Linear's ``[out, in]`` (or back): PEFT's ``lora_A`` stays
+        ``[r, in]`` and ``lora_B`` ``[out, r]`` for both, so the factors keep
+        their values and the adapter's ``fan_in_fan_out`` flips.
+        """
+        part = parts[0]
+        return part.transpose(dim0, dim1) if part is not None and dim0 != dim1 else part
 
     def inverse(self, call: OpCall, before: SpecOf) -> list[OpCall]:
         return [call]  # a swap undoes itself
@@ -103,6 +138,17 @@ class Permute(Operation):
     def kernel(self, args: Sequence[torch.Tensor], *, dims: tuple[int, ...]) -> torch.Tensor:
         return args[0].permute(dims).contiguous()
 
+    def low_rank(
+        self,
+        parts: Sequence[LowRank | None],
+        inputs: Sequence[TensorSpec],
+        result: TensorSpec,
+        *,
+        dims: tuple[int, ...],
+    ) -> LowRank | None:
+        part = parts[0]
+        return part.permute(dims) if part is not None else None
+
     def inverse(self, call: OpCall, before: SpecOf) -> list[OpCall]:
         a = self.arguments(call)
         dims = [int(d) % len(a["dims"]) for d in a["dims"]]
@@ -124,6 +170,18 @@ class Cast(Operation):
 
     def kernel(self, args: Sequence[torch.Tensor], *, dtype: torch.dtype) -> torch.Tensor:
         return args[0].to(dtype)
+
+    def low_rank(
+        self,
+        parts: Sequence[LowRank | None],
+        inputs: Sequence[TensorSpec],
+        result: TensorSpec,
+        *,
+        dtype: torch.dtype,
+    ) -> LowRank | None:
+        """The factors are cast like the weight (a float dtype; an integer one is refused)."""
+        part = parts[0]
+        return part.cast(dtype) if part is not None else None
 
     def inverse(self, call: OpCall, before: SpecOf) -> list[OpCall] | None:
         return _restoring(self, call, before, "dtype")
@@ -199,6 +257,32 @@ class Resize(Operation):
         """New rows start at zeros, never at the weights' init: they have seen no gradient."""
         src = args[0]
         return _overlay(torch.zeros(shape, dtype=src.dtype, device=src.device), src)
+
+    def low_rank(
+        self,
+        parts: Sequence[LowRank | None],
+        inputs: Sequence[TensorSpec],
+        result: TensorSpec,
+        *,
+        shape: tuple[int, ...],
+        **_init: Any,
+    ) -> LowRank | None:
+        """Growing pads the factors with zeros: the new rows or columns get no delta.
+
+        A shrink would throw away part of what the adapter learnt; it is
+        refused, as ``check`` reports the base weight's loss.
+        """
+        part = parts[0]
+        assert part is not None
+        for dim, (old, new) in enumerate(zip(inputs[0].shape, shape)):
+            if new < old:
+                raise NoExactCounterpart(
+                    f"it shrinks dim {dim} from {old} to {new}, cutting away part of the "
+                    "adapter's delta"
+                )
+            if new > old:
+                part = part.grow(dim, new)
+        return part
 
     def cut(
         self, source: TensorSpec, result: TensorSpec, params: Mapping[str, Any]
@@ -289,6 +373,19 @@ class MapTensor(Operation):
         if strided and out.untyped_storage().nbytes() > out.nbytes:
             out = out.clone(memory_format=torch.contiguous_format)  # a slice: drop the rest
         return out
+
+    def low_rank(
+        self,
+        parts: Sequence[LowRank | None],
+        inputs: Sequence[TensorSpec],
+        result: TensorSpec,
+        /,
+        *_: Any,
+        **params: Any,
+    ) -> LowRank | None:
+        raise NoExactCounterpart(
+            "a function of the weight says nothing about what becomes of a low-rank delta of it"
+        )
 
     def follow_state(self, args: Sequence[torch.Tensor], **params: Any) -> torch.Tensor:
         raise CannotFollowState(
