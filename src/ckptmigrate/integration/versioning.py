@@ -190,7 +190,9 @@ def start_of(
     Strips a wrapper prefix the entries carry (in place). A dict that cannot be
     placed on the lineage (no stamp, and no base schema to identify it by) and
     does not fit the module as it is, is an error naming the fix: torch's
-    mismatch list would say nothing about revisions.
+    mismatch list would say nothing about revisions. A dict of some of the
+    module's own entries, as they are now, is a partial load (PEFT loads an
+    adapter's keys alone that way, with ``strict=False``): left to PyTorch.
     """
     root = prefix[:-1]
     target = lineage.resolve()
@@ -212,7 +214,7 @@ def start_of(
     current = lineage.current(sub, metadata.get(root), where)
     if current is None:
         differences, only_wrappers = mismatch(module, sub)
-        if fits or only_wrappers:
+        if fits or only_wrappers or _part_of(sub, module):
             return None  # loads as it is, or the load says which wrapper is in the way
         raise lineage.unplaced_error(where, differences)
     if current == (target,):
@@ -236,6 +238,14 @@ def _fits_as_is(sub: Mapping[str, Any], module: torch.nn.Module) -> bool:
         (k, e) for k, e in want.items() if not (k in tied and k not in have and tied[k] in have)
     )
     return have.same_layout(want)
+
+
+def _part_of(sub: Mapping[str, Any], module: torch.nn.Module) -> bool:
+    """Every entry is one of the module's own, with its shape and dtype now."""
+    from ..runtime.memory import specs_of
+
+    own = own_schema(module)
+    return all(k in own and own[k].spec == spec for k, spec in specs_of(sub).items())
 
 
 def _migrate_at(
