@@ -56,3 +56,39 @@ def test_sigkill_at_random_moments_leaves_old_or_new(tmp_path: Path) -> None:
     # Killed writers did leave temporary files, and later runs removed them.
     assert max(c["max_leftovers_seen"] for c in commands.values()) >= 1, summary
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(TMP_SUFFIX)]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_sigkill_of_a_sharded_folder_leaves_old_or_new_and_the_next_command_cleans(
+    tmp_path: Path,
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.harness.crash_folders", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = proc.stderr.strip()
+    print(summary)
+    commands = json.loads(proc.stdout.strip().splitlines()[-1])["commands"]
+    assert set(commands) == {"upgrade", "downgrade"}
+    for name, result in commands.items():
+        # each trial compared the index and every shard it references, byte for
+        # byte, with the clean runs' folders, and loaded every tensor
+        assert result["failures"] == [], (name, summary)
+        assert result["kills"] >= 15, (name, summary)
+        assert result["phases"].get("killed during the shard writes", 0) >= 3, (name, summary)
+        assert result["phases"].get("killed before writing", 0) >= 1, (name, summary)
+        for moment in ("killed before the index switch", "killed after it"):
+            kill = result[moment]
+            assert kill["signal"] == 9, (name, moment, kill)
+            assert kill["state"] == ("old" if moment.endswith("switch") else "new"), kill
+            # the kill did leave files behind (new shards, or replaced ones) ...
+            assert kill["left behind"], (name, moment, kill)
+            # ... and the next command removed every one and ended at the new state
+            assert kill["after the next command"] == [], (name, moment, kill)
+            assert kill["next command ends at new"], (name, moment, kill)
+        assert result["final run clean"], name

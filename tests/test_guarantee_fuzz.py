@@ -248,3 +248,27 @@ def test_fuzzer_findings_stay_fixed(case: str, tmp_path: Path) -> None:
     assert needle in lines[-1], lines[-1]
     assert "internal error" not in result.stderr
     assert path.read_bytes() == before
+
+
+def test_damaged_and_lying_sharded_folders(tmp_path: Path) -> None:
+    """1,200 seeded sharded checkpoints whose index or shards lie: each ends cleanly."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.harness.fuzz_folders", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1800,  # only ends a hang: every case is bounded in CPU time by the harness
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["cases"] >= 1000
+    kinds = report["kinds"]
+    for kind, result in kinds.items():
+        assert result["failure_count"] == 0, (kind, result["failures"])
+    assert len(kinds) >= 14  # every way of lying was tried
+    for kind in ("index: nested too deep", "index: a shard name that is no shard", "shard missing"):
+        assert kinds[kind]["outcomes"] == {"refused: exit 1, one Error line": kinds[kind]["cases"]}
+    hostile = kinds["shard: hostile pickle"]
+    assert hostile["cases"] >= 20
+    assert hostile["outcomes"] == {"refused: exit 1, one Error line": hostile["cases"]}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import json
 import os
 import resource
 import shutil
@@ -477,13 +478,19 @@ def test_next_command_removes_stale_temporary_files(setup: tuple[Path, Path]) ->
         stale = ckpt.parent / f".model.pth.{dead.pid}.abc123.ckptmigrate-tmp"
         running = ckpt.parent / f".model.pth.{alive.pid}.def456.ckptmigrate-tmp"
         other = ckpt.parent / f".other.pth.{dead.pid}.ghi789.ckptmigrate-tmp"
-        for p in (stale, running, other):
+        here = ckpt.parent / f".model.pth.{dead.pid}@{atomic._host()}.jkl.ckptmigrate-tmp"
+        # a folder shared with another machine: its pids mean nothing here
+        away = ckpt.parent / f".model.pth.{dead.pid}@gpu-node-7.mno.ckptmigrate-tmp"
+        for p in (stale, running, other, here, away):
             p.write_bytes(b"partial")
         code, err = invoke("-c", str(ini), "upgrade", "model.pth")
         assert code == 0 and "Nothing to upgrade" in err, err
-        assert not stale.exists()  # its writer is gone
+        assert not stale.exists() and not here.exists()  # their writers are gone
         assert running.exists()  # its writer may still be writing
         assert other.exists()  # another checkpoint's business
+        assert away.exists()  # kept, and said so
+        assert f"Note: {away.name} was left by a ckptmigrate run on host gpu-node-7 (pid" in err
+        assert "kept it: remove it once no run there writes the checkpoint" in err
         assert torch.load(ckpt, weights_only=True)["new"].shape == (256, 256)
     finally:
         alive.kill()
@@ -516,3 +523,133 @@ def test_fsync_by_default_only_in_place(tmp_path: Path, monkeypatch: pytest.Monk
     synced.clear()
     command.downgrade(cfg, "m.pt", "base", durable=False)
     assert synced == []
+
+
+# --------------------------------------------------------------------------- sharded folders
+
+INDEX = "model.safetensors.index.json"
+
+
+def _sharded(folder: Path) -> None:
+    """w0..w3 (256x256) over three safetensors shards, the index stamped at REV_A."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(5)
+    groups = [["w0", "w1"], ["w2"], ["w3"]]
+    weight_map = {}
+    for i, keys in enumerate(groups, start=1):
+        name = f"model-{i:05d}-of-00003.safetensors"
+        save_file({k: torch.randn(256, 256, generator=gen) for k in keys}, folder / name)
+        weight_map.update((k, name) for k in keys)
+    index = {"metadata": {"ckptmigrate.revision": REV_A}, "weight_map": weight_map}
+    (folder / INDEX).write_text(json.dumps(index))
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file in the folder, hidden ones too, with its bytes."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _fail_on_replace_of(name: str, code: int) -> Callable[[pytest.MonkeyPatch], None]:
+    def inject(mp: pytest.MonkeyPatch) -> None:
+        real = os.replace
+
+        def replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+            if str(dst).endswith(name):
+                raise OSError(code, os.strerror(code))
+            real(src, dst, *args, **kwargs)
+
+        mp.setattr(os, "replace", replace)
+
+    return inject
+
+
+SHARDED: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], str]] = {
+    "disk full in the first shard (ENOSPC)": (
+        lambda mp: _fail_after(mp, 0, errno.ENOSPC),
+        "the disk is full",
+    ),
+    "disk full after a shard was written (ENOSPC)": (
+        lambda mp: _fail_after(mp, 300_000, errno.ENOSPC),
+        "the disk is full",
+    ),
+    "quota exceeded (EDQUOT)": (lambda mp: _fail_after(mp, 600_000, errno.EDQUOT), "disk is full"),
+    "I/O error at fsync (EIO)": (
+        lambda mp: mp.setattr(os, "fsync", _raise(errno.EIO)),
+        "Input/output error",
+    ),
+    "read-only folder (EROFS)": (
+        lambda mp: mp.setattr(tempfile, "mkstemp", _raise(errno.EROFS)),
+        "the file system is read-only",
+    ),
+    "index switch refused (EACCES)": (
+        _fail_on_replace_of(INDEX, errno.EACCES),
+        f"cannot write ckpt/{INDEX}: permission denied",
+    ),
+    "a shard's switch refused (EIO)": (
+        _fail_on_replace_of(".safetensors", errno.EIO),
+        "Input/output error",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARDED))
+def test_injected_write_errors_in_a_sharded_folder(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ini = standard_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    _sharded(folder)
+    before = _files(folder)
+    inject, needle = SHARDED[case]
+    with pytest.MonkeyPatch.context() as mp:
+        inject(mp)
+        code, err = invoke("-c", str(ini), "upgrade", "ckpt")
+    line = _assert_refused(code, err, needle)
+    assert "unchanged" in line, line
+    # every file as it was, and nothing else: no new shard, temporary file or journal
+    assert _files(folder) == before
+    code, err = invoke("-c", str(ini), "upgrade", "ckpt")
+    assert code == 0, err
+    assert json.loads((folder / INDEX).read_text())["metadata"]["ckptmigrate.revision"] == REV_B
+
+
+def test_a_folder_sync_failing_after_the_index_switch_keeps_the_new_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ini = standard_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    _sharded(folder)
+    index = folder / INDEX
+    real = atomic.fsync_dir
+
+    def sync(path: Path) -> None:
+        if json.loads(index.read_text())["metadata"]["ckptmigrate.revision"] == REV_B:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(path)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(atomic, "fsync_dir", sync)
+        code, err = invoke("-c", str(ini), "upgrade", "ckpt")
+    line = _assert_refused(code, err, f"wrote ckpt/{INDEX}, but could not sync its folder")
+    assert "the new file is in place" in line
+    # the new shard set is whole: every tensor the new index names loads, migrated
+    from ckptmigrate.formats import read_checkpoint
+
+    ckpt = read_checkpoint(folder)
+    try:
+        assert ckpt.stamp is not None and ckpt.stamp.revisions == (REV_B,)
+        assert ckpt.read("w3").dtype == torch.float64 and ckpt.read("new").shape == (256, 256)
+        assert "renamed0" in ckpt.schema and "w0" not in ckpt.schema
+    finally:
+        ckpt.close()
+    # the replaced shards are still there, and the next command removes them
+    referenced = set(json.loads(index.read_text())["weight_map"].values())
+    assert set(p.name for p in folder.iterdir()) - referenced - {INDEX}
+    code, err = invoke("-c", str(ini), "upgrade", "ckpt")
+    assert code == 0, err
+    assert {p.name for p in folder.iterdir()} == referenced | {INDEX}

@@ -125,7 +125,7 @@ def leftovers(folder: Path) -> list[str]:
 
 
 def tmp_files_of(folder: Path, pid: int) -> list[Path]:
-    mark = f".{pid}."
+    mark = f".{pid}@"
     return [p for p in folder.iterdir() if p.name.endswith(TMP_SUFFIX) and mark in p.name]
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "lock_path",
     "open_checkpoint",
     "read_checkpoint",
+    "recover",
     "register",
     "unregister",
     "write_checkpoint",
@@ -139,6 +140,14 @@ def lock_path(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
     fmt = _recognised(p)
     return fmt.lock_path(p) if fmt is not None else p
+
+
+def recover(path: str | os.PathLike[str]) -> list[str]:
+    """Clear what killed writers of ``path`` left; call it holding the writer's lock."""
+    p = Path(path)
+    fmt = _recognised(p)
+    finish = getattr(fmt, "recover", None)
+    return list(finish(p)) if finish is not None else []
 
 
 def check_output_path(

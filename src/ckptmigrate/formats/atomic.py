@@ -6,9 +6,11 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import WriteError
@@ -29,17 +31,31 @@ def _explain(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+def _host() -> str:
+    """This machine's name as it goes into temporary files' names (no dots)."""
+    name = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64]
+    return name or "localhost"
+
+
+def temp_prefix(target: Path) -> str:
+    """How temporary names beside ``target`` start: which process, on which host, made them."""
+    return f".{target.name}.{os.getpid()}@{_host()}."
+
+
 def temp_path(target: Path) -> Path:
-    """A fresh hidden name beside ``target`` that says which process made it."""
-    fd, name = tempfile.mkstemp(
-        prefix=f".{target.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=target.parent
-    )
+    """A fresh hidden name beside ``target`` (see :func:`temp_prefix`)."""
+    fd, name = tempfile.mkstemp(prefix=temp_prefix(target), suffix=TMP_SUFFIX, dir=target.parent)
     os.close(fd)
     return Path(name)
 
 
-def clean_stale(target: Path) -> list[Path]:
-    """Remove temporary files (or folders) of ``target`` left by processes that no longer run."""
+def clean_stale(target: Path, notify: Callable[[str], None] | None = None) -> list[Path]:
+    """Remove temporary files (or folders) of ``target`` left by processes that no longer run.
+
+    Only this host's processes can be asked whether they run: a file another
+    host's process made (a folder shared over the network) is kept, and
+    ``notify`` hears of it.
+    """
     removed: list[Path] = []
     prefix = f".{target.name}."
     try:
@@ -51,8 +67,19 @@ def clean_stale(target: Path) -> list[Path]:
     except OSError:
         return removed
     for path in candidates:
-        pid_text = path.name[len(prefix) :].split(".", 1)[0]
-        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _alive(int(pid_text)):
+        maker = path.name[len(prefix) :].split(".", 1)[0]
+        pid_text, _, host = maker.partition("@")
+        if not pid_text.isdigit():
+            continue
+        if host and host != _host():
+            if notify is not None:
+                notify(
+                    f"Note: {path} was left by a ckptmigrate run on host {host} (pid "
+                    f"{pid_text}), which this machine cannot check; kept it: remove it once "
+                    "no run there writes the checkpoint"
+                )
+            continue
+        if int(pid_text) == os.getpid() or _alive(int(pid_text)):
             continue
         with contextlib.suppress(OSError):
             if path.is_dir() and not path.is_symlink():  # a killed writer's folder
@@ -165,7 +192,14 @@ def atomic_output(target: Path, *, durable: bool = True) -> Iterator[Path]:
                 hint="free space or fix permissions; the input is unchanged",
             ) from exc
         if durable:
-            fsync_dir(parent)
+            try:
+                fsync_dir(parent)
+            except OSError as exc:
+                raise WriteError(
+                    f"wrote {target}, but could not sync its folder: {_explain(exc)}",
+                    hint="the new file is in place; check the disk before trusting it "
+                    "to survive a power cut",
+                ) from exc
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

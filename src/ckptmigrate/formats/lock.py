@@ -71,7 +71,7 @@ def locked(
             except FileNotFoundError:
                 same = False
             if same:
-                clean_stale(Path(path))
+                clean_stale(Path(path), notify)
                 yield
                 return
         finally:

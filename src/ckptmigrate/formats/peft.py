@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import CheckpointError, CkptMigrateError, WriteError
-from .atomic import TMP_SUFFIX, _exchange, _explain, clean_stale
+from .atomic import TMP_SUFFIX, _exchange, _explain, clean_stale, temp_prefix
 from .base import FileFormat, Format, ReadOptions, WriteOptions, register
 from .checkpoint import Checkpoint
 from .fileio import fsync_dir, fsync_file
@@ -240,7 +240,7 @@ def write_adapter(
     name = weights.path.name
     clean_stale(folder)
     try:
-        prefix = f".{folder.name}.{os.getpid()}."
+        prefix = temp_prefix(folder)
         tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=_DIR_SUFFIX, dir=folder.parent))
     except OSError as exc:
         raise WriteError(

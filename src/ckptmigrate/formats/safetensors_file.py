@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import CheckpointError
-from . import fileio
+from . import fileio, readguard
 from .base import FileFormat, ReadOptions, WriteOptions, register
 from .checkpoint import Checkpoint
 from .probe import looks_like_safetensors
@@ -225,10 +225,11 @@ def read_safetensors(path: Path) -> SafetensorsCheckpoint:
         name: TensorSpec(tuple(info["shape"]), table[info["dtype"]])
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
     }
-    state: dict[str, Any] = {"mm": None}
+    state: dict[str, Any] = {"mm": None, "release": None}
 
     def mapping() -> mmap.mmap:
         if state["mm"] is None:
+            state["release"] = readguard.hold(path)
             with open(path, "rb") as fh:
                 state["mm"] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
         return state["mm"]  # type: ignore[no-any-return]
@@ -248,10 +249,14 @@ def read_safetensors(path: Path) -> SafetensorsCheckpoint:
         return raw.view(spec.dtype).reshape(spec.shape)
 
     def close() -> None:
-        # Only the reference is dropped: every tensor read holds one too (torch.frombuffer),
-        # so the map goes when the last of them does. Closing it here would unmap memory
-        # that a tensor still handed out (a model's parameter) points into.
+        # Only the reference is dropped: every tensor read holds one too (torch.frombuffer,
+        # which takes no buffer export, so mmap.close() would not refuse), and the map goes
+        # when the last of them does. Closing it here would unmap memory that a tensor still
+        # handed out (a model's parameter, after from_pretrained) points into.
         state["mm"] = None
+        if state["release"] is not None:
+            state["release"]()
+            state["release"] = None
 
     modules = stamp_entries(meta)
     return SafetensorsCheckpoint(

@@ -103,6 +103,10 @@ class ShardedFormat:
     def lock_path(self, path: Path) -> Path:
         return index_path(path) or path
 
+    def recover(self, path: Path) -> list[str]:
+        found = index_path(path)
+        return recover(found) if found is not None else []
+
 
 def _bad(path: Path, what: str) -> CheckpointError:
     return CheckpointError(
@@ -117,6 +121,8 @@ def _read_index(path: Path) -> tuple[dict[str, Any], dict[str, str], dict[str, A
         index = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise _bad(path, f"cannot read it as JSON ({exc})") from None
+    except RecursionError:  # [[[[...]]]] nested deeper than the parser's stack
+        raise _bad(path, "it is JSON nested too deeply to be an index") from None
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         raise _bad(path, "no 'weight_map' object")
     weight_map = index["weight_map"]
@@ -124,9 +130,24 @@ def _read_index(path: Path) -> tuple[dict[str, Any], dict[str, str], dict[str, A
     if not isinstance(meta, dict):
         raise _bad(path, "'metadata' is not an object")
     for key, shard in weight_map.items():
-        if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard.startswith("."):
-            raise _bad(path, f"key {key!r} names an invalid shard {shard!r}")
+        if not _plain_file_name(shard):
+            raise _bad(path, f"key {key!r} names an invalid shard {_short(shard)}")
     return index, weight_map, meta
+
+
+def _plain_file_name(name: object) -> bool:
+    """A file right in the index's folder: not empty, hidden, elsewhere or unwritable."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name.encode("utf-8", "surrogatepass")) <= 255
+        and not name.startswith(".")
+        and not any(c in name for c in "/\\\0")
+    )
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def read_sharded(path: Path, *, trust_pickle: bool = False) -> ShardedCheckpoint:
@@ -137,8 +158,9 @@ def read_sharded(path: Path, *, trust_pickle: bool = False) -> ShardedCheckpoint
     shards: dict[str, Checkpoint] = {}
     for shard in dict.fromkeys(weight_map.values()):
         shard_path = path.parent / shard
-        if not shard_path.exists():
-            raise _bad(path, f"shard {shard} is missing")
+        if not shard_path.is_file():
+            what = "not a file" if shard_path.exists() else "missing"
+            raise _bad(path, f"shard {shard} is {what}")
         shards[shard] = open_checkpoint(shard_path, ReadOptions(trust_pickle=trust_pickle))
     schema: dict[str, TensorSpec | None] = {}
     for key, shard in weight_map.items():
@@ -300,13 +322,21 @@ def write_sharded(
     folder = out_index.parent
     same_folder = folder.resolve() == sharded.folder.resolve()
     jobs, weight_map = _plan_names(full, sharded, metadata, folder, same_folder)
+    replaced = [s for s in sharded.shards if same_folder and s not in set(weight_map.values())]
+    if same_folder:  # what a kill from here on leaves behind, for the next command to clear
+        _journal(out_index, [job.name for job in jobs], replaced, options.durable)
+    index = _new_index(sharded, full, metadata, weight_map)
     written: list[Path] = []
     try:
         _write_shards(jobs, folder, source, full, options, written)
-        _write_index(out_index, sharded, full, metadata, weight_map, options.durable)
+        _write_index(out_index, index, options.durable)
     except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
+        if not _is_in_place(out_index, index):  # failed before the switch: undo
+            for path in written:
+                path.unlink(missing_ok=True)
+            _pending(out_index).unlink(missing_ok=True)
+        # after it (an interrupt or a failed folder sync), the new shards are the
+        # checkpoint; the journal stays for the next command to clear the old ones
         raise
     if options.durable:
         fsync_dir(folder)
@@ -314,11 +344,62 @@ def write_sharded(
     # index's
     copy_companions(sharded.folder, folder)
     write_config_stamp(folder, metadata, durable=options.durable)
-    if same_folder:  # the old files are no longer referenced
-        keep = set(weight_map.values())
-        for shard in sharded.shards:
-            if shard not in keep:
-                (folder / shard).unlink(missing_ok=True)
+    for shard in replaced:  # no longer referenced
+        (folder / shard).unlink(missing_ok=True)
+    _pending(out_index).unlink(missing_ok=True)
+
+
+def _is_in_place(path: Path, index: dict[str, Any]) -> bool:
+    """Whether the index at ``path`` is the new one (the switch happened)."""
+    try:
+        return bool(_read_index(path)[0] == index)
+    except (OSError, ValueError, TypeError, KeyError, RecursionError, CheckpointError):
+        return False
+
+
+#: Beside the index while an in-place write runs: the files it creates and replaces.
+PENDING_SUFFIX = ".ckptmigrate-pending"
+
+
+def _pending(index: Path) -> Path:
+    return index.with_name(f".{index.name}{PENDING_SUFFIX}")
+
+
+def _journal(index: Path, created: list[str], replaced: list[str], durable: bool) -> None:
+    from .atomic import atomic_output
+
+    with atomic_output(_pending(index), durable=durable) as tmp:
+        tmp.write_text(json.dumps({"created": created, "replaced": replaced}), encoding="utf-8")
+
+
+def recover(index: Path) -> list[str]:
+    """Clear what a killed in-place write of this folder left behind; the names removed.
+
+    A write killed before its index switch leaves the shards it created; one
+    killed after it, the shards it replaced. The journal lists both, and
+    whichever of them the index in place does not reference goes, with the
+    temporary files of the killed writers. Nothing else in the folder is
+    touched. Runs under the writer's lock.
+    """
+    from .atomic import clean_stale
+
+    journal = _pending(index)
+    if not journal.exists():
+        return []
+    try:
+        entries = json.loads(journal.read_text(encoding="utf-8"))
+        names = [n for n in [*entries["created"], *entries["replaced"]] if _plain_file_name(n)]
+        referenced = set(_read_index(index)[1].values())
+    except (OSError, ValueError, TypeError, KeyError, RecursionError, CheckpointError):
+        return []  # cannot tell what is referenced: leave everything as it is
+    removed = []
+    for name in names:
+        clean_stale(index.parent / name)
+        if name not in referenced and (index.parent / name).is_file():
+            (index.parent / name).unlink()
+            removed.append(name)
+    journal.unlink(missing_ok=True)
+    return removed
 
 
 def _write_shards(
@@ -371,17 +452,13 @@ def _write_shards(
             raise
 
 
-def _write_index(
-    out_index: Path,
+def _new_index(
     sharded: ShardSet,
     full: PlanState,
     metadata: Mapping[str, Mapping[str, Any]],
     weight_map: dict[str, str],
-    durable: bool,
-) -> None:
-    """The new index (the switch that makes the new shard set the checkpoint)."""
-    from .atomic import atomic_output
-
+) -> dict[str, Any]:
+    """The index that makes the new shard set the checkpoint."""
     index = dict(sharded.index)
     meta = {k: v for k, v in (index.get("metadata") or {}).items() if not is_stamp_key(str(k))}
     meta.update(flatten_stamps(metadata))
@@ -389,6 +466,13 @@ def _write_index(
     meta["total_size"] = sum(spec.nbytes for spec in specs if spec is not None)
     index["metadata"] = meta
     index["weight_map"] = weight_map
+    return index
+
+
+def _write_index(out_index: Path, index: dict[str, Any], durable: bool) -> None:
+    """The switch: one atomic replace of the index."""
+    from .atomic import atomic_output
+
     with atomic_output(out_index, durable=durable) as tmp:
         tmp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 

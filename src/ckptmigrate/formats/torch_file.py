@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import CheckpointError, UnsafeCheckpointError
-from . import keyspace, unpickle
+from . import keyspace, readguard, unpickle
 from .base import FileFormat, ReadOptions, WriteOptions, register
 from .checkpoint import Checkpoint, TrainingContainer
 from .container import locate_state_dict, replace_at, wrapper_prefix
 from .stamp import read_stamp
+from .views import check_view
 
 if TYPE_CHECKING:
     from ..plan.nodes import Node, TensorSpec
@@ -182,7 +183,12 @@ def read_torch(
 
     from ..plan.nodes import TensorSpec
 
-    obj, legacy, source = load_object(path, trust_pickle=trust_pickle, opaque=opaque)
+    release = readguard.hold(path)  # the file is memory-mapped from here on
+    try:
+        obj, legacy, source = load_object(path, trust_pickle=trust_pickle, opaque=opaque)
+    except BaseException:
+        release()
+        raise
     state_path, sd = locate_state_dict(obj, state_dict_key, str(path))
     prefix = wrapper_prefix(list(sd))
     metadata = keyspace.metadata_under(getattr(sd, "_metadata", None), prefix)
@@ -194,8 +200,10 @@ def read_torch(
 
     def reader(key: str, _sd: Mapping[str, Any] = sd, _p: str = prefix) -> Any:
         value = _sd[_p + key]
-        if source is not None and isinstance(value, torch.Tensor):
-            source.check_storage(value.untyped_storage())  # damaged bytes never flow on
+        if isinstance(value, torch.Tensor):
+            if source is not None:
+                source.check_storage(value.untyped_storage())  # damaged bytes never flow on
+            check_view(str(path), key, value)
         return value
 
     return TorchCheckpoint(
@@ -209,6 +217,7 @@ def read_torch(
         wrapper_prefix=prefix,
         legacy=legacy,
         zip_source=source,
+        close=release,
     )
 
 

@@ -315,11 +315,13 @@ class MigrationSession:
         if self.options.dry_run:
             yield
             return
-        from ..formats import lock_path
+        from ..formats import lock_path, recover
         from ..formats.lock import locked
 
-        path = self.options.output or checkpoint
-        with locked(lock_path(path), notify=self.config.log):
+        path = lock_path(self.options.output or checkpoint)
+        with locked(path, notify=self.config.log):
+            if path.exists():
+                recover(path)
             yield
 
     @contextlib.contextmanager

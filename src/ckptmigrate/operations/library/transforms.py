@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ...errors import CkptMigrateError
 from ...plan.init import check_init, make_tensor
 from ...plan.lowrank import LowRank, NoExactCounterpart
 from ...plan.nodes import TensorSpec
@@ -344,6 +345,8 @@ class MapTensor(Operation):
     ) -> TensorSpec:
         try:
             result = fn(spec.meta())
+        except CkptMigrateError:
+            raise  # e.g. the input changing under the reader, not the function's fault
         except Exception as exc:
             raise ctx.fail(
                 call,
