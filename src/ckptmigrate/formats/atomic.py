@@ -243,9 +243,7 @@ def atomic_folder(target: Path, *, durable: bool = True) -> Iterator[Path]:
         )
     clean_stale(target)
     try:
-        tmp = Path(
-            tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=parent)
-        )
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=TMP_SUFFIX, dir=parent))
     except OSError as exc:
         raise WriteError(
             f"cannot write in {parent}: {_explain(exc)}",
