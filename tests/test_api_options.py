@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import typing
 from pathlib import Path
 
@@ -25,13 +26,24 @@ from ckptmigrate.runtime.options import (
 RENAMED = {"no_verify": "verify", "fsync": "durable"}
 #: CLI flags that are not checkpoint options (commands' own arguments, global options).
 NOT_OPTIONS = {"checkpoint", "target", "revisions", "purge", "verbose", "help"}
+#: What a fleet command takes besides: more PATHs, --pattern (an argument of the
+#: *_all functions) and --format (how the report is printed; the API returns it).
+FLEET = {"more", "pattern", "report_format"}
 
 
 def _cli_options(name: str) -> set[str]:
     command = cli.commands[name]
     assert isinstance(command, click.Command)
     names = {p.name for p in command.params if p.expose_value and p.name}
-    return {RENAMED.get(n, n) for n in names} - NOT_OPTIONS
+    return {RENAMED.get(n, n) for n in names} - NOT_OPTIONS - FLEET
+
+
+@pytest.mark.parametrize("name", ["upgrade", "downgrade", "stamp", "current"])
+def test_fleet_flags_reach_the_api(name: str) -> None:
+    command = cli.commands[name]
+    names = {p.name for p in command.params}
+    assert names >= FLEET
+    assert "pattern" in inspect.signature(getattr(ckptmigrate, f"{name}_all")).parameters
 
 
 def _fields(kind: type) -> set[str]:

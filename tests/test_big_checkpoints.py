@@ -14,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tests.conftest import Run, two_step_lineage
+from tests.harness.common import write_shards as _shard
 
 from ckptmigrate import command
 from ckptmigrate.config import Config
@@ -49,25 +50,6 @@ def test_untouched_records_are_copied_byte_for_byte(
     out = torch.load("out.pt", weights_only=True)
     assert list(out) == ["z", "b", "c"]
     assert torch.equal(out["z"], sd["a"]) and out["c"].dtype == torch.float16
-
-
-def _shard(folder: Path, parts: list[dict[str, torch.Tensor]], fmt: str) -> Path:
-    from safetensors.torch import save_file
-
-    weight_map = {}
-    ext = "safetensors" if fmt == "safetensors" else "bin"
-    stem = "model" if fmt == "safetensors" else "pytorch_model"
-    for i, part in enumerate(parts, start=1):
-        name = f"{stem}-{i:05d}-of-{len(parts):05d}.{ext}"
-        if fmt == "safetensors":
-            save_file(part, str(folder / name), metadata={"format": "pt"})
-        else:
-            torch.save(part, folder / name)
-        weight_map.update((k, name) for k in part)
-    index = folder / f"{stem}.{ext}.index.json"
-    total = sum(v.numel() * v.element_size() for p in parts for v in p.values())
-    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    return index
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "torch"])

@@ -12,7 +12,16 @@ from .errors import CkptMigrateError, LineageWarning
 
 if TYPE_CHECKING:
     from . import op
-    from .api import current, downgrade, stamp, upgrade
+    from .api import (
+        current,
+        current_all,
+        downgrade,
+        downgrade_all,
+        stamp,
+        stamp_all,
+        upgrade,
+        upgrade_all,
+    )
     from .config import Config
     from .integration import LoadReport, load, save, upgrade_state_dict, versioned
 
@@ -23,12 +32,16 @@ __all__ = [
     "LoadReport",
     "__version__",
     "current",
+    "current_all",
     "downgrade",
+    "downgrade_all",
     "load",
     "op",
     "save",
     "stamp",
+    "stamp_all",
     "upgrade",
+    "upgrade_all",
     "upgrade_state_dict",
     "versioned",
 ]
@@ -40,6 +53,10 @@ _LAZY = {
     "downgrade": (".api", "downgrade"),
     "stamp": (".api", "stamp"),
     "current": (".api", "current"),
+    "upgrade_all": (".api", "upgrade_all"),
+    "downgrade_all": (".api", "downgrade_all"),
+    "stamp_all": (".api", "stamp_all"),
+    "current_all": (".api", "current_all"),
     "versioned": (".integration", "versioned"),
     "load": (".integration", "load"),
     "save": (".integration", "save"),

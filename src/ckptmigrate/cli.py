@@ -6,19 +6,22 @@ exit status 1 (usage errors exit 2); ``--traceback`` adds the Python trace.
 
 from __future__ import annotations
 
-import re
+import os
 import sys
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import command
+from . import arguments, command
 from ._version import __version__
 from .config import DEFAULT_SECTION, Config
-from .errors import CkptMigrateError, LineageWarning
+from .errors import CkptMigrateError, CommandError, LineageWarning
+
+if TYPE_CHECKING:
+    from .runtime.fleet_report import FleetReport
 
 _TRACE_HINT = "(--traceback shows the full trace)"
 
@@ -97,11 +100,25 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("Error: interrupted; the checkpoint was not changed", err=True)
             ctx.exit(130)
+        except BrokenPipeError:  # `... | head` stopped reading: not worth a message
+            _stdout_to_devnull()
+            ctx.exit(1)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as exc:  # a bug: still one line, trace on request
             ask = "please report it" if _traced(ctx) else "run with --traceback and report it"
             _fail(ctx, f"internal error: {type(exc).__name__}: {exc} ({ask})", exc)
+
+
+def _stdout_to_devnull() -> None:
+    """Whatever is still buffered for a closed pipe goes nowhere, also at exit."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # not a real file (captured output): nothing to redirect
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _traced(ctx: click.Context) -> bool:
@@ -322,9 +339,30 @@ def _migration_options(fn: Any) -> Any:
         type=click.IntRange(1, 256),
         default=1,
         show_default=True,
-        help="Shards written in parallel (sharded checkpoints).",
+        help="Writers at once: N checkpoints in parallel; with fewer checkpoints than N, "
+        "each gets a share of the N for its shards (sharded checkpoints).",
     )(fn)
-    return _checkpoint_options(fn)
+    return _fleet_options(_checkpoint_options(fn))
+
+
+def _fleet_options(fn: Any) -> Any:
+    """How many PATHs become checkpoints, and how the report is printed."""
+    fn = click.option(
+        "--pattern",
+        multiple=True,
+        metavar="GLOB",
+        help="In directories, look only at files and folders whose name matches GLOB "
+        "(or whose path below the directory does, when GLOB has a /). Repeatable.",
+    )(fn)
+    fn = click.option(
+        "--format",
+        "report_format",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        show_default=True,
+        help="The report for several checkpoints: a table, or JSON on stdout (also for one).",
+    )(fn)
+    return fn
 
 
 def _writing_options(fn: Any) -> Any:
@@ -350,41 +388,99 @@ _TARGETS = (
     "(N steps from the checkpoint's revision; 'downgrade CKPT -1' as in Alembic), REV+N or "
     "REV-N (N steps from REV)."
 )
-_RELATIVE_STEPS = re.compile(r"-\d+")
+_PATHS = (
+    "Each PATH is a checkpoint file, a checkpoint folder (e.g. a sharded one), or a "
+    "directory searched for checkpoints (see --pattern); with several, each is done and a "
+    "table (or --format json) reports them. The last argument is the {what} unless it is an "
+    "existing path or has a character no revision has (a / or a suffix, as in a.pt); "
+    "--to says it outright."
+)
 
 
-def _check_target(ctx: click.Context, target: str) -> None:
-    """An unknown option reaches TARGET (so that -1 can): tell the two apart."""
-    if target.startswith("-") and not _RELATIVE_STEPS.fullmatch(target):
-        raise click.NoSuchOption(target, ctx=ctx)
+def _split(
+    ctx: click.Context,
+    config: Config,
+    args: Sequence[str],
+    given: Sequence[str],
+    most: int | None,
+) -> tuple[list[str], list[str]]:
+    """(paths, revisions) from the arguments, as :mod:`ckptmigrate.arguments` says."""
+    if given:
+        return list(args), list(given)
+    namer = arguments.revision_namer(config)
+    return arguments.split_revisions(ctx, args, most=most, names_revision=namer)
+
+
+def _one_checkpoint(paths: Sequence[str], report_format: str) -> bool:
+    """The command as it always was: one checkpoint named, its own lines, no table."""
+    from .runtime.discovery import is_one_checkpoint
+
+    return report_format == "text" and is_one_checkpoint(paths)
+
+
+def _finish(ctx: click.Context, report: FleetReport) -> None:
+    """Exit 130 after Ctrl-C, 1 when a checkpoint failed (the report says which)."""
+    if report.interrupted:
+        click.echo(
+            "Error: interrupted by Ctrl-C; every checkpoint is as it was or finished, none "
+            "half-written; run the command again to do the rest",
+            err=True,
+        )
+        ctx.exit(130)
+    failed = report.failed
+    if failed:
+        names = ", ".join(o.path for o in failed[:3]) + (" ..." if len(failed) > 3 else "")
+        raise CommandError(
+            f"{len(failed)} of {len(report.checkpoints)} checkpoints failed ({names})",
+            hint="the report says why; the other checkpoints went ahead",
+        )
 
 
 def _migration_command(name: str, target_default: str | None, summary: str, doc: str) -> None:
     """``upgrade`` and ``downgrade``: one shape, one direction each."""
-    run = command.upgrade if name == "upgrade" else command.downgrade
+    run, run_all = (
+        (command.upgrade, command.upgrade_all)
+        if name == "upgrade"
+        else (command.downgrade, command.downgrade_all)
+    )
 
     @click.pass_context
     def cmd(
         ctx: click.Context,
         /,
         checkpoint: str,
-        target: str,
+        more: Sequence[str],
+        target: str | None,
+        pattern: Sequence[str],
+        report_format: str,
         no_verify: bool,
         fsync: bool | None,
         **options: Any,
     ) -> None:
-        _check_target(ctx, target)
-        run(_config(ctx), checkpoint, target, verify=not no_verify, durable=fsync, **options)
+        args = (checkpoint, *more)
+        arguments.check_options(ctx, args)
+        config = _config(ctx)
+        paths, given = _split(ctx, config, args, [target] if target else [], 1)
+        if not given and target_default is None:
+            raise click.UsageError("Missing argument 'TARGET'.", ctx)
+        goal = given[0] if given else target_default or "head"
+        kwargs = {"verify": not no_verify, "durable": fsync, **options}
+        if _one_checkpoint(paths, report_format):
+            run(config, paths[0], goal, **kwargs)
+            return
+        report = run_all(
+            config, paths, goal, pattern=pattern, report_format=report_format, **kwargs
+        )
+        _finish(ctx, report)
 
-    cmd.__doc__ = f"{doc}\n\n{_TARGETS}"
+    cmd.__doc__ = f"{doc}\n\n{_TARGETS}\n\n{_PATHS.format(what='TARGET')}"
     cmd = _migration_options(cmd)
-    target = (
-        click.argument("target", default=target_default)
-        if target_default
-        else click.argument("target")
-    )
-    cmd = target(cmd)
-    cmd = click.argument("checkpoint")(cmd)
+    cmd = click.option(
+        "--to", "target", metavar="TARGET", help="The TARGET; then every argument is a PATH."
+    )(cmd)
+    tail = "[TARGET]" if target_default else "TARGET"
+    cmd = click.argument("more", nargs=-1, metavar=f"[PATH]... {tail}")(cmd)
+    cmd = click.argument("checkpoint", metavar="PATH")(cmd)
     cli.command(name=name, short_help=summary, context_settings=_RELATIVE_OK)(cmd)
 
 
@@ -392,79 +488,114 @@ _migration_command(
     "upgrade",
     "head",
     "Upgrade CHECKPOINT to TARGET (default: head).",
-    "Upgrade CHECKPOINT to TARGET (default: head), in place unless -o.",
+    "Upgrade the checkpoint(s) at PATH to TARGET (default: head), in place unless -o.",
 )
 _migration_command(
     "downgrade",
     None,
     "Downgrade CHECKPOINT to TARGET (e.g. -1, base).",
-    "Downgrade CHECKPOINT to TARGET (e.g. -1, base, a revision), in place unless -o.",
+    "Downgrade the checkpoint(s) at PATH to TARGET (e.g. -1, base, a revision), in place "
+    "unless -o.",
 )
 
 
 @cli.command(short_help="Print the revision(s) CHECKPOINT is at.")
-@click.argument("checkpoint")
+@click.argument("checkpoint", metavar="PATH")
+@click.argument("more", nargs=-1, metavar="[PATH]...")
 @click.option(
     "-v", "--verbose", is_flag=True, help="Show each revision in full: parents, file, message."
 )
+@_fleet_options
 @_checkpoint_options
 @click.pass_context
 def current(
     ctx: click.Context,
+    /,
     checkpoint: str,
+    more: Sequence[str],
     verbose: bool,
-    state_dict_key: str | None,
-    trust_pickle: bool,
-    key_prefix: str | None,
+    pattern: Sequence[str],
+    report_format: str,
+    **options: Any,
 ) -> None:
-    """Print the revision(s) CHECKPOINT is at."""
-    command.current(
+    """Print the revision(s) the checkpoint at PATH is at.
+
+    With several PATHs, or a directory (searched for checkpoints, see
+    --pattern), a table says for each checkpoint its revision and how many
+    steps it is behind the head.
+    """
+    paths = [checkpoint, *more]
+    arguments.check_options(ctx, paths)
+    if _one_checkpoint(paths, report_format):
+        command.current(_config(ctx), paths[0], verbose=verbose, **options)
+        return
+    report = command.current_all(
         _config(ctx),
-        checkpoint,
+        paths,
+        pattern=pattern,
+        report_format=report_format,
         verbose=verbose,
-        trust_pickle=trust_pickle,
-        state_dict_key=state_dict_key,
-        key_prefix=key_prefix,
+        **options,
     )
+    _finish(ctx, report)
 
 
 @cli.command(short_help="Record a revision in CHECKPOINT without migrating.")
-@click.argument("checkpoint")
-@click.argument("revisions", nargs=-1, required=True)
+@click.argument("checkpoint", metavar="PATH")
+@click.argument("more", nargs=-1, metavar="[PATH]... REV...")
+@click.option(
+    "--to",
+    "revisions",
+    multiple=True,
+    metavar="REV",
+    help="A revision to record (repeatable); then every argument is a PATH.",
+)
 @click.option("--purge", is_flag=True, help="Ignore (replace) whatever stamp the file has.")
 @click.option("-o", "--output", metavar="OUT", help="Write here and leave the input untouched.")
 @_writing_options
+@_fleet_options
 @_checkpoint_options
 @click.pass_context
 def stamp(
     ctx: click.Context,
+    /,
     checkpoint: str,
+    more: Sequence[str],
     revisions: Sequence[str],
     purge: bool,
-    output: str | None,
-    force: bool,
-    keep_wrapper_prefix: bool,
-    state_dict_key: str | None,
-    trust_pickle: bool,
-    key_prefix: str | None,
+    pattern: Sequence[str],
+    report_format: str,
+    **options: Any,
 ) -> None:
-    """Record REVISIONS in CHECKPOINT without running migrations ('base' removes it).
+    """Record REV (or several) in the checkpoint at PATH without migrating ('base' unstamps).
 
     The file must have the schema of those revisions (where the lineage's base
     schema tells); --force records them anyway.
+
+    With several PATHs, or a directory, every checkpoint found is stamped (one
+    stamped so already is left alone) and a table reports them. The REVs are
+    the trailing arguments that are not existing paths and have no / or
+    suffix; --to REV says them outright.
     """
-    command.stamp(
-        _config(ctx),
-        checkpoint,
-        revisions,
+    args = (checkpoint, *more)
+    arguments.check_options(ctx, args)
+    config = _config(ctx)
+    paths, revs = _split(ctx, config, args, revisions, None)
+    if not revs:
+        raise click.UsageError("Missing argument 'REVISIONS...'.", ctx)
+    if _one_checkpoint(paths, report_format):
+        command.stamp(config, paths[0], revs, purge=purge, **options)
+        return
+    report = command.stamp_all(
+        config,
+        paths,
+        revs,
         purge=purge,
-        output=output,
-        trust_pickle=trust_pickle,
-        state_dict_key=state_dict_key,
-        key_prefix=key_prefix,
-        force=force,
-        keep_wrapper_prefix=keep_wrapper_prefix,
+        pattern=pattern,
+        report_format=report_format,
+        **options,
     )
+    _finish(ctx, report)
 
 
 # ----------------------------------------------------------------------------- schemas

@@ -31,6 +31,7 @@ from .script.revision import format_ids
 if TYPE_CHECKING:
     from typing import Unpack
 
+    from .runtime.fleet_report import FleetReport
     from .runtime.report import MigrationResult
     from .schema import Schema
 
@@ -39,8 +40,10 @@ __all__ = [
     "branches",
     "check",
     "current",
+    "current_all",
     "diff",
     "downgrade",
+    "downgrade_all",
     "heads",
     "history",
     "init",
@@ -49,7 +52,9 @@ __all__ = [
     "schema",
     "show",
     "stamp",
+    "stamp_all",
     "upgrade",
+    "upgrade_all",
 ]
 
 
@@ -314,7 +319,7 @@ def stamp(
     from .runtime.session import MigrationSession
 
     opts: MigrationOptions = make_options(MigrationOptions, dict(options))
-    return MigrationSession(config, opts).stamp(checkpoint, revisions, purge=purge)
+    return MigrationSession(config, opts).stamp(checkpoint, revisions, purge=purge).to_revisions
 
 
 def current(
@@ -344,6 +349,91 @@ def current(
         if not stamped:
             config.log(f"Note: {display_path(checkpoint)} is at base (stamped with no revision)")
         return stamped
+
+
+# --------------------------------------------------------------------------- fleets
+
+
+def upgrade_all(
+    config: Config,
+    paths: Sequence[str],
+    target: str = "head",
+    *,
+    pattern: Sequence[str] = (),
+    report_format: str = "text",
+    **options: Unpack[MigrationKwargs],
+) -> FleetReport:
+    """Upgrade every checkpoint under ``paths``; print and return the report."""
+    from .runtime.fleet import Fleet
+
+    opts: MigrationOptions = make_options(MigrationOptions, dict(options))
+    fleet = Fleet(config, opts, pattern=pattern, show_printed=report_format == "text")
+    return _reported(config, fleet.migrate(paths, target, upgrade=True), report_format)
+
+
+def downgrade_all(
+    config: Config,
+    paths: Sequence[str],
+    target: str,
+    *,
+    pattern: Sequence[str] = (),
+    report_format: str = "text",
+    **options: Unpack[MigrationKwargs],
+) -> FleetReport:
+    """Downgrade every checkpoint under ``paths``; print and return the report."""
+    from .runtime.fleet import Fleet
+
+    opts: MigrationOptions = make_options(MigrationOptions, dict(options))
+    fleet = Fleet(config, opts, pattern=pattern, show_printed=report_format == "text")
+    return _reported(config, fleet.migrate(paths, target, upgrade=False), report_format)
+
+
+def stamp_all(
+    config: Config,
+    paths: Sequence[str],
+    revisions: Sequence[str],
+    *,
+    purge: bool = False,
+    pattern: Sequence[str] = (),
+    report_format: str = "text",
+    **options: Unpack[MigrationKwargs],
+) -> FleetReport:
+    """Stamp every checkpoint under ``paths`` (those stamped so already are left alone)."""
+    from .runtime.fleet import Fleet
+
+    opts: MigrationOptions = make_options(MigrationOptions, dict(options))
+    fleet = Fleet(config, opts, pattern=pattern, show_printed=report_format == "text")
+    return _reported(config, fleet.stamp(paths, revisions, purge=purge), report_format)
+
+
+def current_all(
+    config: Config,
+    paths: Sequence[str],
+    *,
+    pattern: Sequence[str] = (),
+    report_format: str = "text",
+    verbose: bool = False,
+    **options: Unpack[CheckpointKwargs],
+) -> FleetReport:
+    """Where every checkpoint under ``paths`` is, and how many steps behind the heads.
+
+    ``verbose`` prints each one's revisions in full before the table.
+    """
+    from .runtime.fleet import Fleet
+
+    opts: CheckpointOptions = make_options(CheckpointOptions, dict(options))
+    fleet = Fleet(config, opts, pattern=pattern, show_printed=report_format == "text")
+    return _reported(config, fleet.current(paths, verbose=verbose), report_format)
+
+
+def _reported(config: Config, report: FleetReport, report_format: str) -> FleetReport:
+    if report_format == "json":
+        config.print_stdout(report.json_text())
+    else:
+        for line in report.table():
+            config.print_stdout(line)
+    config.stdout.flush()  # a closed pipe is noticed here, not at exit
+    return report
 
 
 # --------------------------------------------------------------------------- schemas

@@ -8,6 +8,7 @@ in ``pyproject.toml``. One section per lineage, picked with ``-n/--name``.
 from __future__ import annotations
 
 import configparser
+import copy
 import importlib
 import os
 import sys
@@ -44,6 +45,9 @@ class Config:
         self._stdout = stdout
         self._stderr = stderr
         self._options: dict[str, str] = dict(options or {})
+        #: what is worked out from this configuration once (the model built on meta);
+        #: shared with the copies :meth:`redirected` makes
+        self.memo: dict[str, Any] = {}
         if self.file is not None and self.file.exists():
             self._options = {**self._read(self.file, section), **self._options}
 
@@ -85,6 +89,7 @@ class Config:
 
     def set(self, option: str, value: str) -> None:
         self._options[option] = value
+        self.memo.clear()  # worked out from the old settings
 
     @property
     def script_location(self) -> Path:
@@ -167,6 +172,12 @@ class Config:
     @property
     def stderr(self) -> TextIO:
         return self._stderr or sys.stderr
+
+    def redirected(self, stdout: TextIO, stderr: TextIO) -> Config:
+        """The same configuration printing elsewhere (a batch keeps each checkpoint's lines)."""
+        other = copy.copy(self)
+        other._stdout, other._stderr = stdout, stderr
+        return other
 
     def print_stdout(self, text: str = "") -> None:
         """Results: shown even with -q (not where the caller takes them as return values)."""

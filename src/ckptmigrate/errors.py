@@ -150,6 +150,10 @@ class WriteError(CkptMigrateError):
     """Writing the output failed; the input is untouched."""
 
 
+class Interrupted(CkptMigrateError):
+    """Ctrl-C stopped a batch before this checkpoint was switched: it is as it was."""
+
+
 class LoadError(CkptMigrateError, RuntimeError):
     """A state dict does not fit the model even after migration.
 

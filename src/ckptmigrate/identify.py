@@ -146,7 +146,7 @@ def rank(script_dir: ScriptDirectory, have: Observed) -> list[Candidate] | None:
 
     None when the lineage has no base schema to compute schemas from.
     """
-    from .runtime.symbolic import iter_revision_schemas
+    from .runtime.symbolic import revision_schemas
 
     base = read_base_schema(script_dir.dir)
     if base is None:
@@ -154,11 +154,11 @@ def rank(script_dir: ScriptDirectory, have: Observed) -> list[Candidate] | None:
     replay_base = have.replay_base(base)
     out = [Candidate(None, have.fit(base, replay_base))]
     replayed: Iterable[Schema | None] = (
-        (item.schema for item in iter_revision_schemas(script_dir, replay_base))
+        (item.schema for item in revision_schemas(script_dir, replay_base))
         if replay_base is not None
         else itertools.repeat(None)
     )
-    for item, other in zip(iter_revision_schemas(script_dir, base), replayed):
+    for item, other in zip(revision_schemas(script_dir, base), replayed):
         out.append(Candidate(item.script, have.fit(item.schema, other)))
     out.sort(key=lambda c: (c.fit.differences, c.fit.dtype is not None))
     return out

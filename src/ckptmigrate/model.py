@@ -50,7 +50,13 @@ def build_on_meta(factory: Callable[[], Any], name: str) -> torch.nn.Module:
 
 
 def configured_model(config: Config) -> ConfiguredModel:
-    """The configured model; an error naming the setting when there is none."""
+    """The configured model; an error naming the setting when there is none.
+
+    Built once per configuration (a batch of checkpoints asks for every one).
+    """
+    found = config.memo.get("model")
+    if isinstance(found, ConfiguredModel):
+        return found
     factory = config.model_factory()
     spec = config.get("model") or ""
     if factory is None:
@@ -61,7 +67,8 @@ def configured_model(config: Config) -> ConfiguredModel:
             "returning your nn.Module)",
         )
     module = build_on_meta(factory, spec)
-    return ConfiguredModel(Schema.from_module(module), module, spec)
+    built = config.memo["model"] = ConfiguredModel(Schema.from_module(module), module, spec)
+    return built
 
 
 def configured_model_or_none(config: Config) -> ConfiguredModel | None:

@@ -156,10 +156,22 @@ def base_schema_path(script_location: Path) -> Path:
 
 
 def read_base_schema(script_location: Path) -> Schema | None:
+    """The recorded base schema (parsed again only when the file changed)."""
     path = base_schema_path(script_location)
-    if not path.exists():
+    try:
+        st = path.stat()
+    except FileNotFoundError:
         return None
-    return Schema.from_text(path.read_text(encoding="utf-8"), str(path))
+    stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+    cached = _BASE_SCHEMAS.get(path)
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, Schema.from_text(path.read_text(encoding="utf-8"), str(path)))
+        _BASE_SCHEMAS[path] = cached
+    return Schema(cached[1])  # a copy: callers may change theirs
+
+
+#: path -> ((mtime, size, inode), schema): a batch reads the base schema once per check
+_BASE_SCHEMAS: dict[Path, tuple[tuple[int, int, int], Schema]] = {}
 
 
 def write_base_schema(script_location: Path, schema: Schema, source: str) -> Path:

@@ -9,6 +9,7 @@ needs nothing from pytest.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import textwrap
 from collections.abc import Sequence
@@ -186,3 +187,24 @@ def torch_zip_file(
         for key, data in (storages or {}).items():
             zf.writestr(f"archive/data/{key}", data)
         zf.writestr("archive/version", "3\n")
+
+
+def write_shards(folder: Path, parts: list[dict[str, torch.Tensor]], fmt: str) -> Path:
+    """A sharded checkpoint in Hugging Face's layout (``fmt``: safetensors or torch) in
+    ``folder``, one shard per dict of ``parts``; returns its index."""
+    from safetensors.torch import save_file
+
+    weight_map = {}
+    ext = "safetensors" if fmt == "safetensors" else "bin"
+    stem = "model" if fmt == "safetensors" else "pytorch_model"
+    for i, part in enumerate(parts, start=1):
+        name = f"{stem}-{i:05d}-of-{len(parts):05d}.{ext}"
+        if fmt == "safetensors":
+            save_file(part, str(folder / name), metadata={"format": "pt"})
+        else:
+            torch.save(part, folder / name)
+        weight_map.update((k, name) for k in part)
+    index = folder / f"{stem}.{ext}.index.json"
+    total = sum(v.numel() * v.element_size() for p in parts for v in p.values())
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return index

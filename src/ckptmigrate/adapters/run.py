@@ -177,12 +177,17 @@ def check_stamp(
     )
 
 
+def identified(config: Config, script_dir: ScriptDirectory, ckpt: Checkpoint) -> tuple[str, ...]:
+    """Where an adapter without a stamp is, by its keys and shapes (a note says so)."""
+    where = display_path(ckpt.path)
+    return identify(config, script_dir, _layout(ckpt), base_schema(config, script_dir), where)
+
+
 def current(config: Config, script_dir: ScriptDirectory, ckpt: Checkpoint) -> tuple[str, ...]:
     """``current`` for an adapter without a stamp: identified by its keys and shapes."""
     from ..script import display
 
-    where = display_path(ckpt.path)
-    heads = identify(config, script_dir, _layout(ckpt), base_schema(config, script_dir), where)
+    heads = identified(config, script_dir, ckpt)
     if not heads:
         config.print_stdout("base (identified by its keys and shapes)")
     for rev in heads:

@@ -48,6 +48,7 @@ __all__ = [
     "lock_path",
     "open_checkpoint",
     "read_checkpoint",
+    "recognised",
     "recover",
     "register",
     "unregister",
@@ -128,9 +129,10 @@ def write_checkpoint(
     _format_for(out, source).write(out, source, full, metadata, options)
 
 
-def _recognised(path: Path) -> Format | None:
+def recognised(path: str | os.PathLike[str]) -> Format | None:
+    """The format that owns ``path``, or None (no checkpoint there, or no such path)."""
     try:
-        return recognise(path)
+        return recognise(Path(path))
     except CheckpointError:
         return None
 
@@ -138,14 +140,14 @@ def _recognised(path: Path) -> Format | None:
 def lock_path(path: str | os.PathLike[str]) -> Path:
     """The file a writer of ``path`` locks (a sharded folder's index; a file itself)."""
     p = Path(path)
-    fmt = _recognised(p)
+    fmt = recognised(p)
     return fmt.lock_path(p) if fmt is not None else p
 
 
 def recover(path: str | os.PathLike[str]) -> list[str]:
     """Clear what killed writers of ``path`` left; call it holding the writer's lock."""
     p = Path(path)
-    fmt = _recognised(p)
+    fmt = recognised(p)
     finish = getattr(fmt, "recover", None)
     return list(finish(p)) if finish is not None else []
 
@@ -157,7 +159,7 @@ def check_output_path(
     if output is None:
         return
     out = Path(output)
-    fmt = output_format(out, _recognised(Path(checkpoint)))  # unreadable input: its read says why
+    fmt = output_format(out, recognised(Path(checkpoint)))  # unreadable input: its read says why
     if fmt is not None:
         fmt.check_target(out)
     else:

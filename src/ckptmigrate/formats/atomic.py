@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import re
 import shutil
@@ -12,6 +13,7 @@ import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from ..errors import WriteError
 from .fileio import fsync_dir, fsync_file
@@ -59,11 +61,12 @@ def clean_stale(target: Path, notify: Callable[[str], None] | None = None) -> li
     removed: list[Path] = []
     prefix = f".{target.name}."
     try:
-        candidates = [
-            p
-            for p in target.parent.iterdir()
-            if p.name.startswith(prefix) and p.name.endswith(TMP_SUFFIX)
-        ]
+        with os.scandir(target.parent if str(target.parent) else ".") as entries:
+            candidates = [
+                target.parent / e.name
+                for e in entries
+                if e.name.startswith(prefix) and e.name.endswith(TMP_SUFFIX)
+            ]
     except OSError:
         return removed
     for path in candidates:
@@ -100,12 +103,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@functools.cache
+def _renameat2() -> Any:
+    """libc's renameat2, looked up once (None where there is none)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two names atomically (Linux renameat2); False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
+    renameat2 = _renameat2()
+    if renameat2 is None:
         return False
     at_fdcwd, rename_exchange = -100, 2
     if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:

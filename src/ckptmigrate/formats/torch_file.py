@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import CheckpointError, UnsafeCheckpointError
+from ..errors import CheckpointError
 from . import keyspace, readguard, unpickle
 from .base import FileFormat, ReadOptions, WriteOptions, register
 from .checkpoint import Checkpoint, TrainingContainer
@@ -73,15 +73,13 @@ class TorchFormat(FileFormat):
     def open_written(self, path: Path, source: Checkpoint) -> Checkpoint:
         """Read back what was written: the state dict where the input had it.
 
-        An input read with --trust-pickle may hold objects outside the
-        allow-list, and then so does the output: its structure is checked
-        without running any of them (they become inert stand-ins).
+        The pickle is this process's own, so its structure is read with the
+        C unpickler, allow-listed globals as themselves and nothing else run
+        (an input read with --trust-pickle may hold objects outside the
+        allow-list, and then so does the output: they become inert stand-ins).
         """
         key = "/".join(source.training.state_path) if source.training is not None else None
-        try:
-            return read_torch(path, state_dict_key=key)
-        except UnsafeCheckpointError:
-            return read_torch(path, state_dict_key=key, opaque=True)
+        return read_torch(path, state_dict_key=key, opaque=True)
 
     def write_file(
         self,
@@ -111,14 +109,13 @@ class TorchFormat(FileFormat):
 
 def _is_legacy(path: Path) -> bool:
     """A pre-1.6 pickle rather than a zip (also a zip that lost its end is still a zip)."""
+    with open(path, "rb") as fh:
+        if fh.read(4) == _ZIP_MAGIC:
+            return False
     try:
-        legacy = not zipfile.is_zipfile(path)
+        return not zipfile.is_zipfile(path)
     except zipfile.BadZipFile:  # a zip whose end records are damaged (is_zipfile can raise)
         return False  # the zip reader says what is wrong with it
-    if legacy:
-        with open(path, "rb") as fh:
-            legacy = fh.read(4) != _ZIP_MAGIC
-    return legacy
 
 
 def load_object(

@@ -167,7 +167,7 @@ def _storage_loader(source: ZipSource) -> Callable[[Any], torch.storage.TypedSto
         with warnings.catch_warnings():  # the legacy storage classes warn on .dtype
             warnings.simplefilter("ignore")
             dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
-        nbytes = int(numel) * torch.empty((), dtype=dtype, device="meta").element_size()
+        nbytes = int(numel) * dtype.itemsize
         record = source.records.get(f"{source.prefix}data/{key}")
         if record is None or nbytes > record.size or nbytes < 0:
             raise pickle.UnpicklingError(f"storage {key!r} is missing or too short")

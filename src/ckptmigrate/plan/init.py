@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .rng import seeded_global_rng
 from .spec import TensorSpec
 
 # init name -> the keyword arguments it takes (with defaults)
@@ -88,10 +89,7 @@ def make_tensor(
 ) -> torch.Tensor:
     out = torch.empty(spec.shape, dtype=spec.dtype, device="cpu")
     if callable(init):
-        # Seed only the CPU generator: torch.manual_seed would also (lazily)
-        # reseed CUDA, whose state fork_rng(devices=[]) does not restore.
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.default_generator.manual_seed(seed)
+        with seeded_global_rng(seed), torch.no_grad():
             result = init(out)
         if isinstance(result, torch.Tensor) and result is not out:
             result = result.detach().to(spec.dtype)

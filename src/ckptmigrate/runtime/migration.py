@@ -22,6 +22,7 @@ from ..operations.checks import OpContext, OpRecord
 from ..operations.context import activate
 from ..paths import display_path
 from ..plan.nodes import seed_for
+from ..plan.rng import seeded_global_rng
 from ..plan.state import PlanState
 from ..script.directory import Script, ScriptDirectory
 from ..script.revision import RevisionMap
@@ -77,7 +78,6 @@ def _script_line(tb: TracebackType | None, path: str) -> int | None:
 def run_step(step: MigrationStep, state: PlanState, *, symbolic: bool) -> None:
     """Run one script function against ``state`` (which it rewrites)."""
     script = step.script
-    fn = script.migration_fn(step.name)
     ops = OpContext(
         state,
         revision=script.revision,
@@ -87,11 +87,10 @@ def run_step(step: MigrationStep, state: PlanState, *, symbolic: bool) -> None:
     )
     device = torch.device("meta") if symbolic else contextlib.nullcontext()
     try:
-        with activate(ops), torch.random.fork_rng(devices=[]), device:
-            # only the CPU generator: torch.manual_seed would also reseed CUDA,
-            # which fork_rng(devices=[]) does not restore
-            torch.default_generator.manual_seed(seed_for(script.revision, step.name))
-            fn()
+        with seeded_global_rng(seed_for(script.revision, step.name)):
+            fn = script.migration_fn(step.name)  # imported once, under the lock, off meta
+            with activate(ops), device:
+                fn()
     except CkptMigrateError:
         raise
     except Exception as exc:

@@ -46,7 +46,8 @@ class MigrationOptions(CheckpointOptions):
     keep_wrapper_prefix: bool = False
     #: check the written file against the plan before it replaces anything
     verify: bool = True
-    #: shards written in parallel (sharded checkpoints)
+    #: writers at once: checkpoints in parallel in a batch; the rest, or all of them
+    #: for one checkpoint, write a sharded checkpoint's shards in parallel
     jobs: int = 1
     #: fsync before the switch; None: only when rewriting in place (the only copy)
     durable: bool | None = None

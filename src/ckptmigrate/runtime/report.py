@@ -35,6 +35,18 @@ class MigrationResult:
         return bool(self.steps)
 
 
+@dataclass
+class StampResult:
+    """What ``stamp`` found and recorded."""
+
+    checkpoint: Path
+    #: the stamp the file had (None: none)
+    from_revisions: tuple[str, ...] | None
+    to_revisions: tuple[str, ...]
+    #: False when the file had that stamp already and was left alone
+    written: bool = False
+
+
 def _ids(ids: Sequence[str]) -> str:
     return format_ids(ids) or "base"
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ..formats.checkpoint import Checkpoint
     from ..plan.state import PlanState
     from .migration import MigrationStep
-    from .report import MigrationResult
+    from .report import MigrationResult, StampResult
 
 PathLike = str | os.PathLike[str]
 
@@ -76,11 +76,26 @@ def opened(
 
 
 class MigrationSession:
-    """Runs ``upgrade``/``downgrade``/``stamp`` on one checkpoint with one set of options."""
+    """Runs ``upgrade``/``downgrade``/``stamp`` on one checkpoint with one set of options.
 
-    def __init__(self, config: Config, options: MigrationOptions) -> None:
+    A batch shares one ``script_dir`` between its sessions, and passes
+    ``between_tensors``: called as each tensor is written, it raises to
+    abandon the write before the switch (Ctrl-C), leaving the input as it was.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        options: MigrationOptions,
+        *,
+        script_dir: ScriptDirectory | None = None,
+        between_tensors: Callable[[], None] | None = None,
+    ) -> None:
         self.config = config
         self.options = options
+        if script_dir is not None:
+            self.script_dir = script_dir
+        self._between_tensors = between_tensors
 
     @functools.cached_property
     def script_dir(self) -> ScriptDirectory:
@@ -95,9 +110,20 @@ class MigrationSession:
             return self._migrate(checkpoint, ckpt, out, target, upgrade)
 
     def stamp(
-        self, checkpoint: PathLike, revisions: Sequence[str], *, purge: bool
-    ) -> tuple[str, ...]:
-        """Record ``revisions`` without migrating (checked against the file's schema)."""
+        self,
+        checkpoint: PathLike,
+        revisions: Sequence[str],
+        *,
+        purge: bool,
+        skip_same: bool = False,
+    ) -> StampResult:
+        """Record ``revisions`` without migrating (checked against the file's schema).
+
+        ``skip_same``: a file stamped with exactly these revisions already is
+        left alone (a batch skips what is at its target).
+        """
+        from .report import StampResult
+
         if self.options.from_revision is not None or self.options.dry_run:
             raise CommandError(
                 "stamp takes no from_revision or dry_run option",
@@ -106,7 +132,15 @@ class MigrationSession:
         self._check_output_path(checkpoint)
         with self._locked(checkpoint), self._opened_to_write(checkpoint) as (ckpt, out):
             before = () if purge else (stamped_heads(self.script_dir, ckpt) or ())
+            stamped = ckpt.stamp.revisions if ckpt.stamp is not None else None
             after = self._heads_after_stamp(before, revisions)
+            result = StampResult(Path(checkpoint), stamped, after)
+            if skip_same and stamped == after and self.options.output is None:
+                self.config.log(
+                    f"Nothing to stamp: {display_path(checkpoint)} is stamped at "
+                    f"{format_ids(after) or 'base'}"
+                )
+                return result
             if after and ckpt.adapter is not None:
                 from ..adapters import run
 
@@ -129,7 +163,8 @@ class MigrationSession:
                 if after
                 else f"Removed the ckptmigrate stamp from {where}"
             )
-            return after
+            result.written = True
+            return result
 
     # ------------------------------------------------------------------ the run
 
@@ -349,6 +384,8 @@ class MigrationSession:
         from ..formats import WriteOptions, write_checkpoint
 
         opts = self.options
+        if self._between_tensors is not None:
+            progress = _checking(self._between_tensors, progress)
         options = WriteOptions(
             verify=opts.verify,
             jobs=opts.jobs,
@@ -380,3 +417,14 @@ def _same_file(a: Path, b: PathLike) -> bool:
         return a.resolve() == Path(b).resolve()
     except OSError:  # pragma: no cover - resolve on a broken path
         return False
+
+
+def _checking(stop: Callable[[], None], bar: Callable[[int], None] | None) -> Callable[[int], None]:
+    """A progress callback that first lets a batch abandon the write (before its switch)."""
+
+    def progress(nbytes: int) -> None:
+        stop()
+        if bar is not None:
+            bar(nbytes)
+
+    return progress

@@ -7,8 +7,10 @@ schema of every revision of a long history costs no tensor memory at all.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import CkptMigrateError, ConfigError
 from ..paths import display_path
@@ -63,7 +65,28 @@ def state_at(script_dir: ScriptDirectory, base: Schema, heads: Sequence[str]) ->
 
 
 def schema_at(script_dir: ScriptDirectory, base: Schema, heads: Sequence[str]) -> Schema:
-    return schema_of(state_at(script_dir, base, heads), base)
+    """The schema after upgrading ``base`` to ``heads``.
+
+    Remembered for as long as ``script_dir`` lives (its revisions are read
+    once too): a batch checks every checkpoint against the same few schemas.
+    """
+    memo = _memo(script_dir)
+    key = (_content(base), tuple(heads))
+    found = memo.get(key)
+    if found is None:
+        found = memo[key] = schema_of(state_at(script_dir, base, heads), base)
+    return Schema(found)  # a copy: callers may change theirs
+
+
+_MEMO: weakref.WeakKeyDictionary[ScriptDirectory, dict[Any, Any]] = weakref.WeakKeyDictionary()
+
+
+def _memo(script_dir: ScriptDirectory) -> dict[Any, Any]:
+    return _MEMO.setdefault(script_dir, {})
+
+
+def _content(schema: Schema) -> tuple[Any, ...]:
+    return tuple((k, e.spec, e.kind) for k, e in schema.items())
 
 
 def base_of(script_dir: ScriptDirectory, schema: Schema, heads: Sequence[str]) -> Schema:
@@ -85,6 +108,16 @@ def base_of(script_dir: ScriptDirectory, schema: Schema, heads: Sequence[str]) -
 class RevisionSchema:
     script: Script
     schema: Schema
+
+
+def revision_schemas(script_dir: ScriptDirectory, base: Schema) -> list[RevisionSchema]:
+    """:func:`iter_revision_schemas` as a list, remembered as :func:`schema_at` remembers."""
+    memo = _memo(script_dir)
+    key = ("every revision", _content(base))
+    found = memo.get(key)
+    if found is None:
+        found = memo[key] = list(iter_revision_schemas(script_dir, base))
+    return [RevisionSchema(item.script, Schema(item.schema)) for item in found]
 
 
 def iter_revision_schemas(script_dir: ScriptDirectory, base: Schema) -> Iterator[RevisionSchema]:
