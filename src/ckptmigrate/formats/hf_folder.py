@@ -56,7 +56,9 @@ class ModelFolderFormat:
     keeps_wrapper_prefix: ClassVar[bool] = False
 
     def recognise(self, path: Path, head: bytes) -> bool:
-        return weights_file(path) is not None
+        # config.json makes it a model folder; a folder that merely holds a weights file
+        # (among others) is a directory of checkpoints, each its own
+        return (path / "config.json").is_file() and weights_file(path) is not None
 
     def accepts_output(self, target: Path, source: Format | None) -> bool:
         if source is not self:
