@@ -42,6 +42,7 @@ BUILT_IN = [
     "Hugging Face Trainer checkpoint",
     "sharded",
     "Hugging Face model folder",
+    "DCP",
     "safetensors",
     "torch",
 ]
@@ -180,7 +181,8 @@ def test_registering_a_name_twice_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    "first", ["torch_file", "safetensors_file", "sharded", "hf_folder", "hf_trainer", "peft"]
+    "first",
+    ["torch_file", "safetensors_file", "sharded", "hf_folder", "hf_trainer", "peft", "dcp"],
 )
 def test_built_in_order_does_not_depend_on_which_module_is_imported_first(
     tmp_path: Path, first: str

@@ -11,7 +11,7 @@ from ._version import __version__
 from .errors import CkptMigrateError, LineageWarning
 
 if TYPE_CHECKING:
-    from . import op
+    from . import dcp, op
     from .api import (
         current,
         current_all,
@@ -33,6 +33,7 @@ __all__ = [
     "__version__",
     "current",
     "current_all",
+    "dcp",
     "downgrade",
     "downgrade_all",
     "load",
@@ -58,6 +59,7 @@ _LAZY = {
     "stamp_all": (".api", "stamp_all"),
     "current_all": (".api", "current_all"),
     "versioned": (".integration", "versioned"),
+    "dcp": (".dcp", None),
     "load": (".integration", "load"),
     "save": (".integration", "save"),
     "upgrade_state_dict": (".integration", "upgrade_state_dict"),

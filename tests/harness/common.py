@@ -189,6 +189,46 @@ def torch_zip_file(
         zf.writestr("archive/version", "3\n")
 
 
+def fork_cli(
+    argv: Sequence[str],
+    stderr: Path,
+    *,
+    before: Any = None,
+    env: dict[str, str] | None = None,
+) -> int:
+    """Run the command line in a forked child (torch already imported): its exit status.
+
+    ``stderr`` gets what the child writes there; ``before`` runs in the child
+    first (e.g. to drop privileges), ``env`` is added to its environment.
+    """
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            import sys
+
+            fd = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 2)
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115 (pytest replaced them)
+            sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+            os.environ.update(env or {})
+            if before is not None:
+                before()
+            from ckptmigrate.cli import main
+
+            try:
+                main(list(argv))
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
 def write_shards(folder: Path, parts: list[dict[str, torch.Tensor]], fmt: str) -> Path:
     """A sharded checkpoint in Hugging Face's layout (``fmt``: safetensors or torch) in
     ``folder``, one shard per dict of ``parts``; returns its index."""

@@ -35,6 +35,7 @@ BUILTIN_FORMATS = (
     "hf_trainer",
     "sharded",
     "hf_folder",
+    "dcp",
     "safetensors_file",
     "torch_file",
 )

@@ -39,6 +39,9 @@ class TrainingContainer:
 
     container: Any
     state_path: tuple[str, ...]
+    #: The container's values may be plan nodes, computed only when written: a DCP
+    #: checkpoint's optimizer state is read only where a migration changes it.
+    lazy: bool = False
 
     @property
     def state_dict(self) -> Any:
@@ -72,6 +75,9 @@ class Checkpoint:
     key_prefix: str = ""
     file_schema: dict[str, TensorSpec | None] | None = None
     file_metadata: dict[str, dict[str, Any]] | None = None
+    #: ``read`` returns views of the file's storages (memory-mapped): reading costs
+    #: nothing and tied tensors show as one storage. False where a read loads data.
+    views_share_storage: bool = True
     #: Set when the file holds a PEFT adapter of the lineage's model, not the model's weights.
     adapter: AdapterLayout | None = None
 

@@ -19,7 +19,7 @@ INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _HEAD_BYTES = 4096
 _ACCEPTED = (
     "pass a checkpoint saved with torch.save or safetensors (.pt, .pth, .bin, .safetensors), "
-    "or a sharded checkpoint's folder or *.index.json"
+    "a sharded checkpoint's folder or *.index.json, or a DCP checkpoint's folder"
 )
 # Formats people keep weights in that are not PyTorch checkpoints.
 _MAGIC = (

@@ -279,8 +279,12 @@ def write_torch(
     from ..plan.nodes import Source
     from . import torch_save
 
+    # views of a memory-mapped file cost nothing to hold; a source whose reads load
+    # data (a DCP folder) has each tensor read only when its record is written
+    views = source is not None and source.views_share_storage
+
     def value(key: str, node: Node) -> Any:
-        if isinstance(node, Source) and source is not None:
+        if isinstance(node, Source) and source is not None and (views or node.spec is None):
             return source.read(node.key)
         if node.spec is None:
             return produce(key)
@@ -293,9 +297,53 @@ def write_torch(
     obj: Any = sd
     if source is not None and source.training is not None:
         base = container if container is not None else source.training.container
+        if source.training.lazy:
+            base, produce = _planned_values(base, produce, source.read)
         obj = replace_at(base, source.training.state_path, sd)
     zs = source.zip_source if isinstance(source, TorchCheckpoint) else None
     torch_save.write(target, obj, zs, produce, progress)
+
+
+def _planned_values(
+    container: Any, produce: Callable[[str], Any], read: Callable[[str], Any]
+) -> tuple[Any, Callable[[str], Any]]:
+    """A lazy container's plan nodes as tensors computed when written (objects: now).
+
+    A DCP checkpoint's optimizer state is such a container: each tensor is read
+    (or computed along the migration) only when its record is written.
+    """
+    import copy
+
+    from ..plan.nodes import Node
+    from ..plan.state import Evaluator
+    from . import torch_save
+
+    nodes: dict[str, Node] = {}
+
+    def visit(value: Any) -> Any:
+        if isinstance(value, Node):
+            if value.spec is None:
+                return Evaluator({"": value}, read)("")
+            key = f"\0container:{len(nodes)}"
+            nodes[key] = value
+            return torch_save.PlannedTensor(key, value.spec)
+        if isinstance(value, Mapping):
+            out = copy.copy(value)
+            for k, v in value.items():
+                out[k] = visit(v)  # type: ignore[index]
+            return out
+        if isinstance(value, (list, tuple)):
+            items = [visit(v) for v in value]
+            return type(value)(items) if type(value) in (list, tuple) else value
+        return value
+
+    planned = visit(container)
+    computed = Evaluator(nodes, read)
+
+    def produce_all(key: str) -> Any:
+        return computed(key) if key in nodes else produce(key)
+
+    return planned, produce_all
 
 
 FORMAT = register(TorchFormat())

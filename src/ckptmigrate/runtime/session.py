@@ -171,7 +171,7 @@ class MigrationSession:
     def _migrate(
         self, checkpoint: PathLike, ckpt: Checkpoint, out: Path, target: str, upgrade: bool
     ) -> MigrationResult:
-        from .report import done_line, print_plan, progress_bar
+        from .report import done_line, progress_bar
 
         if ckpt.adapter is not None:  # a PEFT adapter follows its base model's lineage
             from ..adapters import run
@@ -187,12 +187,7 @@ class MigrationSession:
         if not steps:
             self.nothing_to_do(checkpoint, ckpt, out, current, target, upgrade)
             return result
-        state = ckpt.initial_state()
-        result.to_revisions = self._run_steps(steps, state, current)
-        self._check_result(state, result, where)
-        if opts.dry_run:
-            print_plan(config, where, result, len(ckpt.schema), state)
-        container = self._training_state(ckpt, state, result)
+        state, container = self._planned(ckpt, result, where)
         if opts.dry_run:
             return result
         bar = progress_bar(config, ckpt, state)
@@ -201,6 +196,45 @@ class MigrationSession:
             bar.finish()
         config.log(done_line(result, where, out, upgrade))
         return result
+
+    def plan(self, ckpt: Checkpoint, target: str) -> tuple[MigrationResult, PlanState, Any]:
+        """The migration of an opened checkpoint to exactly ``target``, up or down; nothing written.
+
+        For a caller that reads the result its own way (a multi-rank job loading
+        a DCP checkpoint): the result, the plan of the state dict, and the
+        training container to write (None: unchanged).
+        """
+        from .memory import direction
+        from .report import MigrationResult
+
+        where = display_path(ckpt.path)
+        placement = place(self.config, self.script_dir, ckpt, self.options.from_revision)
+        current = placement.revisions
+        rmap = self.script_dir.revision_map
+        goal = rmap.get_revision(target)
+        up = goal is not None and direction(rmap, current, goal.revision) != "downgrade"
+        steps = steps_to(self.script_dir, current, target, up, where)
+        self._check_claim(ckpt, placement, bool(steps))
+        result = MigrationResult(
+            Path(ckpt.path), None, current, current, steps, False, placement.identified
+        )
+        if not steps:
+            return result, ckpt.initial_state(), None
+        state, container = self._planned(ckpt, result, where)
+        return result, state, container
+
+    def _planned(
+        self, ckpt: Checkpoint, result: MigrationResult, where: str
+    ) -> tuple[PlanState, Any]:
+        """Run ``result``'s steps on the plan, check it, carry the training state along."""
+        from .report import print_plan
+
+        state = ckpt.initial_state()
+        result.to_revisions = self._run_steps(result.steps, state, result.from_revisions)
+        self._check_result(state, result, where)
+        if self.options.dry_run:
+            print_plan(self.config, where, result, len(ckpt.schema), state)
+        return state, self._training_state(ckpt, state, result)
 
     def result(
         self,

@@ -33,7 +33,7 @@ from ..formats.checkpoint import Checkpoint
 from ..plan.state import PlanState
 from ..runtime.migration import MigrationStep
 from ..script.directory import ScriptDirectory
-from . import lightning
+from . import keyed, lightning
 from .optimizer import OptimizerStateError, find_optimizers, replace_path
 from .pairing import (
     OptimizerPlan,
@@ -79,7 +79,9 @@ def migrate_container(
     if ckpt.training is None:
         return None
     container = ckpt.training.container
-    found = find_optimizers(container, ckpt.training.state_path)
+    lazy = ckpt.training.lazy  # values are plan nodes: the pass runs on their stand-ins
+    view, table = keyed.stand_ins(container) if lazy else (container, {})
+    found = find_optimizers(view, ckpt.training.state_path)
     if not found:
         return None
     chosen = policy(config)
@@ -122,14 +124,17 @@ def migrate_container(
             new,
             entries,
             groups,
-            meta=dry_run,
+            meta=dry_run or lazy,
             revisions=revisions,
             members=members[j] if members is not None else None,
         )
         lines = report(plan, old, entries, rebuilt)
         for line in lines if dry_run else lines[:1]:  # a run logs the summary alone
             say(line)
-        out = replace_path(out, plan.found.path, rebuilt.value)
+        value = rebuilt.value
+        if lazy and not dry_run:
+            value = keyed.planned(plan, old, entries, rebuilt, table, revisions)
+        out = replace_path(out, plan.found.path, value)
     return None if dry_run else out
 
 

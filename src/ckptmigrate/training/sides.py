@@ -211,7 +211,8 @@ def old_layout(
             known.setdefault(key, kind)
     old = Layout(specs)
     fill_kinds(old, known)
-    old.alias = ties_by_storage([k for k, s in specs.items() if s is not None], ckpt.read)
+    if ckpt.views_share_storage:  # else reading would load data, and nothing is stored twice
+        old.alias = ties_by_storage([k for k, s in specs.items() if s is not None], ckpt.read)
     if model_old is not None:
         old.alias.update({prefix + a: prefix + b for a, b in model_old.alias.items()})
     return old

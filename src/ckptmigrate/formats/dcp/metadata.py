@@ -1,0 +1,275 @@
+"""A DCP checkpoint's ``.metadata``: unpickled under an allow-list, checked, written back.
+
+``.metadata`` is a pickle of ``torch.distributed.checkpoint.metadata.Metadata``:
+``state_dict_metadata`` (flat key -> tensor chunks or a bytes entry),
+``storage_data`` (``MetadataIndex(fqn, offset)`` -> ``_StorageInfo(relative_path,
+offset, length)``), ``planner_data`` (the default planner's flat key -> path in
+the nested state dict), ``storage_meta`` and ``version``. A checkpoint is
+untrusted data, so the pickle may name only DCP's own metadata classes,
+``torch.Size``, dtypes, layouts, memory formats and paths; anything else is
+refused before it runs (``--trust-pickle`` lifts that, for metadata a custom
+planner or storage wrote).
+
+Writing pickles the same classes, so ``dcp.load`` reads the result as its
+own. Small byte entries a migration rewrites (the optimizer's ``params``
+lists of parameter names) are stored after the pickle, in ``.metadata``
+itself, and referenced from ``storage_data`` like any other blob: the layout,
+the names, the stamp and those lists change in one atomic switch of one
+file, and a rename chain writes no data file at all.
+
+The stamp lives in ``planner_data`` under :data:`STAMP_KEY`, a flat
+``str -> str`` map as in a safetensors header (``ckptmigrate.revision``,
+``<module>:ckptmigrate.revision``); :data:`REPLACED_KEY` lists the data files
+the write that produced it replaced, so that they are removed even if that
+write was killed before it could. DCP's loaders look ``planner_data`` up only
+by the keys of ``state_dict_metadata``, so both entries are invisible to
+``dcp.load``, ``dcp_to_torch_save`` and ``set_state_dict``.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ...errors import CheckpointError, UnsafeCheckpointError
+
+METADATA_NAME = ".metadata"
+#: The key in ``planner_data`` that holds the stamp entries.
+STAMP_KEY = "__ckptmigrate__"
+#: The data files a write replaced, removed after its switch (or by the next writer).
+REPLACED_KEY = "__ckptmigrate_replaced__"
+#: The version DCP's FileSystemWriter records.
+DCP_VERSION = "1.0.0"
+
+_METADATA_CLASSES = (
+    "Metadata",
+    "TensorStorageMetadata",
+    "BytesStorageMetadata",
+    "ChunkStorageMetadata",
+    "TensorProperties",
+    "MetadataIndex",
+    "StorageMeta",
+    "_MEM_FORMAT_ENCODING",
+)
+_PATH_MODULES = ("pathlib", "pathlib._local")
+_PATH_CLASSES = ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path")
+
+
+def _allowed() -> dict[tuple[str, str], Any]:
+    """Every global a DCP ``.metadata`` pickle may name, by (module, name)."""
+    import pathlib
+
+    import torch
+    from torch.distributed.checkpoint import filesystem
+    from torch.distributed.checkpoint import metadata as dcp_metadata
+
+    allowed: dict[tuple[str, str], Any] = {
+        (dcp_metadata.__name__, name): getattr(dcp_metadata, name) for name in _METADATA_CLASSES
+    }
+    allowed[(filesystem.__name__, "_StorageInfo")] = filesystem._StorageInfo
+    allowed[("torch", "Size")] = torch.Size
+    layouts: dict[str, Any] = {}
+    for name in dir(torch):
+        value = getattr(torch, name, None)
+        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+            allowed[("torch", name)] = value
+        if isinstance(value, torch.layout):
+            layouts[str(value)] = value
+
+    def layout(name: str) -> Any:  # torch pickles a layout as _get_layout("torch.strided")
+        if name not in layouts:
+            raise pickle.UnpicklingError(f"unknown layout {name!r}")
+        return layouts[name]
+
+    allowed[("torch.serialization", "_get_layout")] = layout
+    for module in _PATH_MODULES:
+        for name in _PATH_CLASSES:
+            allowed[(module, name)] = getattr(pathlib, name)
+    allowed[("collections", "OrderedDict")] = __import__("collections").OrderedDict
+    return allowed
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Only DCP's metadata classes and the plain values they hold."""
+
+    def __init__(self, file: Any, allowed: Mapping[tuple[str, str], Any]) -> None:
+        super().__init__(file)
+        self._allowed = allowed
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = self._allowed.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"global {module}.{name}")
+        return found
+
+
+def _invalid(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a valid DCP checkpoint's metadata: {what}",
+        hint="check that the folder holds a complete torch.distributed.checkpoint save "
+        "(its .metadata is written last; an interrupted save has none or a damaged one)",
+    )
+
+
+def load(path: Path, *, trust_pickle: bool = False) -> Any:
+    """The ``Metadata`` in ``path``, unpickled under the allow-list and checked."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot read {path}: {exc.strerror}", hint="check permissions"
+        ) from exc
+    if not data:
+        raise _invalid(path, "the file is empty")
+    try:
+        if trust_pickle:
+            md = pickle.loads(data)
+        else:
+            md = _MetadataUnpickler(io.BytesIO(data), _allowed()).load()
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if text.startswith("global "):
+            raise UnsafeCheckpointError(
+                f"refusing to load {path}: its pickle needs the {text}, which is not one of "
+                "torch.distributed.checkpoint's metadata classes and could run arbitrary code",
+                hint="a checkpoint saved by DCP's own FileSystemWriter needs none; if a custom "
+                "planner or storage wrote it and you trust its origin, pass --trust-pickle",
+            ) from None
+        raise _invalid(path, f"its pickle is damaged ({text or type(exc).__name__})") from None
+    except Exception as exc:  # EOFError, RecursionError, ValueError ... from damaged bytes
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise _invalid(path, f"its pickle is damaged ({type(exc).__name__}: {first})") from None
+    check(md, path)
+    return md
+
+
+def check(md: Any, path: Path) -> None:
+    """Every field DCP's readers (and ours) rely on, before anything trusts it."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    if not isinstance(md, Metadata):
+        raise _invalid(path, f"it holds a {type(md).__name__}, not a Metadata object")
+    entries = md.state_dict_metadata
+    if not isinstance(entries, dict):
+        raise _invalid(path, "state_dict_metadata is not a dict")
+    storage = md.storage_data
+    if not isinstance(storage, dict):
+        raise _invalid(path, f"storage_data is a {type(storage).__name__}, not a dict")
+    for index, info in storage.items():
+        if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
+            raise _invalid(path, "storage_data maps something other than chunks to file ranges")
+        _check_info(path, index.fqn, info)
+    for key, entry in entries.items():
+        if not isinstance(key, str):
+            raise _invalid(path, f"the key {key!r} is not a string")
+        if isinstance(entry, BytesStorageMetadata):
+            if MetadataIndex(key) not in storage:
+                raise _invalid(path, f"no data is recorded for {key!r}")
+            continue
+        if not isinstance(entry, TensorStorageMetadata) or not isinstance(
+            entry.properties, TensorProperties
+        ):
+            raise _invalid(path, f"{key!r} is described by a {type(entry).__name__}")
+        _check_tensor(path, key, entry, storage, ChunkStorageMetadata)
+    if md.planner_data is not None and not isinstance(md.planner_data, dict):
+        return  # a custom planner's data: kept as it is; no stamp can go there
+    for key, where in (md.planner_data or {}).items():
+        if key == STAMP_KEY:
+            if not isinstance(where, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in where.items()
+            ):
+                raise _invalid(path, "its ckptmigrate stamp is not a map of strings")
+        elif key == REPLACED_KEY:
+            if not isinstance(where, list) or not all(isinstance(n, str) for n in where):
+                raise _invalid(path, "its list of replaced data files is not a list of names")
+        elif not isinstance(where, tuple) or not all(isinstance(p, (str, int)) for p in where):
+            raise _invalid(path, f"planner_data holds {where!r} as the path of {key!r}")
+
+
+def _check_info(path: Path, key: str, info: Any) -> None:
+    name = info.relative_path
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name:
+        raise _invalid(path, f"{key!r} is stored in {name!r}, not a file of the folder")
+    if name.startswith(".") and name != METADATA_NAME:
+        raise _invalid(path, f"{key!r} is stored in the hidden file {name!r}")
+    for field in (info.offset, info.length):
+        if not isinstance(field, int) or isinstance(field, bool) or field < 0:
+            raise _invalid(path, f"{key!r} has an invalid byte range in {name}")
+
+
+def _check_tensor(
+    path: Path, key: str, entry: Any, storage: Mapping[Any, Any], chunk_cls: Any
+) -> None:
+    import torch
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    size = entry.size
+    if not isinstance(entry.properties.dtype, torch.dtype):
+        raise _invalid(path, f"{key!r} has no dtype")
+    if not isinstance(size, torch.Size) or any(d < 0 for d in size):
+        raise _invalid(path, f"{key!r} has an invalid size {size!r}")
+    if not isinstance(entry.chunks, list) or (not entry.chunks and _numel(size)):
+        raise _invalid(path, f"{key!r} has no chunks")
+    covered = 0
+    for chunk in entry.chunks:
+        if not isinstance(chunk, chunk_cls):
+            raise _invalid(path, f"{key!r} has a chunk that is a {type(chunk).__name__}")
+        offsets, sizes = chunk.offsets, chunk.sizes
+        if len(offsets) != len(size) or len(sizes) != len(size):
+            raise _invalid(path, f"a chunk of {key!r} has the wrong number of dims")
+        if any(o < 0 or s < 0 or o + s > d for o, s, d in zip(offsets, sizes, size)):
+            raise _invalid(path, f"a chunk of {key!r} lies outside its size {list(size)}")
+        if MetadataIndex(key, offsets) not in storage:
+            raise _invalid(path, f"no data is recorded for a chunk of {key!r}")
+        covered += _numel(sizes)
+    if covered < _numel(size):
+        raise _invalid(path, f"the chunks of {key!r} do not cover its size {list(size)}")
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+@dataclass
+class Blob:
+    """Bytes to store after the pickle, and the ``storage_data`` entry that points at them."""
+
+    data: bytes
+    info: Any  # a _StorageInfo whose offset is filled in by :func:`encode`
+
+
+def encode(md: Any, blobs: Sequence[Blob]) -> bytes:
+    """``md`` pickled, then every blob; each blob's ``info`` points at its bytes.
+
+    The offsets are part of the pickle, whose length depends on them; pickling
+    again until the length no longer changes settles that in a step or two.
+    """
+    for blob in blobs:
+        blob.info.relative_path = METADATA_NAME
+        blob.info.length = len(blob.data)
+    data = b""
+    for _ in range(16):
+        offset = len(data)
+        for blob in blobs:
+            blob.info.offset = offset
+            offset += len(blob.data)
+        again = pickle.dumps(md, protocol=pickle.DEFAULT_PROTOCOL)
+        if len(again) == len(data):
+            return again + b"".join(blob.data for blob in blobs)
+        data = again
+    raise AssertionError("the metadata's length did not settle")  # pragma: no cover

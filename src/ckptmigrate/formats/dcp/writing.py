@@ -1,0 +1,418 @@
+"""Writing a DCP checkpoint: new data only for what changed, then one atomic ``.metadata`` switch.
+
+In order, all while the caller holds the lock on ``.metadata``:
+
+1. data files an interrupted earlier write left (``ckptmigrate-*.distcp``
+   that no ``.metadata`` references) are removed;
+2. the tensors a migration computes are written as new chunks into new data
+   files beside the old ones (``-j`` files in parallel), and fsynced when the
+   write is durable; entries it does not change are referenced where they
+   are (with ``-o`` into another folder, the data files they live in are
+   copied there first);
+3. the new ``.metadata`` (new objects such as an optimizer's ``params`` lists
+   stored after its pickle) is written to a temporary file, read back and
+   checked against the plan, and switched in with one rename: until then the
+   old ``.metadata`` names only old, untouched files, and after it the new
+   one names only complete files. A kill at any moment leaves the one or
+   the other;
+4. data files the old ``.metadata`` referenced and the new one does not are
+   removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...errors import CkptMigrateError, WriteError
+from ...plan.nodes import sources_of
+from ...plan.state import PlanState
+from .. import keyspace
+from ..atomic import atomic_output, write_error
+from ..base import WriteOptions
+from ..checkpoint import Checkpoint
+from ..fileio import copy_range, fsync_dir, open_for_writing, plain_tensor
+from ..stamp import flatten_stamps
+from ..verify import verify_written
+from . import DATA_SUFFIX, OWN_PREFIX
+from . import metadata as dcp_metadata
+from .output import Box, Leaf, computing, plan_output, region
+from .reading import DCPCheckpoint, flat_key, read_dcp
+from .reading import referenced as files_of
+
+
+@dataclass
+class _DataFile:
+    """One new data file: its name and the leaves whose chunks go into it."""
+
+    name: str
+    leaves: list[Leaf] = field(default_factory=list)
+    nbytes: int = 0
+
+
+def write_dcp(
+    folder: Path,
+    source: Checkpoint,
+    full: PlanState,
+    metadata: Mapping[str, Mapping[str, Any]],
+    options: WriteOptions,
+) -> None:
+    """Write ``full`` (``metadata`` stamped) as the DCP checkpoint in ``folder``."""
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise WriteError(
+            f"cannot create the folder {folder}: {exc.strerror or exc}",
+            hint="choose another place with -o; the input is unchanged",
+        ) from exc
+    dcp = source if isinstance(source, DCPCheckpoint) else None
+    same = dcp is not None and folder.resolve() == dcp.folder.resolve()
+    previous = dcp if same else _existing(folder)
+    referenced = previous.files() if previous is not None else set()
+    remove_leftovers(folder)
+    leaves = plan_output(source, full.entries, options.container)
+    stamps = _stamps(source, metadata)
+    tag = _tag(leaves, stamps)
+    written: list[Path] = []
+    try:
+        infos = _write_data(folder, tag, source, leaves, options, written)
+        names = _carry_files(folder, dcp, leaves, same, referenced, options, written)
+        md, blobs = _metadata(source, dcp, leaves, infos, names, stamps)
+        replaced = sorted(referenced - files_of(md))
+        if replaced and isinstance(md.planner_data, dict):  # for the next writer, if killed
+            md.planner_data[dcp_metadata.REPLACED_KEY] = replaced
+        data = dcp_metadata.encode(md, blobs)
+        if options.durable:
+            fsync_dir(folder)
+        with atomic_output(folder / dcp_metadata.METADATA_NAME, durable=options.durable) as tmp:
+            tmp.write_bytes(data)
+            if options.verify:
+                _verify(folder, tmp, source, full, metadata, leaves)
+    except BaseException as exc:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_error(folder, exc) from exc
+        raise
+    for name in replaced:
+        (folder / name).unlink(missing_ok=True)  # no longer part of the checkpoint
+
+
+def _existing(folder: Path) -> DCPCheckpoint | None:
+    """The DCP checkpoint an ``-o`` folder holds already (its files go after the switch)."""
+    if not (folder / dcp_metadata.METADATA_NAME).is_file():
+        return None
+    try:
+        return read_dcp(folder)
+    except CkptMigrateError as exc:
+        raise WriteError(
+            f"cannot write into {folder}: it holds a DCP checkpoint that cannot be read "
+            f"({exc.message})",
+            hint="give a new or empty folder with -o",
+        ) from exc
+
+
+def remove_leftovers(folder: Path) -> list[str]:
+    """Data files interrupted writes left: ours, or replaced, and referenced by no ``.metadata``.
+
+    Run holding the lock on ``.metadata`` (or before writing a new folder); the names removed.
+    """
+    names: set[str] = set()
+    replaced: list[str] = []
+    path = folder / dcp_metadata.METADATA_NAME
+    if path.is_file():
+        try:
+            md = dcp_metadata.load(path)
+        except CkptMigrateError:
+            return []  # reading the checkpoint says what is wrong with it
+        names = files_of(md)
+        if isinstance(md.planner_data, dict):
+            replaced = list(md.planner_data.get(dcp_metadata.REPLACED_KEY, []))
+    removed = []
+    for file in folder.iterdir():
+        name = file.name
+        ours = name.startswith(OWN_PREFIX) and name.endswith(DATA_SUFFIX)
+        if name not in names and (ours or name in replaced):
+            file.unlink(missing_ok=True)
+            removed.append(name)
+    return removed
+
+
+def _stamps(source: Checkpoint, metadata: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """The stamp entries, their modules named as flat keys of the saved state dict."""
+    path = source.training.state_path if source.training is not None else ()
+    return flatten_stamps(keyspace.metadata_at(metadata, keyspace.normal(flat_key(path))))
+
+
+def _tag(leaves: Sequence[Leaf], stamps: Mapping[str, str]) -> str:
+    """A name part for the new data files: the same plan gives the same names."""
+    digest = hashlib.sha256(repr(sorted(stamps.items())).encode())
+    for leaf in leaves:
+        digest.update(f"{leaf.key}\0{leaf.ref}\0{leaf.spec}\0{leaf.boxes}\n".encode())
+    return digest.hexdigest()[:8]
+
+
+def _file_name(folder: Path, tag: str, n: int) -> str:
+    name = f"{OWN_PREFIX}{tag}-{n}{DATA_SUFFIX}"
+    extra = 0
+    while (folder / name).exists():
+        extra += 1
+        name = f"{OWN_PREFIX}{tag}-{n}.{extra}{DATA_SUFFIX}"
+    return name
+
+
+def _buckets(folder: Path, tag: str, leaves: Sequence[Leaf], jobs: int) -> list[_DataFile]:
+    """The tensors to write, in at most ``jobs`` files; tensors with a common input share one."""
+    todo = [leaf for leaf in leaves if leaf.node is not None and leaf.node.spec is not None]
+    groups: dict[str, list[Leaf]] = {}
+    owner: dict[str, str] = {}
+    for leaf in todo:
+        assert leaf.node is not None
+        srcs = sources_of(leaf.node)
+        home = next((owner[s] for s in srcs if s in owner), leaf.key)
+        groups.setdefault(home, []).append(leaf)
+        for s in srcs:
+            owner.setdefault(s, home)
+    files = [_DataFile("") for _ in range(max(1, min(jobs, len(groups))))]
+    for group in sorted(groups.values(), key=lambda g: -sum(_nbytes(x) for x in g)):
+        target = min(files, key=lambda f: f.nbytes)
+        target.leaves.extend(group)
+        target.nbytes += sum(_nbytes(x) for x in group)
+    used = [f for f in files if f.leaves]
+    for n, f in enumerate(used):
+        f.name = _file_name(folder, tag, n)
+    return used
+
+
+def _nbytes(leaf: Leaf) -> int:
+    return leaf.spec.nbytes if leaf.spec is not None else 0
+
+
+def _write_data(
+    folder: Path,
+    tag: str,
+    source: Checkpoint,
+    leaves: Sequence[Leaf],
+    options: WriteOptions,
+    written: list[Path],
+) -> dict[tuple[str, tuple[int, ...]], Any]:
+    """Write every computed tensor's chunks; ``_StorageInfo`` by (flat key, chunk offsets)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    lock = threading.Lock()
+    infos: dict[tuple[str, tuple[int, ...]], Any] = {}
+
+    def write_one(data: _DataFile) -> None:
+        path = folder / data.name
+        with lock:
+            written.append(path)
+        evaluate = computing(data.leaves, source.read)
+        with open_for_writing(path) as fh:
+            for leaf in data.leaves:
+                value = plain_tensor(evaluate(leaf.key))
+                assert leaf.boxes is not None
+                for box in leaf.boxes:
+                    offset = fh.tell()
+                    torch.save(_own(region(value, box), box), fh)
+                    info = _StorageInfo(data.name, offset, fh.tell() - offset)
+                    with lock:
+                        infos[(leaf.key, box[0])] = info
+                if options.progress is not None:
+                    options.progress(_nbytes(leaf))
+                del value
+            fh.flush()
+            if options.durable:
+                os.fsync(fh.fileno())
+
+    files = _buckets(folder, tag, leaves, options.jobs)
+    with ThreadPoolExecutor(max_workers=max(1, len(files))) as pool:
+        futures = [pool.submit(write_one, f) for f in files]
+        for future in futures:
+            try:
+                future.result()
+            except (CkptMigrateError, OSError):
+                raise
+            except Exception as exc:
+                raise write_error(folder, exc) from exc
+    return infos
+
+
+def _own(part: torch.Tensor, box: Box) -> torch.Tensor:
+    """A chunk with a storage of its own (``torch.save`` writes a view's whole storage)."""
+    if part.untyped_storage().nbytes() == part.numel() * part.element_size() and (
+        part.is_contiguous()
+    ):
+        return part
+    return part.clone(memory_format=torch.contiguous_format)
+
+
+def _carry_files(
+    folder: Path,
+    dcp: DCPCheckpoint | None,
+    leaves: Sequence[Leaf],
+    same: bool,
+    taken: set[str],
+    options: WriteOptions,
+    written: list[Path],
+) -> dict[str, str]:
+    """Data files of referenced entries, by their name in the input -> name in ``folder``.
+
+    In place they stay; into another folder they are copied (in the kernel),
+    under their own name unless the folder's current checkpoint uses it.
+    """
+    if dcp is None:
+        return {}
+    used = {
+        info.relative_path
+        for leaf in leaves
+        if leaf.ref is not None
+        for _, info in dcp.storage_of(leaf.ref)
+        if info.relative_path != dcp_metadata.METADATA_NAME
+    }
+    if same:
+        return {name: name for name in used}
+    names: dict[str, str] = {}
+    for n, name in enumerate(sorted(used)):
+        target = name
+        if target in taken or (folder / target).exists():
+            target = _file_name(folder, "copy", n)
+        path = folder / target
+        written.append(path)
+        with open(dcp.folder / name, "rb") as src, open_for_writing(path) as dst:
+            copy_range(src.fileno(), dst.fileno(), 0, os.fstat(src.fileno()).st_size)
+            if options.durable:
+                dst.flush()
+                os.fsync(dst.fileno())
+        names[name] = target
+    return names
+
+
+def _metadata(
+    source: Checkpoint,
+    dcp: DCPCheckpoint | None,
+    leaves: Sequence[Leaf],
+    infos: Mapping[tuple[str, tuple[int, ...]], Any],
+    names: Mapping[str, str],
+    stamps: Mapping[str, str],
+) -> tuple[Any, list[dcp_metadata.Blob]]:
+    """The new ``Metadata``, and the objects to store after its pickle."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        StorageMeta,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    entries: dict[str, Any] = {}
+    storage: dict[Any, Any] = {}
+    planner: dict[str, Any] = {}
+    blobs: list[dcp_metadata.Blob] = []
+    for leaf in leaves:
+        planner[leaf.key] = leaf.path
+        if leaf.ref is not None:
+            assert dcp is not None
+            entries[leaf.key] = dcp.entries[leaf.ref].md
+            for index, info in dcp.storage_of(leaf.ref, leaf.key):
+                if info.relative_path == dcp_metadata.METADATA_NAME:
+                    blob = dcp_metadata.Blob(dcp.store.raw(info), _copy_info(info))
+                    blobs.append(blob)
+                    storage[index] = blob.info
+                else:
+                    storage[index] = _copy_info(info, names[info.relative_path])
+        elif leaf.spec is not None:
+            assert leaf.boxes is not None
+            spec = leaf.spec
+            chunk_list = [
+                ChunkStorageMetadata(torch.Size(off), torch.Size(size)) for off, size in leaf.boxes
+            ]
+            entries[leaf.key] = TensorStorageMetadata(
+                TensorProperties(dtype=spec.dtype), torch.Size(spec.shape), chunk_list
+            )
+            for i, (off, _size) in enumerate(leaf.boxes):
+                storage[MetadataIndex(leaf.key, off, i)] = infos[(leaf.key, off)]
+        else:
+            value = leaf.value
+            if leaf.node is not None:  # an object computed from the input
+                value = computing([leaf], source.read)(leaf.key)
+            buf = io.BytesIO()
+            torch.save(value, buf)
+            blob = dcp_metadata.Blob(buf.getvalue(), _StorageInfo(dcp_metadata.METADATA_NAME, 0, 0))
+            blobs.append(blob)
+            entries[leaf.key] = BytesStorageMetadata()
+            storage[MetadataIndex(leaf.key)] = blob.info
+    old = dcp.md if dcp is not None else None
+    planner_data: Any = planner
+    if old is not None and old.planner_data is not None and not isinstance(old.planner_data, dict):
+        if stamps:
+            raise WriteError(
+                f"{dcp.folder if dcp else ''}: its planner_data was written by a custom planner "
+                f"(a {type(old.planner_data).__name__}), which leaves no place for the stamp",
+                hint="save the checkpoint with DCP's default planner",
+            )
+        planner_data = old.planner_data
+    elif stamps:
+        planner_data[dcp_metadata.STAMP_KEY] = dict(stamps)
+    md = Metadata(
+        state_dict_metadata=entries,
+        planner_data=planner_data,
+        storage_data=storage,
+        storage_meta=(old.storage_meta if old is not None else None) or StorageMeta(),
+        version=(old.version if old is not None else None) or dcp_metadata.DCP_VERSION,
+    )
+    return md, blobs
+
+
+def _copy_info(info: Any, name: str | None = None) -> Any:
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    return _StorageInfo(
+        name or info.relative_path,
+        info.offset,
+        info.length,
+        transform_descriptors=getattr(info, "transform_descriptors", None),
+    )
+
+
+def _verify(
+    folder: Path,
+    tmp: Path,
+    source: Checkpoint,
+    full: PlanState,
+    metadata: Mapping[str, Mapping[str, Any]],
+    leaves: Sequence[Leaf],
+) -> None:
+    """The ``.metadata`` just written describes exactly the planned entries, and the stamp."""
+    dcp = source if isinstance(source, DCPCheckpoint) else None
+    key = "/".join(source.training.state_path) if source.training is not None else None
+    written = read_dcp(folder, state_dict_key=key, metadata_file=tmp)
+    got = {k: e.spec for k, e in written.entries.items()}
+    want: dict[str, Any] = {}
+    for leaf in leaves:
+        if leaf.ref is not None:
+            assert dcp is not None
+            want[leaf.key] = dcp.entries[leaf.ref].spec
+        else:
+            want[leaf.key] = leaf.spec
+    if list(got) != list(want) or got != want:
+        written.close()
+        missing = [k for k in want if k not in got][:3]
+        changed = [k for k in want if k in got and got[k] != want[k]][:3]
+        raise WriteError(
+            f"{folder} does not match the migration plan after writing (missing {missing}, "
+            f"changed {changed})",
+            hint="this is a bug in ckptmigrate; please report it; the input is unchanged",
+        )
+    verify_written(written, folder, full, metadata, source.key_prefix)
