@@ -164,6 +164,7 @@ NO_DATA: dict[str, Callable[[], object]] = {
     "keys": lambda: op.keys("fc1."),
     "shape": lambda: op.shape("fc1.weight"),
     "dtype": lambda: op.dtype("fc1.weight"),
+    "seeds_of": lambda: op.seeds_of("aaaa1111"),
 }
 
 

@@ -177,10 +177,24 @@ def cli(
 
 @cli.command(short_help="Create a migrations folder and alembic_style.ini.")
 @click.argument("directory")
+@click.option(
+    "-t",
+    "--template",
+    default="pytorch",
+    show_default=True,
+    help="The kind of project (see 'ckptmigrate list_templates').",
+)
 @click.pass_context
-def init(ctx: click.Context, directory: str) -> None:
+def init(ctx: click.Context, directory: str, template: str) -> None:
     """Create a migrations DIRECTORY and an alembic_style.ini pointing at it."""
-    command.init(_config(ctx, must_exist=False), directory)
+    command.init(_config(ctx, must_exist=False), directory, template=template)
+
+
+@cli.command(name="list_templates", short_help="List the templates 'init --template' takes.")
+@click.pass_context
+def list_templates(ctx: click.Context) -> None:
+    """List the project templates 'init --template NAME' sets up."""
+    command.list_templates(_config(ctx, must_exist=False))
 
 
 @cli.command(short_help="Write a new revision file.")
@@ -233,6 +247,7 @@ def revision(
 @click.option("-m", "--message", help="Message of the merge revision.")
 @click.option("--branch-label", multiple=True, help="Label for the merged branch.")
 @click.option("--rev-id", help="Use this revision id (letters, digits, _) instead of a random one.")
+@click.option("--splice", is_flag=True, help="Allow revisions that are not heads.")
 @click.pass_context
 def merge(
     ctx: click.Context,
@@ -240,11 +255,50 @@ def merge(
     message: str | None,
     branch_label: Sequence[str],
     rev_id: str | None,
+    splice: bool,
 ) -> None:
     """Join several REVISIONS (e.g. heads) with a merge revision."""
     command.merge(
-        _config(ctx), revisions, message, branch_label=tuple(branch_label) or None, rev_id=rev_id
+        _config(ctx),
+        revisions,
+        message,
+        branch_label=tuple(branch_label) or None,
+        rev_id=rev_id,
+        splice=splice,
     )
+
+
+@cli.command(short_help="Open a revision file in $EDITOR.")
+@click.argument("rev", default="head")
+@click.pass_context
+def edit(ctx: click.Context, rev: str) -> None:
+    """Open the file of revision REV (default: head) in $EDITOR."""
+    command.edit(_config(ctx), rev)
+
+
+@cli.command(short_help="Replace a linear run of revisions by one, proved equal.")
+@click.argument("rev_range", metavar="FIRST:LAST")
+@click.option("-m", "--message", help="Message of the squashed revision.")
+@click.option("--keep", is_flag=True, help="Keep the replaced revision files.")
+@click.option("--dry-run", is_flag=True, help="Print the combined ops; write nothing.")
+@click.option("--rev-id", help="Use this revision id (letters, digits, _) instead of a random one.")
+@click.pass_context
+def squash(
+    ctx: click.Context,
+    rev_range: str,
+    message: str | None,
+    keep: bool,
+    dry_run: bool,
+    rev_id: str | None,
+) -> None:
+    """Replace the revisions FIRST..LAST (one line of history) by one revision.
+
+    Its ops are the range's, simplified, and proved to compute the same
+    schema and the same tensors bit for bit; checkpoints stamped with any
+    replaced revision still upgrade and downgrade. FIRST may be base, LAST
+    head.
+    """
+    command.squash(_config(ctx), rev_range, message, keep=keep, dry_run=dry_run, rev_id=rev_id)
 
 
 @cli.command(short_help="Show the current head revisions.")
@@ -274,10 +328,24 @@ def branches(ctx: click.Context, verbose: bool) -> None:
     "-v", "--verbose", is_flag=True, help="Show each revision in full: parents, file, message."
 )
 @click.option("--graph", is_flag=True, help="Draw the revision graph, like git log --graph.")
+@click.option(
+    "-i",
+    "--indicate-current",
+    metavar="CKPT",
+    help="Mark the revision(s) the checkpoint CKPT is at with (current).",
+)
 @click.pass_context
-def history(ctx: click.Context, rev_range: str | None, verbose: bool, graph: bool) -> None:
+def history(
+    ctx: click.Context,
+    rev_range: str | None,
+    verbose: bool,
+    graph: bool,
+    indicate_current: str | None,
+) -> None:
     """List revisions, newest first."""
-    command.history(_config(ctx), rev_range, verbose=verbose, graph=graph)
+    command.history(
+        _config(ctx), rev_range, verbose=verbose, graph=graph, indicate_current=indicate_current
+    )
 
 
 @cli.command(short_help="Show the revision(s) REV stands for.")
@@ -686,6 +754,29 @@ def schema_cmd(
         state_dict_key=state_dict_key,
         key_prefix=key_prefix,
     )
+
+
+class _SubGroup(click.Group):
+    command_class = _Command
+
+
+@cli.group(cls=_SubGroup, short_help="Golden checkpoints kept with the migrations.")
+def fixture() -> None:
+    """Golden checkpoints: small synthetic checkpoints the pytest plugin upgrades in CI."""
+
+
+@fixture.command(name="record", short_help="Write a golden checkpoint at the head.")
+@click.option(
+    "-o",
+    "--output",
+    metavar="PATH",
+    help="Where to write it (default: <script_location>/fixtures/<head>.pt; .safetensors too).",
+)
+@click.option("--seed", type=int, default=None, help="Seed of its tensors (default: 0).")
+@click.pass_context
+def fixture_record(ctx: click.Context, output: str | None, seed: int | None) -> None:
+    """Write a small golden checkpoint at the head: tensors from the schema, fixed seed."""
+    command.fixture_record(_config(ctx), output, seed=seed)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

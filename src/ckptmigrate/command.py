@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .runtime.fleet_report import FleetReport
     from .runtime.report import MigrationResult
     from .schema import Schema
+    from .squash import Squashed
 
 __all__ = [
     "CheckFailed",
@@ -44,13 +45,17 @@ __all__ = [
     "diff",
     "downgrade",
     "downgrade_all",
+    "edit",
+    "fixture_record",
     "heads",
     "history",
     "init",
+    "list_templates",
     "merge",
     "revision",
     "schema",
     "show",
+    "squash",
     "stamp",
     "stamp_all",
     "upgrade",
@@ -61,10 +66,19 @@ __all__ = [
 # --------------------------------------------------------------------------- init
 
 
-def init(config: Config, directory: str | os.PathLike[str]) -> Path:
-    """Create a migrations folder and an ``alembic_style.ini`` pointing at it."""
+def init(config: Config, directory: str | os.PathLike[str], *, template: str | None = None) -> Path:
+    """Create a migrations folder and an ``alembic_style.ini`` pointing at it.
+
+    ``template`` is the kind of project (see :func:`list_templates`).
+    """
     from . import templates
 
+    template = template or templates.DEFAULT_TEMPLATE
+    if template not in templates.names():
+        raise CommandError(
+            f"no template named {template!r}",
+            hint=f"choose one of {', '.join(templates.names())} (see 'ckptmigrate list_templates')",
+        )
     target = Path(directory)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise CommandError(
@@ -74,12 +88,7 @@ def init(config: Config, directory: str | os.PathLike[str]) -> Path:
     (target / "versions").mkdir(parents=True, exist_ok=True)
     config.print_stdout(f"Creating directory {display_path(target.resolve())} ... done")
     (target / TEMPLATE_NAME).write_text(templates.read(TEMPLATE_NAME), encoding="utf-8")
-    (target / "README").write_text(
-        "Checkpoint migrations managed by ckptmigrate.\n\n"
-        "versions/ holds one revision script per change of the model's state dict;\n"
-        f"{TEMPLATE_NAME} is the template new revisions are written from.\n",
-        encoding="utf-8",
-    )
+    (target / "README").write_text(templates.read(f"{template}/README"), encoding="utf-8")
     config.print_stdout(f"Generating {display_path(target / TEMPLATE_NAME)} ... done")
     ini = config.file or (Path.cwd() / DEFAULT_INI)
     if ini.exists():
@@ -94,14 +103,28 @@ def init(config: Config, directory: str | os.PathLike[str]) -> Path:
             if not rel.startswith("..")
             else str(target.resolve())
         )
-        text = templates.read("alembic_style.ini.tmpl").replace("${script_location}", location)
-        ini.write_text(text, encoding="utf-8")
+        ini.write_text(templates.ini_text(template, location), encoding="utf-8")
         config.print_stdout(f"Generating {display_path(ini)} ... done")
     config.print_stdout(
         "Next: set 'model = ...' in the ini file if you want 'check' and autogenerate, "
         'then run: ckptmigrate revision -m "initial"'
     )
     return target
+
+
+def list_templates(config: Config) -> list[str]:
+    """The kinds of project ``init --template`` sets up, as Alembic lists its own."""
+    from . import templates
+
+    names = templates.names()
+    config.print_stdout("Available templates:\n")
+    for name in names:
+        config.print_stdout(f"{name} - {templates.description(name)}")
+    config.print_stdout(
+        "\nTemplates are used via the 'init' command, e.g.:\n\n"
+        "  ckptmigrate init --template lightning ./migrations"
+    )
+    return names
 
 
 # --------------------------------------------------------------------------- revisions
@@ -137,7 +160,7 @@ def revision(
             )
             if not allow_empty:
                 return None
-    first = not len(script_dir.revision_map)
+    first = not len(script_dir.compact_map)
     script = script_dir.generate_revision(
         rev_id,
         message,
@@ -172,10 +195,14 @@ def merge(
     *,
     branch_label: str | Sequence[str] | None = None,
     rev_id: str | None = None,
+    splice: bool = False,
 ) -> Script:
-    """Write a revision whose parents are ``revisions`` (e.g. ``heads``)."""
+    """Write a revision whose parents are ``revisions`` (e.g. ``heads``).
+
+    ``splice`` allows parents that are not heads, as in Alembic.
+    """
     script_dir = ScriptDirectory.from_config(config)
-    parents = [r for r in script_dir.get_revisions(tuple(revisions)) if r is not None]
+    parents = [r for r in script_dir.get_revisions(tuple(revisions), compact=True) if r is not None]
     if len({p.revision for p in parents}) < 2:
         raise CommandError(
             f"merge needs at least two revisions; {', '.join(revisions)} "
@@ -186,19 +213,95 @@ def merge(
         rev_id,
         message,
         head=tuple(p.revision for p in parents),
+        splice=splice,
         branch_labels=branch_label,
     )
     config.print_stdout(f"Generating {display_path(script.path)} ... done")
     return script
 
 
+def edit(config: Config, rev: str = "head") -> Path:
+    """Open the revision file of ``rev`` in ``$EDITOR`` (or ``$VISUAL``), as Alembic does."""
+    import shlex
+    import subprocess
+
+    script_dir = ScriptDirectory.from_config(config)
+    found = [s for s in script_dir.get_revisions(rev, compact=True) if s is not None]
+    if len(found) != 1:
+        raise CommandError(
+            f"{rev!r} names {len(found) or 'no'} revisions"
+            + (f" ({format_ids(s.revision for s in found)})" if found else ""),
+            hint="name one revision (see 'ckptmigrate heads' and 'ckptmigrate history')",
+        )
+    path = found[0].path
+    editor = os.environ.get("EDITOR") or os.environ.get("VISUAL")
+    if not editor:
+        raise CommandError(
+            f"no editor to open {display_path(path)} with",
+            hint="set $EDITOR (e.g. export EDITOR=vim), or open the file yourself",
+        )
+    try:
+        done = subprocess.run([*shlex.split(editor), str(path)])
+    except OSError as exc:
+        raise CommandError(
+            f"cannot run the editor {editor!r}: {exc.strerror}", hint="fix $EDITOR"
+        ) from exc
+    if done.returncode != 0:
+        raise CommandError(
+            f"the editor {editor!r} exited with status {done.returncode}",
+            hint=f"the file is {display_path(path)}",
+        )
+    script_dir.forget()
+    return path
+
+
+def squash(
+    config: Config,
+    rev_range: str,
+    message: str | None = None,
+    *,
+    keep: bool = False,
+    dry_run: bool = False,
+    rev_id: str | None = None,
+) -> Squashed:
+    """Write one revision for the linear run ``rev_range`` (``A:B``), proved equal to it.
+
+    Checkpoints stamped with any replaced revision still migrate; the replaced
+    files are removed unless ``keep``. ``dry_run`` prints the combined ops.
+    """
+    from .squash import describe
+    from .squash import squash as run
+
+    done = run(config, rev_range, message, keep=keep, dry_run=dry_run, rev_id=rev_id)
+    for line in describe(done):
+        config.log(line)
+    if done.script is None:
+        for name, body in (("upgrade", done.upgrade), ("downgrade", done.downgrade)):
+            if name == "downgrade":
+                config.print_stdout()
+            config.print_stdout(f"def {name}() -> None:")
+            for line in body or ["pass"]:
+                config.print_stdout(f"    {line}")
+        config.log("Dry run: nothing was written")
+        return done
+    config.print_stdout(f"Generating {display_path(done.script.path)} ... done")
+    if done.removed:
+        names = ", ".join(p.name for p in done.removed[:3]) + (
+            " ..." if len(done.removed) > 3 else ""
+        )
+        config.log(f"Removed {len(done.removed)} replaced revision files ({names})")
+    elif not dry_run:
+        config.log("Kept the replaced revision files (--keep); the squash stands for them")
+    return done
+
+
 def heads(
     config: Config, *, verbose: bool = False, resolve_dependencies: bool = False
 ) -> list[Script]:
     script_dir = ScriptDirectory.from_config(config)
-    rmap = script_dir.revision_map
+    rmap = script_dir.compact_map
     ids = rmap.real_heads if resolve_dependencies else rmap.heads
-    scripts = [script_dir.script(i) for i in ids]
+    scripts = [script_dir.script(i, compact=True) for i in ids]
     for s in scripts:
         config.print_stdout(
             display.cmd_format(s, verbose, include_branches=True, tree_indicators=False)
@@ -208,13 +311,13 @@ def heads(
 
 def branches(config: Config, *, verbose: bool = False) -> list[Script]:
     script_dir = ScriptDirectory.from_config(config)
-    points = [s for s in script_dir.walk_revisions() if s.is_branch_point]
+    points = [s for s in script_dir.walk_revisions(compact=True) if s.is_branch_point]
     for s in points:
         config.print_stdout(display.cmd_format(s, verbose, include_branches=True))
         pad = " " * len(s.revision)
         for child in sorted(s.nextrev):
             line = display.head_only(
-                script_dir.script(child), include_branches=True, include_doc=verbose
+                script_dir.script(child, compact=True), include_branches=True, include_doc=verbose
             )
             config.print_stdout(f"{pad} -> {line}")
         config.print_stdout()
@@ -227,8 +330,12 @@ def history(
     *,
     verbose: bool = False,
     graph: bool = False,
+    indicate_current: PathLike | None = None,
 ) -> list[Script]:
-    """All revisions, newest first; ``rev_range`` is ``[start]:[end]``."""
+    """All revisions, newest first; ``rev_range`` is ``[start]:[end]``.
+
+    ``indicate_current`` is a checkpoint whose revision(s) are marked ``(current)``.
+    """
     script_dir = ScriptDirectory.from_config(config)
     base, head = "base", "heads"
     if rev_range is not None:
@@ -239,8 +346,9 @@ def history(
             )
         lo, hi = (part.strip() for part in rev_range.split(":", 1))
         base, head = lo or "base", hi or "heads"
+    marks = _current_marks(config, script_dir, indicate_current) if indicate_current else {}
     try:
-        scripts = script_dir.walk_revisions(base, head)
+        scripts = script_dir.walk_revisions(base, head, compact=True)
     except RangeNotAncestorError as exc:
         raise CommandError(
             f"requested range {base}:{head} does not refer to ancestor/descendant "
@@ -248,16 +356,44 @@ def history(
             hint="check the range with 'ckptmigrate history'",
         ) from exc
     if graph:
-        for line in display.graph_lines(scripts):
-            config.print_stdout(line)
-        return scripts
-    for s in scripts:
-        config.print_stdout(
+        lines = display.graph_lines(scripts, marks)
+    else:
+        lines = [
             display.cmd_format(
-                s, verbose, include_branches=True, include_doc=True, include_parents=True
+                s,
+                verbose,
+                include_branches=True,
+                include_doc=True,
+                include_parents=True,
+                current=marks.get(s.revision, False),
             )
-        )
+            for s in scripts
+        ]
+    if lines:  # one write: a long history prints thousands of lines
+        config.print_stdout("\n".join(lines))
     return scripts
+
+
+def _current_marks(
+    config: Config, script_dir: ScriptDirectory, checkpoint: PathLike
+) -> dict[str, str | bool]:
+    """The revision files a checkpoint is at: True, or where inside a squash it stands."""
+    from .runtime.placement import place
+    from .runtime.session import opened
+
+    with opened(config, checkpoint, CheckpointOptions()) as ckpt:
+        at = place(config, script_dir, ckpt, None).revisions
+    rmap = script_dir.compact_map
+    marks: dict[str, str | bool] = {}
+    for rid in at:
+        squash = rmap.squashed_into(rid) if rid not in rmap else None
+        if squash is None:
+            marks[rid] = True
+        else:
+            marks[squash.revision] = f"at {rid}, which it replaced"
+    if not at:
+        config.log(f"Note: {display_path(checkpoint)} is at base")
+    return marks
 
 
 def show(config: Config, rev: str) -> list[Script]:
@@ -266,7 +402,7 @@ def show(config: Config, rev: str) -> list[Script]:
         raise CommandError(
             "'show current' needs a checkpoint", hint="use 'ckptmigrate current CKPT -v'"
         )
-    scripts = [s for s in script_dir.get_revisions(rev) if s is not None]
+    scripts = [s for s in script_dir.get_revisions(rev, compact=True) if s is not None]
     if not scripts:
         raise CommandError(f"{rev!r} names no revision", hint="'base' has nothing to show")
     for s in scripts:
@@ -444,6 +580,23 @@ def _reported(config: Config, report: FleetReport, report_format: str) -> FleetR
             config.print_stdout(line)
     config.stdout.flush()  # a closed pipe is noticed here, not at exit
     return report
+
+
+# --------------------------------------------------------------------------- golden checkpoints
+
+
+def fixture_record(
+    config: Config, output: PathLike | None = None, *, seed: int | None = None
+) -> Path:
+    """Write a small golden checkpoint at the head into ``<script_location>/fixtures/``.
+
+    Its tensors come from the schema and a fixed seed; the pytest plugin upgrades
+    every such file to the head and loads it strictly.
+    """
+    from .golden import record
+    from .sample import DEFAULT_SEED
+
+    return record(config, output, seed=DEFAULT_SEED if seed is None else seed)
 
 
 # --------------------------------------------------------------------------- schemas

@@ -14,9 +14,12 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .script.hooks import Hook
 
 DEFAULT_INI = "alembic_style.ini"
 DEFAULT_SECTION = "ckptmigrate"
@@ -163,6 +166,30 @@ class Config:
             )
         return factory
 
+    def post_write_hooks(self) -> list[Hook]:
+        """The ``[post_write_hooks]`` of the configuration file, as in Alembic's ini."""
+        from .script.hooks import parse_ini_hooks, parse_toml_hooks
+
+        if self.file is None or not self.file.exists():
+            return []
+        if self.file.name == "pyproject.toml" or self.file.suffix == ".toml":
+            table = _load_toml(self.file).get("tool", {}).get("ckptmigrate", {})
+            tables = table.get("post_write_hooks", []) if isinstance(table, dict) else []
+            return parse_toml_hooks(tables if isinstance(tables, list) else [tables])
+        parser = configparser.ConfigParser(defaults={"here": str(self.file.parent)})
+        try:
+            with open(self.file, encoding="utf-8") as fh:
+                parser.read_file(fh)
+            if not parser.has_section("post_write_hooks"):
+                return []
+            items = {k: v for k, v in parser.items("post_write_hooks") if k != "here"}
+        except (OSError, UnicodeDecodeError, configparser.Error) as exc:
+            raise ConfigError(
+                f"cannot read [post_write_hooks] in {self.file}: {_first_line(exc)}",
+                hint="fix the section (write a literal percent sign as %%)",
+            ) from exc
+        return parse_ini_hooks(items)
+
     # ----------------------------------------------------------------- output
 
     @property
@@ -300,8 +327,10 @@ def _read_pyproject(file: Path, section: str, here: Path) -> dict[str, str]:
         raise ConfigError(f"no [{name}] table in {file}", hint="add it, or pick another with -n")
     out: dict[str, str] = {}
     for key, value in table.items():
-        if isinstance(value, dict):
-            continue  # another lineage's table
+        if isinstance(value, dict) or (
+            isinstance(value, list) and value and isinstance(value[0], dict)
+        ):
+            continue  # another lineage's table, or post_write_hooks
         text = " ".join(map(str, value)) if isinstance(value, list) else str(value)
         out[key] = text.replace("%(here)s", str(here))
     return out

@@ -19,9 +19,23 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .operations.context import current
+from .operations.registry import OpCall
 
 if TYPE_CHECKING:
     from .operations.registry import Operation
+
+
+def _frozen(value: Any) -> Any:
+    """A value as it is now: a list the script changes after the call stays as it was."""
+    if isinstance(value, list):
+        return [_frozen(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _as_called(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> OpCall:
+    return OpCall(name, _frozen(args), {k: _frozen(v) for k, v in kwargs.items()})
 
 
 class _Default:
@@ -67,11 +81,24 @@ def _op_function(definition: Operation) -> Callable[..., Any]:
         return_annotation=sig.empty,
     )
     name = definition.name
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    keywords = [f"{p.name!r}: {p.name}" for p in params if p.kind is p.KEYWORD_ONLY]
+    keywords += [f"**{p.name}" for p in params if p.kind is p.VAR_KEYWORD]
+    star = [f"*{p.name}" for p in params if p.kind is p.VAR_POSITIONAL]
+    given = ", ".join([*positional, *star]) + ("," if positional or star else "")
+    as_called = f"_as_called({name!r}, ({given}), {{{', '.join(keywords)}}})"
     source = (
         f"def {name}{bare}:\n"
-        f"    return _record(_current({name!r}), {', '.join(map(_forward, params))})\n"
+        f"    _ctx = _current({name!r})\n"
+        f"    _ctx.calling({as_called})\n"
+        f"    return _record(_ctx, {', '.join(map(_forward, params))})\n"
     )
-    namespace: dict[str, Any] = {"_record": definition.record, "_current": current, **defaults}
+    namespace: dict[str, Any] = {
+        "_record": definition.record,
+        "_current": current,
+        "_as_called": _as_called,
+        **defaults,
+    }
     exec(compile(source, f"<op.{name}>", "exec"), namespace)
     fn: Callable[..., Any] = namespace[name]
     fn.__signature__ = sig  # type: ignore[attr-defined]

@@ -25,17 +25,23 @@ from ..plan.nodes import Apply, Node, TensorSpec, dtype_name, seed_for
 from ..plan.state import PlanState
 
 if TYPE_CHECKING:
-    from .registry import Operation
+    from .registry import OpCall, Operation
 
 
 @dataclass
 class OpRecord:
-    """One op as it ran, for ``--dry-run`` and reports; ``name`` is the registered op."""
+    """One op as it ran, for ``--dry-run`` and reports; ``name`` is the registered op.
+
+    ``op_call`` is the call exactly as the script made it (what ``squash`` writes
+    out again); ``seed_revision`` the revision its new values were drawn for.
+    """
 
     name: str
     call: str
     results: list[tuple[str, TensorSpec | None]] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    op_call: OpCall | None = None
+    seed_revision: str = ""
 
 
 def parse_dtype(dtype: Any) -> torch.dtype:
@@ -100,12 +106,21 @@ class OpContext:
     ) -> None:
         self.state = state
         self.revision = revision
+        #: Whose random numbers new values get: the revision, or inside ``op.seeds_of``
+        #: (a squashed revision) the revision that drew them originally.
+        self.seed_revision = revision
+        self.rng_states: dict[str, torch.Tensor] = {}
+        self._calling: OpCall | None = None
         self.direction = direction
         self.path = path
         self.records = records if records is not None else []
         # New tensors for which a script names no dtype are made in the checkpoint's
         # own floating dtype (as the step finds it), so an fp16 file stays fp16.
         self.new_float = _uniform_floating_dtype(state) or torch.float32
+
+    def calling(self, call: OpCall) -> None:
+        """The op about to record, as the script called it (see :class:`OpRecord`)."""
+        self._calling = call
 
     # ------------------------------------------------------------------ failing
 
@@ -254,14 +269,18 @@ class OpContext:
         self, op: Operation, call: str, results: Iterable[str] = (), removed: Iterable[str] = ()
     ) -> None:
         """Record that ``op`` ran: the keys it produced (with their specs) and removed."""
+        as_called = self._calling if self._calling and self._calling.name == op.name else None
         self.records.append(
             OpRecord(
                 op.name,
                 call,
                 [(k, self.state.entries[k].spec) for k in results],
                 list(removed),
+                as_called,
+                self.seed_revision,
             )
         )
+        self._calling = None
 
     def transform(
         self, op: Operation, call: str, key: str, spec: TensorSpec, **params: Any
@@ -284,4 +303,4 @@ class OpContext:
 
     def seed(self, key: str, purpose: str = "") -> int:
         """A seed for ``key``'s new values: same revision, direction and key, same numbers."""
-        return seed_for(self.revision, self.direction, key, purpose)
+        return seed_for(self.seed_revision, self.direction, key, purpose)

@@ -148,6 +148,11 @@ class Operation:
         """
         return None
 
+    def draws(self, call: OpCall) -> bool:
+        """Whether ``call`` draws new values from the revision's seed (a random init, a module
+        a script builds): ``squash`` writes such calls inside ``op.seeds_of``."""
+        return False
+
     def render(self, call: OpCall, literal: Callable[[object], str]) -> str:
         """Python source of ``call``, checked against the public signature first."""
         try:

@@ -30,6 +30,11 @@ INITS: dict[str, dict[str, Any]] = {
 _RANDOM = {"normal", "uniform", "kaiming_uniform", "xavier_uniform"}
 
 
+def draws_randomly(init: str | Callable[..., Any]) -> bool:
+    """Whether ``init`` draws from its seed (a function might: it gets a seeded RNG)."""
+    return callable(init) or init in _RANDOM
+
+
 def check_init(
     init: str | Callable[..., Any], init_args: dict[str, Any], spec: TensorSpec
 ) -> str | None:

@@ -24,7 +24,7 @@ from ..paths import display_path
 from ..plan.nodes import seed_for
 from ..plan.rng import seeded_global_rng
 from ..plan.state import PlanState
-from ..script.directory import Script, ScriptDirectory
+from ..script.directory import ReplacedStep, Script, ScriptDirectory
 from ..script.revision import RevisionMap
 
 
@@ -57,14 +57,45 @@ def upgrade_steps(
     script_dir: ScriptDirectory, current: Sequence[str], target: str
 ) -> list[MigrationStep]:
     revs = script_dir.revision_map.upgrade_path(current, target)
-    return [MigrationStep(r, True) for r in revs]  # type: ignore[arg-type]
+    return _squashed([MigrationStep(r, True) for r in revs])  # type: ignore[arg-type]
 
 
 def downgrade_steps(
     script_dir: ScriptDirectory, current: Sequence[str], target: str
 ) -> list[MigrationStep]:
     revs = script_dir.revision_map.downgrade_path(current, target)
-    return [MigrationStep(r, False) for r in revs]  # type: ignore[arg-type]
+    return _squashed([MigrationStep(r, False) for r in revs])  # type: ignore[arg-type]
+
+
+def _squashed(steps: list[MigrationStep]) -> list[MigrationStep]:
+    """Every run of steps through a whole squashed range as that squash's one step.
+
+    Checkpoints move on the replaced revisions (so one stamped inside a squash
+    finds its way); crossing all of them is what the squash's own simplified
+    ``upgrade()``/``downgrade()`` does in one go.
+    """
+    out: list[MigrationStep] = []
+    i = 0
+    while i < len(steps):
+        script = steps[i].script
+        if isinstance(script, ReplacedStep):
+            squash, up = script.squash, steps[i].is_upgrade
+            names = squash.replaces if up else squash.replaces[::-1]
+            run = [s.script for s in steps[i : i + len(names)]]
+            if (
+                all(
+                    isinstance(r, ReplacedStep) and r.squash is squash and r.replaced == name
+                    for r, name in zip(run, names)
+                )
+                and len(run) == len(names)
+                and all(s.is_upgrade == up for s in steps[i : i + len(run)])
+            ):
+                out.append(MigrationStep(squash, up))
+                i += len(names)
+                continue
+        out.append(steps[i])
+        i += 1
+    return out
 
 
 def _script_line(tb: TracebackType | None, path: str) -> int | None:
@@ -80,14 +111,14 @@ def run_step(step: MigrationStep, state: PlanState, *, symbolic: bool) -> None:
     script = step.script
     ops = OpContext(
         state,
-        revision=script.revision,
+        revision=script.seed_revision,
         direction=step.name,
         path=script.path,
         records=step.records,
     )
     device = torch.device("meta") if symbolic else contextlib.nullcontext()
     try:
-        with seeded_global_rng(seed_for(script.revision, step.name)):
+        with seeded_global_rng(seed_for(script.seed_revision, step.name)):
             fn = script.migration_fn(step.name)  # imported once, under the lock, off meta
             with activate(ops), device:
                 fn()

@@ -56,7 +56,7 @@ def stamped_heads(script_dir: ScriptDirectory, ckpt: Stamped) -> tuple[str, ...]
     if ckpt.stamp is None:
         return None
     rmap = script_dir.revision_map
-    unknown = [r for r in ckpt.stamp.revisions if r not in rmap]
+    unknown = [r for r in ckpt.stamp.revisions if not rmap.knows(r)]
     if unknown:
         raise StampError(
             f"{display_path(ckpt.path)} is stamped at revision {', '.join(unknown)}, "
@@ -64,7 +64,7 @@ def stamped_heads(script_dir: ScriptDirectory, ckpt: Stamped) -> tuple[str, ...]
             hint="is it from another lineage (-n NAME)? Otherwise pass --from REV, or "
             "re-stamp it with 'ckptmigrate stamp --purge CKPT REV'",
         )
-    return ckpt.stamp.revisions
+    return rmap.canonical(ckpt.stamp.revisions)  # a squashed revision's id: the squash
 
 
 def place(
@@ -140,10 +140,11 @@ def _where_it_is(
     from ..identify import unique_match
 
     if ckpt.stamp is not None:
-        unknown = [r for r in ckpt.stamp.revisions if r not in script_dir.revision_map]
+        rmap = script_dir.revision_map
+        unknown = [r for r in ckpt.stamp.revisions if not rmap.knows(r)]
         if unknown:
             return f"{where} is stamped at {', '.join(unknown)}, which this lineage does not know"
-        return ckpt.stamp.revisions, "stamped"
+        return rmap.canonical(ckpt.stamp.revisions), "stamped"
     found = unique_match(script_dir, ckpt)
     if found is None:
         if not recorded:

@@ -11,29 +11,41 @@ not made of literals).
 from __future__ import annotations
 
 import ast
-import datetime as _dt
-import importlib.util
+import gc
 import os
 import re
-import string
-import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config
-from ..errors import CommandError, ConfigError, MultipleHeads, RevisionError, ScriptError
+from ..errors import (
+    CkptMigrateError,
+    CommandError,
+    ConfigError,
+    MultipleHeads,
+    RevisionError,
+    ScriptError,
+)
 from ..paths import display_path
+from .cache import FileKey, Header, HeaderCache, file_key
+from .hooks import Hook, run_hooks
 from .revision import Revision, RevisionMap, to_tuple, tuple_or_scalar, verify_new_name
 
 TEMPLATE_NAME = "script.py.tmpl"
 _SLUG = re.compile(r"\w+")
-_HEADER_NAMES = ("revision", "down_revision", "branch_labels", "depends_on")
-_IGNORED_FILE = re.compile(r"^(\.#|__init__)")
+_HEADER_NAMES = ("revision", "down_revision", "branch_labels", "depends_on", "replaces")
+_IGNORED = (".#", "__init__")  # editor lock files and package markers
+
+
+if TYPE_CHECKING:
+    import datetime as _dt
 
 
 def new_rev_id() -> str:
+    import uuid
+
     return uuid.uuid4().hex[-12:]
 
 
@@ -47,14 +59,26 @@ class Script(Revision):
         dependencies: Any,
         branch_labels: Any,
         *,
-        path: Path,
+        path: Path | str,
         longdoc: str,
         module: ModuleType | None = None,
+        replaces: Any = None,
     ) -> None:
-        super().__init__(revision, down_revision, dependencies, branch_labels)
-        self.path = path
-        self.longdoc = longdoc.strip()
+        super().__init__(revision, down_revision, dependencies, branch_labels, replaces)
+        self._path = path  # a str until asked for: 10,000 Path objects cost a tenth of a second
+        self._longdoc = longdoc.strip()
         self._module = module
+
+    @property
+    def longdoc(self) -> str:
+        """The docstring: the message, then anything else it says."""
+        return self._longdoc
+
+    @property
+    def path(self) -> Path:
+        if isinstance(self._path, str):
+            self._path = Path(self._path)
+        return self._path
 
     @property
     def doc(self) -> str:
@@ -67,6 +91,11 @@ class Script(Revision):
             self._module = _import_script(self.path)
         return self._module
 
+    @property
+    def seed_revision(self) -> str:
+        """The id new values are drawn from: this revision's, or the one a squash replaced."""
+        return self.revision
+
     def migration_fn(self, name: str) -> Any:
         fn = getattr(self.module, name, None)
         if not callable(fn):
@@ -77,7 +106,64 @@ class Script(Revision):
         return fn
 
 
+def step_function(name: str, replaced: str) -> str:
+    """The name of a squashed file's copy of one replaced revision's ``upgrade``/``downgrade``."""
+    return f"{name}_{replaced}"
+
+
+class ReplacedStep(Script):
+    """One revision a squash replaced, run from the squashed file's copy of its steps.
+
+    A checkpoint stamped at (or going to) a revision inside a squashed range
+    moves through these one at a time, with the values the replaced revision
+    drew (``seed_revision``); a migration across the whole range runs the
+    squash's own ``upgrade()``/``downgrade()`` instead. The last one of a
+    squash has the squash's id: a checkpoint there is at the squash.
+    """
+
+    def __init__(self, squash: Script, replaced: str, node_id: str, down: tuple[str, ...]) -> None:
+        end = node_id == squash.revision
+        Revision.__init__(
+            self,
+            node_id,
+            down,
+            squash.dependencies if end else None,
+            squash.declared_branch_labels if end else None,
+        )
+        self._path = squash.path
+        self._module = None
+        self.squash = squash
+        self.replaced = replaced
+        self.index = squash.replaces.index(replaced)
+
+    @property
+    def seed_revision(self) -> str:
+        return self.replaced
+
+    @property
+    def module(self) -> ModuleType:
+        return self.squash.module
+
+    @property
+    def longdoc(self) -> str:
+        fn = getattr(self.module, step_function("upgrade", self.replaced), None)
+        return (getattr(fn, "__doc__", None) or "").strip()
+
+    def migration_fn(self, name: str) -> Any:
+        fn = getattr(self.module, step_function(name, self.replaced), None)
+        if not callable(fn):
+            raise ScriptError(
+                f"squashed revision {self.squash.revision} ({self.path}) has no "
+                f"{step_function(name, self.replaced)}() for the revision {self.replaced} "
+                "it replaces",
+                hint="restore the function, or take the revision out of 'replaces'",
+            )
+        return fn
+
+
 def _import_script(path: Path) -> ModuleType:
+    import importlib.util
+
     name = "ckptmigrate_rev_" + re.sub(r"\W", "_", path.stem)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:  # pragma: no cover - .py files always load
@@ -125,17 +211,33 @@ def _literal_header(path: Path, source: str) -> tuple[dict[str, Any], str, bool]
     return values, ast.get_docstring(tree) or "", literal
 
 
-def load_script(path: Path) -> Script:
+def read_header(path: Path) -> tuple[Header, ModuleType | None]:
+    """The header of a revision file, and its module if it had to be imported for it.
+
+    Only a header made of literals is read without running the file (and may be
+    cached); anything else is what importing the module defines.
+    """
     try:
         source = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ScriptError(f"cannot read revision file {path}: {exc}") from exc
     values, doc, literal = _literal_header(path, source)
-    module: ModuleType | None = None
-    if not literal or "revision" not in values:
-        module = _import_script(path)
-        values = {n: getattr(module, n) for n in _HEADER_NAMES if hasattr(module, n)}
-        doc = module.__doc__ or ""
+    if literal and "revision" in values:
+        return Header(values, doc), None
+    module = _import_script(path)
+    values = {n: getattr(module, n) for n in _HEADER_NAMES if hasattr(module, n)}
+    return Header(values, module.__doc__ or ""), module
+
+
+def load_script(path: Path) -> Script:
+    header, module = read_header(path)
+    return script_from_header(path, header, module)
+
+
+def script_from_header(
+    path: Path | str, header: Header, module: ModuleType | None = None
+) -> Script:
+    values = header.values
     if "revision" not in values:
         raise ScriptError(
             f"revision file {path} does not define 'revision'",
@@ -170,8 +272,9 @@ def load_script(path: Path) -> Script:
             values.get("depends_on"),
             values.get("branch_labels"),
             path=path,
-            longdoc=doc,
+            longdoc=header.doc,
             module=module,
+            replaces=values.get("replaces"),
         )
     except RevisionError as exc:
         raise ScriptError(f"revision file {path}: {exc.message}", hint=exc.hint) from exc
@@ -212,10 +315,15 @@ class ScriptDirectory:
         *,
         file_template: str = "%(rev)s_%(slug)s",
         truncate_slug_length: int = 40,
+        post_write_hooks: Sequence[Hook] = (),
+        notify: Callable[[str], None] | None = None,
     ) -> None:
         self.dir = Path(dir)
         self.file_template = file_template
         self.truncate_slug_length = truncate_slug_length
+        self.post_write_hooks = tuple(post_write_hooks)
+        self._notify = notify
+        self._compact: RevisionMap | None = None
         self._map: RevisionMap | None = None
 
     @classmethod
@@ -231,6 +339,8 @@ class ScriptDirectory:
             location,
             file_template=config.file_template,
             truncate_slug_length=config.truncate_slug_length,
+            post_write_hooks=config.post_write_hooks(),
+            notify=config.log,
         )
 
     @property
@@ -242,17 +352,35 @@ class ScriptDirectory:
         return self.dir / TEMPLATE_NAME
 
     def script_paths(self) -> list[Path]:
-        return sorted(
-            p
-            for p in self.versions.iterdir()
-            if p.suffix == ".py" and p.is_file() and not _IGNORED_FILE.match(p.name)
-        )
+        return [self.versions / name for name, _ in self._scan()]
+
+    def _scan(self) -> list[tuple[str, FileKey]]:
+        """The names of the revision files in ``versions/``, sorted, each with its version key."""
+        found = []
+        with os.scandir(self.versions) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.endswith(".py") and not name.startswith(_IGNORED) and entry.is_file():
+                    found.append((name, file_key(entry.stat())))
+        found.sort()
+        return found
 
     def _load(self) -> RevisionMap:
         scripts: list[Script] = []
-        seen: dict[str, Path] = {}
-        for path in self.script_paths():
-            script = load_script(path)
+        seen: dict[str, str] = {}
+        cache = HeaderCache(self.dir)
+        cache.load()
+        cacheable: dict[str, tuple[FileKey, Header]] = {}
+        folder = os.path.join(self.versions, "")
+        for name, key in self._scan():
+            path = folder + name
+            header = cache.get(name, key)
+            module = None
+            if header is None:
+                header, module = read_header(Path(path))
+            if module is None:
+                cacheable[name] = (key, header)
+            script = script_from_header(path, header, module)
             if script.revision in seen:
                 raise ScriptError(
                     f"revision id {script.revision} is used by two files: "
@@ -261,34 +389,58 @@ class ScriptDirectory:
                 )
             seen[script.revision] = path
             scripts.append(script)
+        cache.save(cacheable)
         try:
             return RevisionMap(scripts)
         except RevisionError as exc:
             raise _with_files(exc, seen) from exc
 
     @property
+    def compact_map(self) -> RevisionMap:
+        """One node per revision file, a squash included: what graph commands show."""
+        if self._compact is None:
+            # Tens of thousands of small objects and nothing to collect: the cyclic
+            # collector would only slow the build of a long history down.
+            enabled = gc.isenabled()
+            gc.disable()
+            try:
+                self._compact = self._load()
+            finally:
+                if enabled:
+                    gc.enable()
+        return self._compact
+
+    @property
     def revision_map(self) -> RevisionMap:
+        """What checkpoints move on: every squash as the chain of revisions it replaced."""
         if self._map is None:
-            self._map = self._load()
+            self._map = self.compact_map.expand(_replaced_step)
         return self._map
 
-    def get_revision(self, symbol: str | None) -> Script | None:
-        return self.revision_map.get_revision(symbol)  # type: ignore[return-value]
+    def forget(self) -> None:
+        """Read the folder again next time (after writing or removing revision files)."""
+        self._compact = self._map = None
 
-    def get_revisions(self, symbol: Any) -> tuple[Script | None, ...]:
-        return self.revision_map.get_revisions(symbol)  # type: ignore[return-value]
+    def _graph(self, compact: bool) -> RevisionMap:
+        return self.compact_map if compact else self.revision_map
 
-    def script(self, rev_id: str) -> Script:
-        return self.revision_map.revision(rev_id)  # type: ignore[return-value]
+    def get_revision(self, symbol: str | None, *, compact: bool = False) -> Script | None:
+        return self._graph(compact).get_revision(symbol)  # type: ignore[return-value]
 
-    def walk_revisions(self, base: str = "base", head: str = "heads") -> list[Script]:
-        return self.revision_map.walk(base, head)  # type: ignore[return-value]
+    def get_revisions(self, symbol: Any, *, compact: bool = False) -> tuple[Script | None, ...]:
+        return self._graph(compact).get_revisions(symbol)  # type: ignore[return-value]
 
-    # ----------------------------------------------------------------- writing
+    def script(self, rev_id: str, *, compact: bool = False) -> Script:
+        return self._graph(compact).revision(rev_id)  # type: ignore[return-value]
+
+    def walk_revisions(
+        self, base: str = "base", head: str = "heads", *, compact: bool = False
+    ) -> list[Script]:
+        return self._graph(compact).walk(base, head)  # type: ignore[return-value]
 
     def parents_for(self, head: str | Sequence[str]) -> list[Revision]:
         """The revisions a new revision on ``head`` revises (none on base)."""
-        rmap = self.revision_map
+        rmap = self.compact_map
         try:
             heads = rmap.get_revisions(head)
         except MultipleHeads as exc:
@@ -313,15 +465,8 @@ class ScriptDirectory:
         imports: Iterable[str] = (),
         create_date: _dt.datetime | None = None,
     ) -> Script:
-        if rev_id is None:
-            rev_id = new_rev_id()
-        verify_new_name("revision id", rev_id)
-        rmap = self.revision_map
-        if rev_id in rmap:
-            raise CommandError(
-                f"revision id {rev_id} already exists ({self.script(rev_id).path})",
-                hint="pick another --rev-id",
-            )
+        rev_id = self.new_id(rev_id)
+        rmap = self.compact_map
         parents = self.parents_for(head)
         if len({p.revision for p in parents}) != len(parents):
             raise CommandError("duplicate head revisions specified", hint="name each head once")
@@ -330,7 +475,7 @@ class ScriptDirectory:
                 if not parent.is_head:
                     raise CommandError(
                         f"revision {parent.revision} is not a head revision",
-                        hint="pass --splice to start a new branch from it",
+                        hint="pass --splice to build on it anyway (it starts a new branch)",
                     )
         resolved_deps: list[str] = []
         for dep in to_tuple(depends_on):
@@ -346,8 +491,11 @@ class ScriptDirectory:
                     f"branch label '{label}' is already in use",
                     hint="choose another --branch-label",
                 )
-        create_date = create_date or _dt.datetime.now().replace(microsecond=0)
-        path = self._rev_path(rev_id, message or "", create_date)
+        if create_date is None:
+            import datetime
+
+            create_date = datetime.datetime.now().replace(microsecond=0)
+        path = self.revision_path(rev_id, message or "", create_date)
         down_ids = [p.revision for p in parents]
         text = self.render(
             message=message or "empty message",
@@ -360,7 +508,7 @@ class ScriptDirectory:
             downgrades=downgrades,
             imports=imports,
         )
-        self._create(path, text)
+        self.write_file(path, text)
         try:
             script = load_script(path)
         except Exception:
@@ -372,10 +520,29 @@ class ScriptDirectory:
                 f"the template {self.template_path} does not write branch_labels",
                 hint="add 'branch_labels = ${branch_labels}' to the template",
             )
-        self._map = None
+        self.forget()
         return script
 
-    def _rev_path(self, rev_id: str, message: str, create_date: _dt.datetime) -> Path:
+    def new_id(self, rev_id: str | None) -> str:
+        """``rev_id`` (or a fresh one) checked: a plain name no revision has or had."""
+        if rev_id is None:
+            rev_id = new_rev_id()
+        verify_new_name("revision id", rev_id)
+        rmap = self.compact_map
+        if rmap.knows(rev_id):
+            squash = rmap.squashed_into(rev_id)
+            where = (
+                f"squashed into {squash.revision}"
+                if squash is not None
+                else str(self.script(rev_id, compact=True).path)
+            )
+            raise CommandError(
+                f"revision id {rev_id} already exists ({where})",
+                hint="pick another --rev-id",
+            )
+        return rev_id
+
+    def revision_path(self, rev_id: str, message: str, create_date: _dt.datetime) -> Path:
         fields = {
             "rev": rev_id,
             "slug": slugify(message, self.truncate_slug_length),
@@ -419,6 +586,15 @@ class ScriptDirectory:
             )
         return path
 
+    def write_file(self, path: Path, text: str) -> None:
+        """Create a new revision file, then run the post_write_hooks on it."""
+        self._create(path, text)
+        try:
+            run_hooks(self.post_write_hooks, path, self._notify)
+        except CkptMigrateError as exc:
+            exc.message += f" (the file {display_path(path)} was written)"
+            raise
+
     def _create(self, path: Path, text: str) -> None:
         """Write a new file; never over an existing one, never through a symbolic link."""
         self.versions.mkdir(parents=True, exist_ok=True)
@@ -451,6 +627,8 @@ class ScriptDirectory:
         downgrades: Sequence[str] | str | None,
         imports: Iterable[str] = (),
     ) -> str:
+        import string
+
         try:
             template = string.Template(self.template_path.read_text(encoding="utf-8"))
         except OSError:
@@ -480,9 +658,14 @@ class ScriptDirectory:
         return re.sub(r"\n{4,}", "\n\n\n", text)
 
 
-def _with_files(exc: RevisionError, files: dict[str, Path]) -> RevisionError:
+def _replaced_step(squash: Revision, name: str, node_id: str, down: tuple[str, ...]) -> Revision:
+    assert isinstance(squash, Script)
+    return ReplacedStep(squash, name, node_id, down)
+
+
+def _with_files(exc: RevisionError, files: dict[str, str]) -> RevisionError:
     """Name the files behind the revision ids a graph error mentions."""
-    named = [f"{rid} ({files[rid].name})" for rid in files if rid in exc.message]
+    named = [f"{rid} ({os.path.basename(files[rid])})" for rid in files if rid in exc.message]
     if not named or len(named) > 6:
         return exc
     exc.message = exc.message + " [files: " + ", ".join(named) + "]"

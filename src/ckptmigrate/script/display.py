@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from ..paths import display_path
 from .directory import Script
@@ -20,7 +20,7 @@ def head_only(
     include_doc: bool = False,
     include_parents: bool = False,
     tree_indicators: bool = True,
-    current: bool = False,
+    current: bool | str = False,
 ) -> str:
     text = script.revision
     if include_parents:
@@ -35,7 +35,7 @@ def head_only(
     elif script.is_head:
         text += " (effective head)"
     if current:
-        text += " (current)"
+        text += f" (current: {current})" if isinstance(current, str) else " (current)"
     if tree_indicators:
         if script.is_branch_point:
             text += " (branchpoint)"
@@ -46,13 +46,14 @@ def head_only(
     return text
 
 
-def log_entry(script: Script, rmap: RevisionMap | None = None, current: bool = False) -> str:
+def log_entry(script: Script, rmap: RevisionMap | None = None, current: bool | str = False) -> str:
     flags = "".join(
         (
             " (head)" if script.is_head else "",
             " (branchpoint)" if script.is_branch_point else "",
             " (mergepoint)" if script.is_merge_point else "",
-            " (current)" if current else "",
+            f" (current: {current})" if isinstance(current, str) else "",
+            " (current)" if current is True else "",
         )
     )
     lines = [f"Rev: {script.revision}{flags}"]
@@ -70,13 +71,31 @@ def log_entry(script: Script, rmap: RevisionMap | None = None, current: bool = F
     return "\n".join(lines) + "\n"
 
 
-def cmd_format(script: Script, verbose: bool, **kwargs: bool) -> str:
+def cmd_format(
+    script: Script,
+    verbose: bool,
+    *,
+    include_branches: bool = False,
+    include_doc: bool = False,
+    include_parents: bool = False,
+    tree_indicators: bool = True,
+    current: bool | str = False,
+) -> str:
     if verbose:
-        return log_entry(script, current=kwargs.get("current", False))
-    return head_only(script, **kwargs)
+        return log_entry(script, current=current)
+    return head_only(
+        script,
+        include_branches=include_branches,
+        include_doc=include_doc,
+        include_parents=include_parents,
+        tree_indicators=tree_indicators,
+        current=current,
+    )
 
 
-def graph_lines(scripts: Sequence[Script], current: Collection[str] = ()) -> list[str]:
+def graph_lines(
+    scripts: Sequence[Script], current: Mapping[str, bool | str] | Collection[str] = ()
+) -> list[str]:
     """Draw revisions (newest first) as lanes, like ``git log --graph``.
 
     Each lane waits for one revision. Lanes waiting for the same revision
@@ -111,7 +130,8 @@ def graph_lines(scripts: Sequence[Script], current: Collection[str] = ()) -> lis
             del lanes[j]
         cells = bars(len(lanes))
         cells[2 * col] = "*"
-        label = head_only(script, include_branches=True, include_doc=True, current=rev in current)
+        mark = current.get(rev, False) if isinstance(current, Mapping) else rev in current
+        label = head_only(script, include_branches=True, include_doc=True, current=mark)
         out.append("".join(cells).rstrip() + " " + label)
         parents = [p for p in script.down_revisions if p in shown]
         if not parents:

@@ -8,6 +8,8 @@ hold this module to Alembic's own answers on the same graphs.
 
 from __future__ import annotations
 
+import copy
+import operator
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import Union
@@ -65,6 +67,7 @@ class Revision:
         down_revision: RevisionIds = None,
         dependencies: RevisionIds = None,
         branch_labels: RevisionIds = None,
+        replaces: RevisionIds = None,
     ) -> None:
         if not isinstance(revision, str) or not revision:
             raise RevisionError(f"revision id must be a non-empty string, not {revision!r}")
@@ -75,16 +78,35 @@ class Revision:
             raise CycleDetected([revision])
         if revision in deps:
             raise DependencyCycleDetected([revision])
+        squashed = to_tuple(replaces)
+        if revision in squashed or len(set(squashed)) != len(squashed):
+            raise RevisionError(
+                f"revision {revision} lists itself or one revision twice in 'replaces'",
+                hint="replaces names each squashed revision once, oldest first",
+            )
         self.revision = revision
         self.down_revisions: tuple[str, ...] = downs
         self.dependencies: tuple[str, ...] = deps
         self.declared_branch_labels: tuple[str, ...] = to_tuple(branch_labels)
+        #: The revisions this one squashes, oldest first (see :meth:`RevisionMap.expand`).
+        self.replaces: tuple[str, ...] = squashed
+        self._reset_links()
+
+    def _reset_links(self) -> None:
+        """Forget what a RevisionMap derived (children, resolved dependencies, labels)."""
         self.branch_labels: set[str] = set(self.declared_branch_labels)
-        # Filled in by RevisionMap.
         self.nextrev: frozenset[str] = frozenset()
         self.all_nextrev: frozenset[str] = frozenset()
         self.resolved_dependencies: tuple[str, ...] = ()
         self.normalized_dependencies: tuple[str, ...] = ()
+        self._all_down = self.down_revisions
+        self._normalized_down = self.down_revisions
+
+    def unlinked_copy(self) -> Revision:
+        """The same revision, free of any map's links: a node for another map."""
+        twin = copy.copy(self)
+        twin._reset_links()
+        return twin
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.revision!r}, {self.down_revisions!r})"
@@ -96,12 +118,12 @@ class Revision:
     @property
     def all_down_revisions(self) -> tuple[str, ...]:
         """Parents including every declared dependency."""
-        return _dedupe(self.down_revisions + self.resolved_dependencies)
+        return self._all_down
 
     @property
     def normalized_down_revisions(self) -> tuple[str, ...]:
         """Parents plus the dependencies no ancestor already brings in."""
-        return _dedupe(self.down_revisions + self.normalized_dependencies)
+        return self._normalized_down
 
     @property
     def is_head(self) -> bool:
@@ -162,6 +184,12 @@ def verify_new_name(kind: str, name: str) -> None:
         )
 
 
+_PARENTS: Callable[[Revision], tuple[str, ...]] = operator.attrgetter("down_revisions")
+_ALL_PARENTS: Callable[[Revision], tuple[str, ...]] = operator.attrgetter("_all_down")
+_NORMALIZED_PARENTS: Callable[[Revision], tuple[str, ...]] = operator.attrgetter("_normalized_down")
+_CHILDREN: Callable[[Revision], frozenset[str]] = operator.attrgetter("nextrev")
+_ALL_CHILDREN: Callable[[Revision], frozenset[str]] = operator.attrgetter("all_nextrev")
+
 Target = Union[Revision, None]  # None stands for "base"
 # The result of a relative walk: a revision, "base" (walked down to just
 # below a base) or None (walked off the end of the graph).
@@ -172,8 +200,15 @@ class RevisionMap:
     """All revisions of one lineage, with Alembic's traversal semantics."""
 
     def __init__(self, revisions: Iterable[Revision]) -> None:
+        given = list(revisions)
+        # A revision another one squashed (its file kept with 'squash --keep') is
+        # no node of the graph: the squashed revision stands for it.
+        listed = {rid for rev in given for rid in rev.replaces}
+        self.dormant: tuple[Revision, ...] = tuple(r for r in given if r.revision in listed)
         self._by_id: dict[str, Revision] = {}
-        for rev in revisions:
+        for rev in given:
+            if rev.revision in listed:
+                continue
             if rev.revision in self._by_id:
                 raise RevisionError(
                     f"revision {rev.revision} is present more than once",
@@ -181,6 +216,17 @@ class RevisionMap:
                 )
             self._by_id[rev.revision] = rev
         self._order = {rid: i for i, rid in enumerate(self._by_id)}
+        self._squashed_into: dict[str, Revision] = {}
+        for rev in self._by_id.values():
+            for rid in rev.replaces:
+                claimed = self._squashed_into.setdefault(rid, rev)
+                if claimed is not rev:
+                    raise RevisionError(
+                        f"revision {rid} is replaced by both {claimed.revision} and {rev.revision}",
+                        hint="keep one of the two squashed revisions",
+                    )
+        # a squash ends exactly where its last revision did: that id names the squash
+        self._aliases = {r.replaces[-1]: r for r in self._by_id.values() if r.replaces}
         self._labels: dict[str, Revision] = {}
         for rev in self._by_id.values():
             for label in rev.declared_branch_labels:
@@ -204,13 +250,52 @@ class RevisionMap:
     # ------------------------------------------------------------------ building
 
     def _lookup_symbol(self, name: str) -> Revision | None:
-        return self._by_id.get(name) or self._labels.get(name)
+        found = self._by_id.get(name) or self._labels.get(name) or self._aliases.get(name)
+        if found is None and name in self._squashed_into:
+            owner = self._squashed_into[name]
+            raise ResolutionError(
+                f"revision {name} was squashed into {owner.revision}, and lies inside it",
+                name,
+                hint=f"name {owner.revision} (or a revision outside the squash); checkpoints "
+                f"at {name} still migrate",
+            )
+        return found
+
+    def _parent_id(self, rev: Revision, name: str) -> str:
+        """The node a ``down_revision`` of ``rev`` names: a squashed one's is its squash."""
+        if name in self._by_id:
+            return name
+        if name in self._aliases:
+            return self._aliases[name].revision
+        owner = self._squashed_into.get(name)
+        if owner is None:
+            raise RevisionError(
+                f"revision {name} referenced from {rev.revision} is not present",
+                hint="fix its down_revision or restore the missing revision file",
+            )
+        raise RevisionError(
+            f"revision {rev.revision} revises {name}, which lies inside the squashed "
+            f"revision {owner.revision}",
+            hint=f"make its down_revision {owner.revision!r} (where the squash ends), or "
+            "restore the squashed files",
+        )
 
     def _link(self) -> None:
-        for rev in self._by_id.values():
+        by_id = self._by_id
+        for rev in by_id.values():
+            if any(d not in by_id for d in rev.down_revisions):
+                # a parent that was squashed: the child now follows the squash
+                rev.down_revisions = tuple(self._parent_id(rev, d) for d in rev.down_revisions)
+            if not rev.dependencies:
+                continue
             resolved = []
             for dep in rev.dependencies:
-                target = self._lookup_symbol(dep)
+                try:
+                    target = self._lookup_symbol(dep)
+                except ResolutionError as exc:
+                    raise RevisionError(
+                        f"revision {rev.revision} depends on {dep}: {exc.message}", hint=exc.hint
+                    ) from None
                 if target is None:
                     raise RevisionError(
                         f"revision {rev.revision} depends on '{dep}', which is not present",
@@ -218,9 +303,13 @@ class RevisionMap:
                     )
                 resolved.append(target.revision)
             rev.resolved_dependencies = tuple(resolved)
-        for rev in self._by_id.values():
-            for down in rev.all_down_revisions:
-                parent = self._by_id.get(down)
+            rev._all_down = _dedupe(rev.down_revisions + rev.resolved_dependencies)
+        for rev in by_id.values():
+            rev._normalized_down = rev._all_down = (
+                rev._all_down if rev.resolved_dependencies else rev.down_revisions
+            )
+            for down in rev._all_down:
+                parent = by_id.get(down)
                 if parent is None:
                     raise RevisionError(
                         f"revision {down} referenced from {rev.revision} is not present",
@@ -230,14 +319,15 @@ class RevisionMap:
                 if down in rev.down_revisions:
                     parent.nextrev = parent.nextrev | {rev.revision}
         # A dependency already implied by an ancestor's dependency adds nothing.
-        for rev in self._by_id.values():
+        for rev in by_id.values():
             if not rev.resolved_dependencies:
                 continue
             needed = set(rev.resolved_dependencies)
-            for anc in self._closure([rev], lambda r: r.down_revisions):
+            for anc in self._closure([rev], _PARENTS):
                 if anc is not rev:
                     needed.difference_update(anc.resolved_dependencies)
             rev.normalized_dependencies = tuple(d for d in rev.resolved_dependencies if d in needed)
+            rev._normalized_down = _dedupe(rev.down_revisions + rev.normalized_dependencies)
 
     def _detect_cycles(self) -> None:
         """Every revision must lie on a path from a base to a head."""
@@ -248,16 +338,17 @@ class RevisionMap:
             CycleDetected,
             [r for r in revs if r.is_head],
             [r for r in revs if r.is_base],
-            lambda r: r.down_revisions,
-            lambda r: r.nextrev,
+            _PARENTS,
+            _CHILDREN,
         )
-        self._check_reachable(
-            DependencyCycleDetected,
-            [r for r in revs if r.is_real_head],
-            [r for r in revs if r.is_real_base],
-            lambda r: r.all_down_revisions,
-            lambda r: r.all_nextrev,
-        )
+        if any(r.dependencies for r in revs):  # else the same graph as above
+            self._check_reachable(
+                DependencyCycleDetected,
+                [r for r in revs if r.is_real_head],
+                [r for r in revs if r.is_real_base],
+                _ALL_PARENTS,
+                _ALL_CHILDREN,
+            )
 
     def _check_reachable(
         self,
@@ -269,8 +360,10 @@ class RevisionMap:
     ) -> None:
         if not heads or not bases:
             raise kind(sorted(self._by_id))
-        from_heads = {r.revision for r in self._closure(heads, down)}
-        from_bases = {r.revision for r in self._closure(bases, up)}
+        from_heads = self._closure_ids(heads, down)
+        from_bases = self._closure_ids(bases, up)
+        if len(from_heads) == len(from_bases) == len(self._by_id):
+            return
         stuck = set(self._by_id) - (from_heads & from_bases)
         if stuck:
             raise kind(sorted(stuck))
@@ -311,6 +404,58 @@ class RevisionMap:
         """Exact lookup by full id (no symbols, no prefixes)."""
         return self._by_id[rev_id]
 
+    # ------------------------------------------------------------------ squashed revisions
+
+    def knows(self, rev_id: str) -> bool:
+        """Whether ``rev_id`` is a revision here, or one a squash here replaced."""
+        return rev_id in self._by_id or rev_id in self._aliases or rev_id in self._squashed_into
+
+    def squashed_into(self, rev_id: str) -> Revision | None:
+        """The revision that squashed ``rev_id`` (None when nothing did)."""
+        return self._squashed_into.get(rev_id)
+
+    def canonical(self, ids: Iterable[str]) -> tuple[str, ...]:
+        """``ids`` with each squashed revision's id replaced by the node it is now.
+
+        The last revision a squash replaced is the squash itself; one inside it
+        is no node here (a ResolutionError says so).
+        """
+        out = []
+        for rid in ids:
+            if rid not in self._by_id and self.knows(rid):
+                found = self._lookup_symbol(rid)
+                assert found is not None
+                rid = found.revision
+            out.append(rid)
+        return tuple(out)
+
+    def expand(
+        self, part: Callable[[Revision, str, str, tuple[str, ...]], Revision]
+    ) -> RevisionMap:
+        """The graph a checkpoint moves on: every squash as the chain of revisions it replaced.
+
+        A revision ``s`` with parent ``p`` and ``replaces = (a, b, c)`` becomes
+        ``p -> a -> b -> s``. ``part(s, name, node_id, down)`` makes each node:
+        ``node_id`` is ``name`` inside the chain and ``s`` for the last one (a
+        checkpoint at ``c`` is at ``s``; ``c`` stays an alias of ``s``), ``down``
+        its parent. Every other revision is copied, so this map is left as it is.
+        """
+        if not self._squashed_into:
+            return self
+        nodes: list[Revision] = []
+        for rev in self._by_id.values():
+            if not rev.replaces:
+                nodes.append(rev.unlinked_copy())
+                continue
+            down = rev.down_revisions
+            for i, name in enumerate(rev.replaces):
+                node = part(rev, name, rev.revision if i == len(rev.replaces) - 1 else name, down)
+                nodes.append(node)
+                down = (node.revision,)
+        expanded = RevisionMap(nodes)
+        expanded._aliases = {name: expanded._by_id[r.revision] for name, r in self._aliases.items()}
+        return expanded
+
     @property
     def branch_labels(self) -> dict[str, Revision]:
         return dict(self._labels)
@@ -321,21 +466,18 @@ class RevisionMap:
         self, targets: Iterable[Revision], include_dependencies: bool = True
     ) -> Iterator[Revision]:
         """``targets`` and everything below them."""
-        if include_dependencies:
-            return self._closure(targets, lambda r: r.normalized_down_revisions)
-        return self._closure(targets, lambda r: r.down_revisions)
+        return self._closure(targets, _NORMALIZED_PARENTS if include_dependencies else _PARENTS)
 
     def descendants(
         self, targets: Iterable[Revision], include_dependencies: bool = True
     ) -> Iterator[Revision]:
         """``targets`` and everything above them."""
-        if include_dependencies:
-            return self._closure(targets, lambda r: r.all_nextrev)
-        return self._closure(targets, lambda r: r.nextrev)
+        return self._closure(targets, _ALL_CHILDREN if include_dependencies else _CHILDREN)
 
     def _closure(
         self, targets: Iterable[Revision], step: Callable[[Revision], Iterable[str]]
     ) -> Iterator[Revision]:
+        by_id = self._by_id
         seen: set[str] = set()
         stack = list(targets)
         while stack:
@@ -344,13 +486,29 @@ class RevisionMap:
                 continue
             seen.add(rev.revision)
             yield rev
-            stack.extend(self._by_id[r] for r in step(rev))
+            stack.extend(map(by_id.__getitem__, step(rev)))
+
+    def _closure_ids(
+        self, targets: Iterable[Revision], step: Callable[[Revision], Iterable[str]]
+    ) -> set[str]:
+        """The ids :meth:`_closure` reaches (without making a generator of revisions)."""
+        by_id = self._by_id
+        seen: set[str] = set()
+        stack = [t.revision for t in targets]
+        while stack:
+            rid = stack.pop()
+            if rid not in seen:
+                seen.add(rid)
+                stack.extend(step(by_id[rid]))
+        return seen
 
     def _check_overlap(self, targets: Sequence[Revision]) -> None:
         """Refuse target sets where one target is an ancestor of another."""
         ids = {t.revision for t in targets}
+        if len(ids) < 2:
+            return
         for t in targets:
-            below = {r.revision for r in self.ancestors([t])} - {t.revision}
+            below = self._closure_ids([t], _NORMALIZED_PARENTS) - {t.revision}
             overlap = below & ids
             if overlap:
                 raise RevisionError(
@@ -698,18 +856,14 @@ class RevisionMap:
         return (label_part or None), self.get_revision(symbol_part)
 
     def _all_current(self, current: Sequence[str]) -> tuple[Revision, ...]:
+        """``current`` and its ancestors, less those with a descendant (not counting
+        ``depends_on``) among them, as Alembic folds them."""
         tops = {r for r in self.get_revisions(tuple(current)) if r is not None}
-        tops.update(self.ancestors(list(tops)))
-        return tuple(self._branch_tips(tops))
-
-    def _branch_tips(self, revs: Collection[Revision]) -> list[Revision]:
-        """Those of ``revs`` with no descendant in ``revs``."""
-        chosen = set(revs)
-        for rev in list(chosen):
-            above = set(self.descendants([rev], include_dependencies=False)) - {rev}
-            if above & chosen:
-                chosen.discard(rev)
-        return sorted(chosen, key=lambda r: self._order[r.revision])
+        within = {r.revision for r in self.ancestors(list(tops))}
+        # ``within`` holds every parent of its members, so a revision with a
+        # descendant in it has a child in it: one look per revision, not a walk
+        tips = [r for r in within if not (self._by_id[r].nextrev & within)]
+        return tuple(self._by_id[r] for r in sorted(tips, key=self._order.__getitem__))
 
     def all_current(self, current: Sequence[str]) -> tuple[Revision, ...]:
         """What ``current`` shows: the stored heads, ancestors folded away."""
@@ -834,7 +988,7 @@ class RevisionMap:
         )
 
         def below(rid: str) -> set[str]:
-            return {r.revision for r in self.ancestors([self._by_id[rid]])}
+            return self._closure_ids([self._by_id[rid]], _NORMALIZED_PARENTS)
 
         ancestry = [below(a) for a in active]
         out: list[Revision] = []

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ...plan.init import check_init
+from ...plan.init import check_init, draws_randomly
 from ...plan.nodes import Constant, Init, TensorSpec
 from ..checks import OpContext
 from ..registry import OpCall, Operation, SpecOf, register
@@ -50,6 +50,9 @@ class AddTensor(Operation):
     def inverse(self, call: OpCall, before: SpecOf) -> list[OpCall]:
         return [OpCall("drop_key", (self.arguments(call)["key"],))]
 
+    def draws(self, call: OpCall) -> bool:
+        return draws_randomly(self.arguments(call)["init"])
+
 
 @register
 class AddModule(Operation):
@@ -91,6 +94,9 @@ class AddModule(Operation):
 
     def inverse(self, call: OpCall, before: SpecOf) -> list[OpCall]:
         return [OpCall("drop_prefix", (_dotted(str(self.arguments(call)["prefix"])),))]
+
+    def draws(self, call: OpCall) -> bool:
+        return True  # the module's own initialiser ran on the revision's RNG
 
 
 def _dotted(prefix: str) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ...errors import CkptMigrateError
-from ...plan.init import check_init, make_tensor
+from ...plan.init import check_init, draws_randomly, make_tensor
 from ...plan.lowrank import LowRank, NoExactCounterpart
 from ...plan.nodes import TensorSpec
 from ..checks import OpContext
@@ -298,6 +298,9 @@ class Resize(Operation):
     def inverse(self, call: OpCall, before: SpecOf) -> list[OpCall] | None:
         return _restoring(self, call, before, "shape")
 
+    def draws(self, call: OpCall) -> bool:
+        return draws_randomly(self.arguments(call)["init"])
+
 
 def _overlay(out: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """``out`` with the region it shares with ``src`` copied from ``src``."""
@@ -376,6 +379,9 @@ class MapTensor(Operation):
         if strided and out.untyped_storage().nbytes() > out.nbytes:
             out = out.clone(memory_format=torch.contiguous_format)  # a slice: drop the rest
         return out
+
+    def draws(self, call: OpCall) -> bool:
+        return True  # the function runs on an RNG seeded from the revision
 
     def low_rank(
         self,
