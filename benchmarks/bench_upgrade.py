@@ -135,8 +135,10 @@ os.replace(src + ".tmp", src)
 """
 
 
-def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """(wall seconds, peak RssAnon bytes) of one process."""
+def measure(
+    cmd: list[str], env: dict[str, str] | None = None, field: str = "RssAnon:"
+) -> tuple[float, int]:
+    """(wall seconds, peak ``field`` bytes: RssAnon, or VmRSS, ...) of one process."""
     peak = [0]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -147,7 +149,7 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, i
             try:
                 with open(status) as fh:
                     for line in fh:
-                        if line.startswith("RssAnon:"):
+                        if line.startswith(field):
                             peak[0] = max(peak[0], int(line.split()[1]) * 1024)
             except OSError:
                 break

@@ -36,6 +36,17 @@ from ckptmigrate.plan.state import Evaluator, PlanState
 REV0, REV1 = "base00000001", "next00000002"
 _MAGIC = b'{"toy-lists"'
 
+#: The built-in formats, in the order they are asked.
+BUILT_IN = [
+    "peft",
+    "Hugging Face Trainer checkpoint",
+    "sharded",
+    "Hugging Face model folder",
+    "DCP",
+    "safetensors",
+    "torch",
+]
+
 
 class ToyFormat(FileFormat):
     """Tensors as nested JSON lists, per-module metadata (the stamp) as a JSON object."""
@@ -166,10 +177,13 @@ class _Clash(ToyFormat):
 def test_registering_a_name_twice_is_refused() -> None:
     with pytest.raises(ValueError, match="'torch' is registered already"):
         register(_Clash())
-    assert [f.name for f in formats()] == ["peft", "sharded", "DCP", "safetensors", "torch"]
+    assert [f.name for f in formats()] == BUILT_IN
 
 
-@pytest.mark.parametrize("first", ["torch_file", "safetensors_file", "sharded", "peft"])
+@pytest.mark.parametrize(
+    "first",
+    ["torch_file", "safetensors_file", "sharded", "hf_folder", "hf_trainer", "peft", "dcp"],
+)
 def test_built_in_order_does_not_depend_on_which_module_is_imported_first(
     tmp_path: Path, first: str
 ) -> None:
@@ -188,7 +202,7 @@ def test_built_in_order_does_not_depend_on_which_module_is_imported_first(
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     ).stdout.splitlines()
-    assert out[0] == "['peft', 'sharded', 'DCP', 'safetensors', 'torch']"
+    assert out[0] == str(BUILT_IN)
     assert "renamed.safetensors is not a valid safetensors file" in out[1]
 
 
@@ -210,7 +224,7 @@ def test_recognising_paths_imports_no_torch(tmp_path: Path) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     ).stdout.splitlines()
     assert out[0].endswith("notes.txt is not a checkpoint (it looks like text)")
-    assert out[1] == "['peft', 'sharded', 'DCP', 'safetensors', 'torch'] False"
+    assert out[1] == f"{BUILT_IN} False"
 
 
 def test_a_sharded_folder_is_locked_at_its_index(tmp_path: Path) -> None:

@@ -264,3 +264,37 @@ def test_damaged_and_lying_sharded_folders(tmp_path: Path) -> None:
     hostile = kinds["shard: hostile pickle"]
     assert hostile["cases"] >= 20
     assert hostile["outcomes"] == {"refused: exit 1, one Error line": hostile["cases"]}
+
+
+def test_damaged_lying_and_hostile_dcp_metadata(tmp_path: Path) -> None:
+    """1,100 seeded DCP folders whose .metadata (or data file) lies: each ends cleanly."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.harness.fuzz_dcp", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1800,  # only ends a hang: every case is bounded in CPU time by the harness
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["cases"] >= 1000
+    assert not report["payload_ran"]
+    kinds = report["kinds"]
+    for kind, result in kinds.items():
+        assert result["failure_count"] == 0, (kind, result["failures"])
+    assert len(kinds) >= 18  # every way of lying was tried
+    refused_always = [
+        "metadata: a pickle that runs code",
+        "metadata: a chunk's range lies",
+        "metadata: chunks that do not tile the tensor",
+        "metadata: a chunk in a file that is no data file",
+        "metadata: truncated",
+        "data file truncated",
+    ]
+    for kind in refused_always:
+        assert kinds[kind]["cases"] >= 15, kind
+        assert kinds[kind]["outcomes"] == {"refused: exit 1, one Error line": kinds[kind]["cases"]}
+    # a flip in a chunk that is read fails its checksum; one in a chunk only carried
+    # by a rename leaves that data file as it was (checked by the harness)
+    assert kinds["data file flipped"]["outcomes"].get("refused: exit 1, one Error line", 0) >= 1

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from tests.harness import powercut
-from tests.harness.common import REV_A, REV_B, standard_project
+from tests.harness.common import REV_A, REV_B, UPGRADE_B, standard_project
 
 if shutil.which("gcc") is None:  # pragma: no cover - gcc is part of every supported set-up
     pytest.fail("the power-cut tests compile their recorder with gcc")
@@ -165,3 +165,70 @@ def test_sharded_index_switch_survives_every_power_cut(tmp_path: Path, shim: Pat
     print(result.summary())
     assert result.losses == [], result.summary()
     assert result.verdicts.get("old", 0) > 0 and result.verdicts.get("new", 0) > 0
+
+
+RENAMES_ONLY = """\
+    op.rename_key("w0", "renamed0")
+    op.drop_key("w5")"""
+
+
+@pytest.mark.parametrize("chain", ["renames only", "tensors changed"])
+def test_dcp_metadata_switch_survives_every_power_cut(
+    chain: str, tmp_path: Path, shim: Path
+) -> None:
+    """A DCP folder: new data files (for changed tensors), then .metadata switched last."""
+    import pickle
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from tests.harness.common import write_project
+
+    upgrade = RENAMES_ONLY if chain == "renames only" else UPGRADE_B
+    ini = write_project(
+        tmp_path, [(REV_A, None, "    pass", "    pass"), (REV_B, REV_A, upgrade, "    pass")]
+    )
+    folder = tmp_path / "ckpt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # saved by one process, no process group
+        dcp.save(dict(_weights()), checkpoint_id=str(folder))
+    from click.testing import CliRunner
+
+    from ckptmigrate.cli import cli
+
+    stamped = CliRunner().invoke(cli, ["-q", "-c", str(ini), "stamp", str(folder), REV_A])
+    assert stamped.exit_code == 0, stamped.output
+    before = powercut.snapshot(folder)
+    ops, proc = powercut.record(
+        ["-m", "ckptmigrate", "-c", str(ini), "upgrade", str(folder)], folder, tmp_path, shim
+    )
+    assert proc.returncode == 0, proc.stderr
+    after = powercut.snapshot(folder)
+    meta_key = str((folder / ".metadata").resolve())
+    if chain == "renames only":  # not one data file written
+        assert {k: v for k, v in after.items() if k != meta_key} == {
+            k: v for k, v in before.items() if k != meta_key
+        }
+    else:
+        assert set(after) - set(before), "the tensor chain wrote new data files"
+
+    def referenced(files: dict[str, bytes]) -> set[str]:
+        md = pickle.loads(files[meta_key])  # the test's own clean files
+        return {str(folder.resolve() / i.relative_path) for i in md.storage_data.values()}
+
+    wanted = {"old": referenced(before), "new": referenced(after)}
+
+    def version(get: Callable[[str], bytes | None], files: dict[str, bytes], name: str) -> bool:
+        if get(meta_key) != files[meta_key]:
+            return False
+        return all(get(f) == files[f] for f in wanted[name] if f != meta_key)
+
+    def verdict(get: Callable[[str], bytes | None]) -> str:
+        if version(get, before, "old"):
+            return "old"
+        return "new" if version(get, after, "new") else "damaged"
+
+    result = powercut.explore(ops, before, folder, verdict)
+    print(result.summary())
+    assert result.losses == [], result.summary()
+    assert result.verdicts.get("old", 0) > 0 and result.verdicts.get("new", 0) > 0
+    assert result.states >= (3 if chain == "renames only" else 10)

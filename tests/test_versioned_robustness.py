@@ -568,3 +568,29 @@ def test_a_newer_stamp_on_a_versioned_part_of_a_plain_model_is_refused(
     ):
         with pytest.raises(StampError, match=r"at 'block' was stamped .* stamp format 99\.0"):
             load(Net())
+
+
+def test_a_partial_load_with_strict_false_is_left_to_torch(tmp_path: Path) -> None:
+    """PEFT loads an adapter's keys alone into the whole model with strict=False: a part
+    that cannot be placed (no stamp, no base schema) loads as PyTorch loads it."""
+    folder = make_lineage(tmp_path, "blk", None, RENAME_FC)
+
+    @ckptmigrate.versioned(folder)
+    class Block(V2Layout):
+        pass
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Block()
+
+    model = Wrapper()
+    part = {"inner.ln_f.weight": torch.full((8,), 3.0)}
+    result = model.load_state_dict(part, strict=False)
+    assert torch.equal(model.inner.ln_f.weight.detach(), torch.full((8,), 3.0))
+    assert "inner.proj.weight" in result.missing_keys
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\)"):  # strict, as PyTorch is
+        model.load_state_dict(part)
+    old = {"inner.fc.weight": torch.zeros(8, 8)}  # not of the layout now: the fix, not torch's
+    with pytest.raises(LoadError, match="no base schema"):
+        model.load_state_dict(old, strict=False)

@@ -44,14 +44,16 @@ from tests.harness.common import REV_A, leftovers, stamp_state_dict, write_proje
 from ckptmigrate.cli import cli
 
 # The fuzz lineage: A -> B renames, computes and adds, and drops nothing, so
-# every input record's bytes are used by the upgrade (and CRC-checked).
+# every input record's bytes are used by the upgrade (and CRC-checked). What it
+# adds is an integer buffer: no parameter is new, so the optimizer's order is
+# known without a configured model.
 FUZZ_UPGRADE = """\
     op.rename_key("fc1.weight", "layer1.weight")
     op.rename_key("fc1.bias", "layer1.bias")
     op.map_tensor("fc2.weight", lambda t: t * 2)
     op.reset_optimizer_state("fc2.weight")
     op.transpose("emb.weight", 0, 1)
-    op.add_tensor("extra", shape=(4,), init="ones")"""
+    op.add_tensor("extra", shape=(4,), dtype=torch.int64, init="ones")"""
 FUZZ_DOWNGRADE = """\
     op.drop_key("extra")
     op.transpose("emb.weight", 0, 1)

@@ -88,7 +88,7 @@ def clean_stale(target: Path, notify: Callable[[str], None] | None = None) -> li
         if int(pid_text) == os.getpid() or _alive(int(pid_text)):
             continue
         with contextlib.suppress(OSError):
-            if path.is_dir() and not path.is_symlink():
+            if path.is_dir() and not path.is_symlink():  # a killed writer's folder
                 shutil.rmtree(path)
             else:
                 path.unlink()
@@ -243,3 +243,54 @@ def write_error(target: CkptPath, exc: BaseException) -> WriteError:
         f"cannot write {target}: {reason}",
         hint="free space or choose another place with -o; the input is unchanged",
     )
+
+
+@contextlib.contextmanager
+def atomic_folder(target: Path, *, durable: bool = True) -> Iterator[Path]:
+    """Yield a new hidden folder beside ``target``; on success it replaces ``target`` whole.
+
+    For checkpoints that are folders of files which belong together (weights
+    and the optimizer state that follows them): readers see the old folder or
+    the new one, never a mix. Replacing an existing folder swaps the two names
+    in one step (Linux ``renameat2``), then removes the old folder; elsewhere
+    the old folder is moved aside first.
+    """
+    target = Path(target)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.exists() and not target.is_dir():
+        raise WriteError(
+            f"cannot write the folder {target}: it is a file",
+            hint="give a folder path with -o, or move the file away",
+        )
+    clean_stale(target)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=TMP_SUFFIX, dir=parent))
+    except OSError as exc:
+        raise WriteError(
+            f"cannot write in {parent}: {_explain(exc)}",
+            hint="choose a writable folder with -o; the input is unchanged",
+        ) from exc
+    try:
+        yield tmp
+        if durable:
+            fsync_dir(tmp)
+        try:
+            if not target.exists():
+                os.rename(tmp, target)
+            else:
+                if not _exchange(tmp, target):
+                    aside = tmp.with_name(tmp.name + ".old")
+                    os.rename(target, aside)
+                    os.rename(tmp, target)
+                    tmp = aside
+                shutil.rmtree(tmp, ignore_errors=True)  # the old folder, under the hidden name
+        except OSError as exc:
+            raise WriteError(
+                f"cannot write {target}: {_explain(exc)}",
+                hint="free space or fix permissions; the input is unchanged",
+            ) from exc
+        if durable:
+            fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -31,7 +31,15 @@ if TYPE_CHECKING:
     from .storage import CkptPath, Output
 
 #: The built-in formats' modules, in the order they are asked to recognise a path.
-BUILTIN_FORMATS = ("peft", "sharded", "dcp", "safetensors_file", "torch_file")
+BUILTIN_FORMATS = (
+    "peft",
+    "hf_trainer",
+    "sharded",
+    "hf_folder",
+    "dcp",
+    "safetensors_file",
+    "torch_file",
+)
 
 
 @dataclass(frozen=True)

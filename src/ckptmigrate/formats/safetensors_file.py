@@ -12,7 +12,6 @@ recognise paths); reading and writing do.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import mmap
@@ -301,11 +300,11 @@ def _mapped_reader(
         return raw.view(spec.dtype).reshape(spec.shape)
 
     def close() -> None:
-        if state["mm"] is not None:
-            # tensors may still point into the mapping; then the GC unmaps it
-            with contextlib.suppress(BufferError):
-                state["mm"].close()
-            state["mm"] = None
+        # Only the reference is dropped: every tensor read holds one too (torch.frombuffer,
+        # which takes no buffer export, so mmap.close() would not refuse), and the map goes
+        # when the last of them does. Closing it here would unmap memory that a tensor still
+        # handed out (a model's parameter, after from_pretrained) points into.
+        state["mm"] = None
         if state["release"] is not None:
             state["release"]()
             state["release"] = None

@@ -31,6 +31,7 @@ from ..errors import CheckpointError, CkptMigrateError, WriteError
 from .base import FileFormat, Format, ReadOptions, WriteOptions, output_format, register
 from .checkpoint import Checkpoint, Header
 from .fileio import fsync_dir
+from .hub_layout import copy_companions, with_config_stamps, write_config_stamp
 from .probe import index_path
 from .stamp import flatten_stamps, is_stamp_key, read_stamp, stamp_entries
 from .storage import replace_small, same_location, staged_output, version
@@ -185,7 +186,9 @@ def read_sharded(path: CkptPath, *, trust_pickle: bool = False) -> ShardedCheckp
         if key not in shards[shard].schema:
             raise _bad(path, f"key {key!r} is not in its shard {shard}")
         schema[key] = shards[shard].schema[key]
-    modules = stamp_entries({str(k): str(v) for k, v in meta.items()})
+    modules = with_config_stamps(
+        stamp_entries({str(k): str(v) for k, v in meta.items()}), path.parent
+    )
     sharded = ShardSet(path, index, dict(weight_map), shards, index_version)
 
     def reader(key: str) -> Any:
@@ -361,6 +364,11 @@ def write_sharded(
         raise
     if options.durable and isinstance(folder, Path):
         fsync_dir(folder)
+    # a new folder is a whole model folder (config.json ...); either way config's stamp is the
+    # index's
+    if isinstance(folder, Path) and isinstance(sharded.folder, Path):
+        copy_companions(sharded.folder, folder)
+        write_config_stamp(folder, metadata, durable=options.durable)
     for shard in replaced:  # no longer referenced
         (folder / shard).unlink(missing_ok=True)
     if isinstance(out_index, Path):

@@ -24,7 +24,7 @@ from ..script.directory import ScriptDirectory
 
 log = logging.getLogger("ckptmigrate")
 
-_SCRIPT_DIRS: dict[Path, ScriptDirectory] = {}
+_SCRIPT_DIRS: dict[Path, tuple[Config, ScriptDirectory]] = {}
 _LOCK = threading.Lock()
 # Frames in these folders are skipped, so a warning points at the user's line.
 _INTERNAL = (
@@ -42,6 +42,16 @@ def _warn(message: str, hint: str | None) -> None:
         level += 1
     text = CkptMigrateError(message, hint=hint).one_line()
     warnings.warn(text, LineageWarning, stacklevel=level)
+
+
+class _LoggingConfig(Config):
+    """A lineage's configuration as a library reads it: notes go to the ``ckptmigrate`` logger."""
+
+    def log(self, text: str) -> None:
+        log.info("%s", text)
+
+    def print_stdout(self, text: str = "") -> None:
+        log.info("%s", text)
 
 
 class Lineage:
@@ -82,6 +92,14 @@ class Lineage:
 
     @property
     def script_dir(self) -> ScriptDirectory:
+        return self._folder()[1]
+
+    @property
+    def config(self) -> Config:
+        """The lineage's configuration (``optimizer_state`` ...); its notes go to the logger."""
+        return self._folder()[0]
+
+    def _folder(self) -> tuple[Config, ScriptDirectory]:
         path = self._path()
         with _LOCK:
             found = _SCRIPT_DIRS.get(path)
@@ -96,7 +114,8 @@ class Lineage:
                         "or point @ckptmigrate.versioned at the folder (or its ini file), "
                         "relative to the module that defines the class or absolute",
                     )
-                found = ScriptDirectory.from_config(Config.from_location(path, quiet=True))
+                config = _LoggingConfig.from_location(path)
+                found = (config, ScriptDirectory.from_config(config))
                 _SCRIPT_DIRS[path] = found
         return found
 
@@ -194,6 +213,19 @@ class Lineage:
             else f"{where} does not match {self.owner}"
         )
         return LoadError(f"{what}, so it cannot be migrated: {reason}", hint=fix)
+
+    def unplaced_error(self, where: str, differences: list[str]) -> LoadError:
+        """``where`` has no stamp, does not fit the class, and no base schema says its revision."""
+        return LoadError(
+            f"{where} has no ckptmigrate stamp, and {self.owner}'s lineage "
+            f"({display_path(self.script_dir.dir)}) has no base schema to identify its "
+            f"revision by; as it is, it does not fit {self.owner}: " + "; ".join(differences),
+            hint="if it was saved at an older revision, record which in the file "
+            "('ckptmigrate stamp CKPT REV', or 'ckptmigrate upgrade CKPT --from REV'), or record "
+            "the base schema once ('ckptmigrate schema --record') so that unstamped "
+            "checkpoints are identified; if the model changed without a migration, write it "
+            "with 'ckptmigrate revision --autogenerate -m \"...\"'",
+        )
 
     # ----------------------------------------------------------------- state dicts
 

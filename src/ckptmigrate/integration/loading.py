@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from ..formats import read_checkpoint
 from ..formats.atomic import atomic_output, write_error
 from ..formats.stamp import write_stamp
 from .lineage import Lineage, log
-from .versioning import LineageRecord, _migrate_at, load_error, migrate_tree, tree_migrated
+from .versioning import LineageRecord, load_error, tree_migrated
 
 
 @dataclass
@@ -29,6 +29,8 @@ class LoadReport:
     wrapper_prefix: str = ""
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
+    #: Where in the file the optimizer states loaded into ``optimizer=`` came from.
+    optimizers: list[str] = field(default_factory=list)
 
     @property
     def migrated(self) -> bool:
@@ -71,6 +73,7 @@ def load(
     revision: str | None = None,
     trust_pickle: bool = False,
     state_dict_key: str | None = None,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
 ) -> LoadReport:
     """Load a checkpoint file into ``model``, migrating it first; strict by default.
 
@@ -78,39 +81,114 @@ def load(
     ``module.``/``_orig_mod.`` prefixes, upgrades (or downgrades) every
     versioned module's entries to its class's revision, then loads. For a
     model whose class is not versioned, ``location`` names the lineage to
-    bring the whole dict to (its head, or ``revision``).
+    bring the whole dict to (its head, or ``revision``). With ``optimizer``
+    (built for ``model``; a list for several), a training checkpoint's
+    optimizer state follows the migration as ``ckptmigrate upgrade`` carries
+    it, laid out as that optimizer holds its parameters, and is loaded into it.
     """
+    from ..training.sides import keeps_order
+    from .resume import migrate_checkpoint, optimizer_groups
+
     sd, meta, ckpt = _read_state_dict(path, trust_pickle, state_dict_key)
-    report = LoadReport(
-        Path(path),
-        state_dict_key="/".join(ckpt.training.state_path) if ckpt.training else None,
-        wrapper_prefix=ckpt.wrapper_prefix,
-    )
-    if ckpt.wrapper_prefix:
-        log.info("stripped wrapper prefix %r from %s", ckpt.wrapper_prefix, path)
-    if map_location is not None:
-        sd = OrderedDict(
-            (k, v.to(map_location) if isinstance(v, torch.Tensor) else v) for k, v in sd.items()
+    try:
+        report = LoadReport(
+            Path(path),
+            state_dict_key="/".join(ckpt.training.state_path) if ckpt.training else None,
+            wrapper_prefix=ckpt.wrapper_prefix,
         )
-    if location is not None:
-        lineage = Lineage(location, revision, None, type(model).__qualname__)
-        record = _migrate_at(lineage, model, sd, meta, "")
-        if record is not None:
-            report.lineages.append(record)
-    migrated, meta, records = migrate_tree(model, sd, meta)
-    report.lineages.extend(records)
-    migrated._metadata = meta  # type: ignore[attr-defined]
-    with tree_migrated():
-        try:
-            result = model.load_state_dict(migrated, strict=strict)
-        except RuntimeError as exc:
-            if isinstance(exc, CkptMigrateError) or "Error(s) in loading" not in str(exc):
-                raise
-            raise load_error(model, migrated) from exc
-    report.missing_keys = list(result.missing_keys)
-    report.unexpected_keys = list(result.unexpected_keys)
-    ckpt.close()
-    return report
+        if ckpt.wrapper_prefix:
+            log.info("stripped wrapper prefix %r from %s", ckpt.wrapper_prefix, path)
+        if map_location is not None:
+            sd = OrderedDict(
+                (k, v.to(map_location) if isinstance(v, torch.Tensor) else v) for k, v in sd.items()
+            )
+        optimizers = _optimizers(optimizer)
+        training = ckpt.training if optimizers else None
+        if optimizers and training is None:
+            raise CheckpointError(
+                f"{path} holds a state dict alone, no optimizer state to restore",
+                hint="leave out optimizer=, or load a training checkpoint (weights with the "
+                "optimizer's state_dict() beside them)",
+            )
+        extra = (
+            [(Lineage(location, revision, None, type(model).__qualname__), model, "")]
+            if location is not None
+            else []
+        )
+        migrated = migrate_checkpoint(
+            model,
+            sd,
+            meta,
+            str(path),
+            container=training.container if training else None,
+            state_path=training.state_path if training else (),
+            optimizers=optimizer_groups(model, optimizers) if optimizers else None,
+            extra=extra,
+            wrapper_prefix=ckpt.wrapper_prefix,
+            keeps_order=keeps_order(ckpt),
+        )
+        report.lineages.extend(migrated.records)
+        _fill_ties(model, migrated.state_dict)
+        with tree_migrated():
+            try:
+                result = model.load_state_dict(migrated.state_dict, strict=strict)
+            except RuntimeError as exc:
+                if isinstance(exc, CkptMigrateError) or "Error(s) in loading" not in str(exc):
+                    raise
+                raise load_error(model, migrated.state_dict) from exc
+        report.missing_keys = list(result.missing_keys)
+        report.unexpected_keys = list(result.unexpected_keys)
+        if training is not None:
+            report.optimizers = _restore(optimizers, migrated.container, training.state_path, path)
+        return report
+    finally:
+        ckpt.close()
+
+
+def _fill_ties(model: torch.nn.Module, sd: dict[str, Any]) -> None:
+    """A tied parameter stored under one of its keys only (as safetensors stores it) fills both."""
+    from ..training.layout import ties_by_identity
+
+    for alias, first in ties_by_identity(model).items():
+        if alias not in sd and first in sd:
+            sd[alias] = sd[first]
+        elif first not in sd and alias in sd:
+            sd[first] = sd[alias]
+
+
+def _optimizers(
+    given: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
+) -> list[torch.optim.Optimizer]:
+    if given is None:
+        return []
+    if isinstance(given, torch.optim.Optimizer):
+        return [given]
+    return list(given)
+
+
+def _restore(
+    optimizers: Sequence[torch.optim.Optimizer],
+    container: Any,
+    state_path: tuple[str, ...],
+    path: str | os.PathLike[str],
+) -> list[str]:
+    """Load the migrated optimizer states into the optimizers; where each came from."""
+    from ..training.optimizer import find_optimizers
+
+    found = find_optimizers(container, state_path)
+    if not found:
+        log.info("%s: no optimizer state to restore (optimizer_state = drop)", path)
+        return []
+    if len(found) != len(optimizers):
+        raise CheckpointError(
+            f"{path} holds {len(found)} optimizer state(s) "
+            f"({', '.join(f.label for f in found)}), but {len(optimizers)} optimizer(s) were "
+            "given to restore them into",
+            hint="pass optimizer=[...] with one optimizer per state, in the same order",
+        )
+    for opt, state in zip(optimizers, found):
+        opt.load_state_dict(dict(state.value))
+    return [f.label for f in found]
 
 
 def save(model: torch.nn.Module, path: str | os.PathLike[str], **extra: Any) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 import sys
 from collections import OrderedDict
@@ -93,9 +94,26 @@ def versioned(
         cls.__schema_revision__ = _SchemaRevision()  # type: ignore[attr-defined]
         _wrap_init(cls)
         _wrap_load_state_dict(cls)
+        _adapt_to_frameworks(cls)
         return cls
 
     return decorate
+
+
+#: Framework packages whose model classes load and save their own way, and the module of
+#: ``ckptmigrate.integration`` whose ``adapt(cls)`` hooks a versioned subclass into that way.
+FRAMEWORKS: dict[str, str] = {"transformers": "transformers"}
+
+
+def _adapt_to_frameworks(cls: type[torch.nn.Module]) -> None:
+    """Let each framework integration adapt ``cls``, for frameworks that are imported.
+
+    A class can only subclass a framework's model class when that framework is
+    imported already, so one that is not imported is never imported here.
+    """
+    for package, module in FRAMEWORKS.items():
+        if package in sys.modules:
+            importlib.import_module(f"{__package__}.{module}").adapt(cls)
 
 
 def _wrap_init(cls: type[torch.nn.Module]) -> None:
@@ -150,16 +168,32 @@ def _describe(module: torch.nn.Module, prefix: str) -> str:
     return where + (f" at {prefix[:-1]!r}" if prefix else "")
 
 
-def _migrate_at(
+@dataclass(frozen=True)
+class Start:
+    """Where a lineage's entries in a state dict stand, when they need migrating."""
+
+    current: tuple[str, ...]
+    target: str
+    stamped: bool
+    where: str
+
+
+def start_of(
     lineage: Lineage,
     module: torch.nn.Module,
     sd: dict[str, Any],
     metadata: dict[str, dict[str, Any]],
     prefix: str,
-) -> LineageRecord | None:
-    """Bring the entries under ``prefix`` to the lineage's revision, in place."""
-    from ..runtime.memory import migrate_state_dict, specs_of
+) -> Start | None:
+    """The revisions the entries under ``prefix`` are at, or None when they need nothing.
 
+    Strips a wrapper prefix the entries carry (in place). A dict that cannot be
+    placed on the lineage (no stamp, and no base schema to identify it by) and
+    does not fit the module as it is, is an error naming the fix: torch's
+    mismatch list would say nothing about revisions. A dict of some of the
+    module's own entries, as they are now, is a partial load (PEFT loads an
+    adapter's keys alone that way, with ``strict=False``): left to PyTorch.
+    """
     root = prefix[:-1]
     target = lineage.resolve()
     where = _describe(module, prefix)
@@ -170,45 +204,104 @@ def _migrate_at(
     keys = _unwrap_at(module, sd, metadata, prefix, keys)
     stamp = read_stamp(metadata.get(root), where)  # a wrapper's stamp is at root now
     sub = keyspace.keys_under({k: sd[k] for k in keys}, prefix)
+    fits = stamp is None and _fits_as_is(sub, module)
     if target is None:
-        if stamp is None and Schema.from_specs(specs_of(sub)).same_layout(own_schema(module)):
+        if fits:
             return None  # e.g. an EMA copy of a model saved unstamped: nothing to migrate
         raise lineage.load_error(where, ",".join(stamp.revisions) if stamp else None)
     if stamp is not None and stamp.revisions == (target,):
         return None
     current = lineage.current(sub, metadata.get(root), where)
-    if current is None or current == (target,):
-        return None  # unknown (no stamp, no base schema): the strict load decides
-    stamped = stamp is not None
+    if current is None:
+        differences, only_wrappers = mismatch(module, sub)
+        if fits or only_wrappers or _part_of(sub, module):
+            return None  # loads as it is, or the load says which wrapper is in the way
+        raise lineage.unplaced_error(where, differences)
+    if current == (target,):
+        return None
+    return Start(tuple(current), target, stamp is not None, where)
+
+
+def _fits_as_is(sub: Mapping[str, Any], module: torch.nn.Module) -> bool:
+    """The module's own layout, a tied parameter's second key allowed to be absent.
+
+    ``safetensors`` stores a tensor once, so a state dict saved through it
+    (``save_pretrained``, ``save_model``) lacks the keys that repeat a tied one.
+    """
+    from ..runtime.memory import specs_of
+    from ..training.layout import ties_by_identity
+
+    have = Schema.from_specs(specs_of(sub))
+    want = own_schema(module)
+    tied = ties_by_identity(module)
+    want = Schema(
+        (k, e) for k, e in want.items() if not (k in tied and k not in have and tied[k] in have)
+    )
+    return have.same_layout(want)
+
+
+def _part_of(sub: Mapping[str, Any], module: torch.nn.Module) -> bool:
+    """Every entry is one of the module's own, with its shape and dtype now."""
+    from ..runtime.memory import specs_of
+
+    own = own_schema(module)
+    return all(k in own and own[k].spec == spec for k, spec in specs_of(sub).items())
+
+
+def _migrate_at(
+    lineage: Lineage,
+    module: torch.nn.Module,
+    sd: dict[str, Any],
+    metadata: dict[str, dict[str, Any]],
+    prefix: str,
+) -> LineageRecord | None:
+    """Bring the entries under ``prefix`` to the lineage's revision, in place."""
+    from ..runtime.memory import migrate_state_dict
+
+    start = start_of(lineage, module, sd, metadata, prefix)
+    if start is None:
+        return None
+    root = prefix[:-1]
+    keys = [k for k in sd if k.startswith(prefix)] if prefix else list(sd)
+    sub = keyspace.keys_under({k: sd[k] for k in keys}, prefix)
     sub_meta = keyspace.metadata_under(metadata, prefix)
     try:
         outcome = migrate_state_dict(
-            lineage.script_dir, sub, sub_meta, current, target, log=log.info
+            lineage.script_dir, sub, sub_meta, start.current, start.target, log=log.info
         )
     except CkptMigrateError as exc:
-        raise LoadError(
-            f"bringing {where} from {', '.join(current) or 'base'} to {target} failed: "
-            f"{exc.message}",
-            hint=exc.hint,
-        ) from exc
+        raise migration_failed(start, exc) from exc
     for k in keys:
         del sd[k]
     for k, v in outcome.state_dict.items():
         sd[prefix + k] = v
     keyspace.replace_under(metadata, prefix, outcome.metadata)
-    write_stamp(metadata.setdefault(root, {}), (target,))
+    write_stamp(metadata.setdefault(root, {}), (start.target,))
     record = LineageRecord(
         prefix,
         type(module).__qualname__,
-        tuple(current),
-        target,
+        start.current,
+        start.target,
         [str(s) for s in outcome.steps],
-        identified=not stamped,
+        identified=not start.stamped,
     )
+    note(record)
+    return record
+
+
+def migration_failed(start: Start, exc: CkptMigrateError) -> LoadError:
+    return LoadError(
+        f"bringing {start.where} from {', '.join(start.current) or 'base'} to {start.target} "
+        f"failed: {exc.message}",
+        hint=exc.hint,
+    )
+
+
+def note(record: LineageRecord) -> None:
+    """Tell ``ckptmigrate.load``'s report (when one is being made) what was migrated."""
     records = _RECORDS.get()
     if records is not None:
         records.append(record)
-    return record
 
 
 def _unwrap_at(
@@ -304,9 +397,32 @@ def _wrap_load_state_dict(cls: type[torch.nn.Module]) -> None:
 
 def load_error(model: torch.nn.Module, migrated: Mapping[str, Any]) -> LoadError:
     """What still does not fit after migration, and how to fix it."""
+    parts, only_wrappers = mismatch(model, migrated)
+    name = type(model).__name__
+    versioned_cls = lineage_of(type(model)) is not None
+    if only_wrappers:
+        fix = (
+            "remove the wrapper's part of those keys, or save the unwrapped module's "
+            "state_dict() (its .module or ._orig_mod)"
+        )
+    elif versioned_cls:
+        fix = "write the missing migration with 'ckptmigrate revision --autogenerate -m \"...\"'"
+    else:
+        fix = (
+            "version the model with @ckptmigrate.versioned and write a migration "
+            "('ckptmigrate revision --autogenerate -m \"...\"')"
+        )
+    return LoadError(
+        f"{name} cannot load the state dict even after migration: " + "; ".join(parts),
+        hint=fix,
+    )
+
+
+def mismatch(model: torch.nn.Module, have_sd: Mapping[str, Any]) -> tuple[list[str], bool]:
+    """How a state dict differs from the model's, in short phrases; and whether only by wrappers."""
     from ..runtime.memory import specs_of
 
-    have = Schema.from_specs(specs_of(migrated))
+    have = Schema.from_specs(specs_of(have_sd))
     want = own_schema(model)
     diff = compare(have, want)
     parts = []
@@ -327,27 +443,13 @@ def load_error(model: torch.nn.Module, migrated: Mapping[str, Any]) -> LoadError
     renames = [(o, n) for o, n in diff.renames if o not in wrapped and n not in wrapped.values()]
     if renames:
         parts.append("likely renames: " + ", ".join(f"{o} -> {n}" for o, n in renames[:5]))
-    name = type(model).__name__
-    versioned_cls = lineage_of(type(model)) is not None
-    only_wrappers = set(wrapped) == set(diff.unexpected) and set(wrapped.values()) == set(
-        diff.missing
+    only_wrappers = (
+        bool(wrapped)
+        and set(wrapped) == set(diff.unexpected)
+        and set(wrapped.values()) == set(diff.missing)
+        and not diff.mismatched
     )
-    if wrapped and only_wrappers and not diff.mismatched:
-        fix = (
-            "remove the wrapper's part of those keys, or save the unwrapped module's "
-            "state_dict() (its .module or ._orig_mod)"
-        )
-    elif versioned_cls:
-        fix = "write the missing migration with 'ckptmigrate revision --autogenerate -m \"...\"'"
-    else:
-        fix = (
-            "version the model with @ckptmigrate.versioned and write a migration "
-            "('ckptmigrate revision --autogenerate -m \"...\"')"
-        )
-    return LoadError(
-        f"{name} cannot load the state dict even after migration: " + "; ".join(parts),
-        hint=fix,
-    )
+    return parts, only_wrappers
 
 
 def _behind_wrappers(unexpected: list[str], missing: list[str]) -> dict[str, str]:

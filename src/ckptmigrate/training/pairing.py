@@ -11,6 +11,7 @@ Adam's moments to the wrong tensor without any error.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,7 @@ class OptimizerPlan:
     wrapper: str = ""  # the prefix its names carry (e.g. "module.")
     string_ids: bool = False
     slots: dict[str, Slot] = field(default_factory=dict)  # old parameter (rep) -> slot
+    order: list[str] | None = None  # positional: old parameters in the entries' order
 
 
 def optimizer_plan(opt: FoundOptimizer, specs: Mapping[str, Any], wrapper: str) -> OptimizerPlan:
@@ -79,6 +81,12 @@ def check_pairing(
 ) -> None:
     """Entries paired by position: as many parameters as entries, and shapes that fit.
 
+    Each positional optimizer's entries are paired with its share of the
+    parameters in state-dict order (the order ``model.parameters()`` yields
+    them); an optimizer whose param groups each take the parameters in that
+    order but not one group after the other (the Hugging Face Trainer's
+    weights with decay, then biases and norms without) is paired by the one
+    split of the parameters into its groups that every entry's state fits.
     ``section`` is the configuration section a fix goes into; ``count_hint``
     explains a count that disagrees (Lightning numbers the whole module).
     """
@@ -88,14 +96,16 @@ def check_pairing(
     count = sum(len(p.found.ids()) for p in positional)
 
     def lines_up(params: list[str]) -> bool:
-        return _misaligned(positional, params, old.specs) is None
+        return isinstance(_align(positional, params, old.specs), list)
 
     why = resolve_guesses(old, count, lines_up)
     if why is not None:
         raise _count_error(positional, old, count, why, section, count_hint)
-    problem = _misaligned(positional, old.params, old.specs)
-    if problem is not None:
-        raise _alignment_error(problem)
+    aligned = _align(positional, old.params, old.specs)
+    if isinstance(aligned, str):
+        raise _alignment_error(aligned)
+    for plan, order in zip(positional, aligned):
+        plan.order = order
 
 
 def _count_error(
@@ -125,37 +135,119 @@ def _count_error(
     )
 
 
-def _misaligned(
-    plans: Sequence[OptimizerPlan], params: Sequence[str], specs: Mapping[str, TensorSpec | None]
-) -> str | None:
-    """Why pairing the optimizers' entries with ``params`` in order is wrong (None if fine).
+def _wrong_shape(entry: Any, spec: TensorSpec | None) -> tuple[str, torch.Tensor] | None:
+    """A per-parameter state tensor of an optimizer entry not shaped like ``spec``'s tensor."""
+    if not isinstance(entry, Mapping) or spec is None:
+        return None
+    for name, value in entry.items():
+        if not isinstance(value, torch.Tensor) or str(name) in SCALAR_STATE:
+            continue
+        if tuple(value.shape) == spec.shape:
+            continue
+        if value.dim() > 0 or str(name) in PER_PARAMETER_STATE:
+            return str(name), value
+    return None
 
-    Entries paired by position must hold per-parameter state shaped like their
-    parameter; a misfit means the parameters are not the ones (or not in the
-    order) the optimizer had.
+
+def _fits(entry: Any, spec: TensorSpec | None) -> bool:
+    return _wrong_shape(entry, spec) is None
+
+
+def _misfit(plan: OptimizerPlan, params: Sequence[str], specs: Mapping[str, Any], at: int) -> str:
+    """Why pairing the entries one group after the other with ``params`` is wrong ("" if fine)."""
+    state = plan.found.state
+    for n, ((_g, pid), key) in enumerate(zip(plan.found.ids(), params), start=at):
+        spec = specs.get(key)
+        wrong = _wrong_shape(state.get(pid), spec)
+        if wrong is None:
+            continue
+        assert spec is not None
+        name, value = wrong
+        return (
+            f"the optimizer state at {plan.found.label}, entry {pid!r}, holds {name!r} of "
+            f"shape {list(value.shape)}, but parameter #{n} in state-dict order, {key}, is "
+            f"{list(spec.shape)}"
+        )
+    return ""
+
+
+#: Beyond this many partial pairings, splitting parameters into groups is not tried.
+MAX_SPLITS = 200_000
+
+
+def _split_into_groups(
+    plan: OptimizerPlan, params: Sequence[str], specs: Mapping[str, Any]
+) -> list[str] | str:
+    """The parameters in the optimizer's entry order, from the one split into its groups that fits.
+
+    Each group takes its parameters in state-dict order; which group a
+    parameter is in is found from the shapes of the state its entry holds.
+    Returns why not when no split fits, or more than one does.
     """
+    groups = [list(g["params"]) for g in plan.found.groups]
+    sizes = tuple(len(g) for g in groups)
+    state = plan.found.state
+    start = (0,) * len(groups)
+    # layer i: partial split -> (number of ways, capped at 2; previous split; group taken)
+    layer: dict[tuple[int, ...], tuple[int, tuple[int, ...] | None, int]] = {start: (1, None, -1)}
+    history = []
+    for key in params:
+        spec = specs.get(key)
+        nxt: dict[tuple[int, ...], tuple[int, tuple[int, ...] | None, int]] = {}
+        for taken, (ways, _prev, _g) in layer.items():
+            for g, k in enumerate(taken):
+                if k == sizes[g] or not _fits(state.get(groups[g][k]), spec):
+                    continue
+                after = (*taken[:g], k + 1, *taken[g + 1 :])
+                have = nxt.get(after)
+                nxt[after] = (min(2, ways + (have[0] if have else 0)), taken, g)
+        if len(nxt) > MAX_SPLITS:
+            return "too many ways to split the parameters into its param groups to check them"
+        history.append(nxt)
+        layer = nxt
+    final = layer.get(sizes)
+    if final is None:
+        return "no split of the parameters into its param groups fits the state's shapes"
+    if final[0] > 1:
+        return (
+            "several splits of the parameters into its param groups fit the state's shapes "
+            "equally well"
+        )
+    chosen: list[int] = []
+    at: tuple[int, ...] = sizes
+    for nxt in reversed(history):
+        _ways, prev, g = nxt[at]
+        chosen.append(g)
+        assert prev is not None
+        at = prev
+    chosen.reverse()
+    slots: list[list[str]] = [[] for _ in groups]
+    for key, g in zip(params, chosen):
+        slots[g].append(key)
+    return [key for members in slots for key in members]
+
+
+def _align(
+    plans: Sequence[OptimizerPlan], params: Sequence[str], specs: Mapping[str, Any]
+) -> list[list[str]] | str:
+    """Each optimizer's parameters in its entries' order, or why they cannot be paired."""
+    out: list[list[str]] = []
     offset = 0
     for plan in plans:
-        ids = plan.found.ids()
-        state = plan.found.state
-        for n, ((_g, pid), key) in enumerate(zip(ids, params[offset:]), start=offset):
-            entry = state.get(pid)
-            spec = specs.get(key)
-            if not isinstance(entry, Mapping) or spec is None:
-                continue
-            for name, value in entry.items():
-                if not isinstance(value, torch.Tensor) or str(name) in SCALAR_STATE:
-                    continue
-                if tuple(value.shape) == spec.shape:
-                    continue
-                if value.dim() > 0 or str(name) in PER_PARAMETER_STATE:
-                    return (
-                        f"the optimizer state at {plan.found.label}, entry {pid!r}, holds "
-                        f"{name!r} of shape {list(value.shape)}, but parameter #{n} in "
-                        f"state-dict order, {key}, is {list(spec.shape)}"
-                    )
-        offset += len(ids)
-    return None
+        n = len(plan.found.ids())
+        share = list(params[offset : offset + n])
+        problem = _misfit(plan, share, specs, offset)
+        if problem and len(plan.found.groups) > 1:
+            split = _split_into_groups(plan, share, specs)
+            if isinstance(split, list):
+                share, problem = split, ""
+            else:
+                problem = f"{problem}, and {split}"
+        if problem:
+            return problem
+        out.append(share)
+        offset += n
+    return out
 
 
 def _alignment_error(problem: str) -> OptimizerStateError:
@@ -179,7 +271,8 @@ def pair(plans: Sequence[OptimizerPlan], old: Layout) -> dict[str, Slot]:
                 plan.slots.setdefault(old.rep(key), Slot(j, g, pid))
         else:
             ids = plan.found.ids()
-            for (g, pid), key in zip(ids, params[offset : offset + len(ids)]):
+            order = plan.order if plan.order is not None else params[offset : offset + len(ids)]
+            for (g, pid), key in zip(ids, order):
                 plan.slots[key] = Slot(j, g, pid)
             offset += len(ids)
     owner: dict[str, Slot] = {}
@@ -232,3 +325,94 @@ def membership(
     for waiting in pending:  # no parameter came from the old ones at all
         out[waiting] = (0, 0) if owner else None
     return out
+
+
+def unplaced(
+    plans: Sequence[OptimizerPlan], old: Layout, new: Layout, entries: Mapping[str, Node]
+) -> list[str]:
+    """New parameters whose place in the model's order nothing recorded gives.
+
+    Without the model, the only facts are the old order (the optimizer's own)
+    and the plan: a parameter that is exactly one old parameter, in the same
+    order relative to the others, keeps that parameter's place; one that is new,
+    made of several old parameters or of part of one has no known place.
+    Optimizers keyed by parameter name need no order at all.
+    """
+    if all(p.string_ids for p in plans):
+        return []
+    rank = {key: n for n, key in enumerate(old.params)}
+    feeds: Counter[str] = Counter()
+    sources: dict[str, list[str]] = {}
+    for key in new.params:
+        sources[key] = param_sources(entries[key], old)
+        feeds.update(sources[key])
+    out: list[str] = []
+    last = -1
+    for key in new.params:
+        srcs = sources[key]
+        if len(srcs) != 1 or feeds[srcs[0]] != 1 or rank.get(srcs[0], -1) < last:
+            out.append(key)
+            continue
+        last = rank[srcs[0]]
+    return out
+
+
+def unplaced_error(
+    plans: Sequence[OptimizerPlan],
+    old: Layout,
+    new: Layout,
+    entries: Mapping[str, Node],
+    *,
+    section: str,
+) -> None:
+    """Refuse to number parameters whose place in the model's order would be a guess."""
+    keys = unplaced(plans, old, new, entries)
+    if not keys:
+        return
+    shown = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+    raise OptimizerStateError(
+        f"the optimizer's parameter order after the migration is not known: {shown} "
+        f"{'is a parameter' if len(keys) == 1 else 'are parameters'} made of no old "
+        "parameter, of several, or of part of one, and without the model nothing says where "
+        "the model puts them (the optimizer pairs its state with parameters by position)",
+        hint=f"set `model = package.module:build_model` in [{section}] so that the new order "
+        "follows the model; or, " + ESCAPE,
+    )
+
+
+def live_membership(
+    plans: Sequence[OptimizerPlan], new: Layout, optimizers: Sequence[Sequence[Sequence[str]]]
+) -> tuple[dict[str, tuple[int, int] | None], list[list[list[str]]]]:
+    """(optimizer, group) of every new parameter, and the groups' members, from live optimizers.
+
+    The optimizers built for the migrated model say exactly which parameters
+    each group holds, in which order; they must have as many param groups as
+    the saved ones.
+    """
+    if len(optimizers) != len(plans):
+        raise OptimizerStateError(
+            f"the checkpoint holds {len(plans)} optimizer state(s), but {len(optimizers)} "
+            "optimizer(s) were given to restore them into",
+            hint="pass one optimizer per optimizer state in the checkpoint, in the same order",
+        )
+    out: dict[str, tuple[int, int] | None] = dict.fromkeys(new.params)
+    members: list[list[list[str]]] = []
+    known = set(new.params)
+    for j, (plan, groups) in enumerate(zip(plans, optimizers)):
+        if len(groups) != len(plan.found.groups):
+            raise OptimizerStateError(
+                f"the optimizer state at {plan.found.label} has {len(plan.found.groups)} param "
+                f"group(s), but the optimizer to restore it into has {len(groups)}",
+                hint="build the optimizer with the same param groups as the one that was saved",
+            )
+        for g, keys in enumerate(groups):
+            for key in keys:
+                if key not in known:
+                    raise OptimizerStateError(
+                        f"the optimizer to restore {plan.found.label} into holds {key}, which "
+                        "is not a parameter of the migrated checkpoint",
+                        hint="build the optimizer from the model the checkpoint is loaded into",
+                    )
+                out[key] = (j, g)
+        members.append([list(keys) for keys in groups])
+    return out, members

@@ -38,15 +38,23 @@ def rebuild(
     *,
     meta: bool,
     revisions: Mapping[str, Sequence[str]],
+    members: Sequence[Sequence[str]] | None = None,
 ) -> Rebuilt:
-    """Optimizer ``j``'s new state dict; ``meta`` carries shapes only (a dry run)."""
+    """Optimizer ``j``'s new state dict; ``meta`` carries shapes only (a dry run).
+
+    ``members`` are its parameters per group in order when a live optimizer
+    says so; otherwise they follow ``membership`` in the new layout's order.
+    """
     opt = plan.found
-    members: list[list[str]] = [[] for _ in opt.groups]
-    for key in new.params:
-        m = membership.get(key)
-        if m is not None and m[0] == j:
-            members[m[1]].append(key)
-    groups, pid_of = _new_groups(plan, members)
+    if members is None:
+        chosen: list[list[str]] = [[] for _ in opt.groups]
+        for key in new.params:
+            m = membership.get(key)
+            if m is not None and m[0] == j:
+                chosen[m[1]].append(key)
+    else:
+        chosen = [list(keys) for keys in members]
+    groups, pid_of = _new_groups(plan, chosen)
     carrier = StateCarrier(
         _old_state(plan, old),
         meta=meta,
@@ -57,7 +65,7 @@ def rebuild(
     )
     new_state: dict[Any, dict[str, Any]] = {}
     carried: dict[str, Carried] = {}
-    for keys in members:
+    for keys in chosen:
         for key in keys:
             c = carrier.carry(key, entries[key])
             carried[key] = c
@@ -66,7 +74,7 @@ def rebuild(
     value = dict(opt.value)
     value["state"] = new_state if meta else unshare(new_state)
     value["param_groups"] = groups
-    return Rebuilt(value, members, pid_of, carried)
+    return Rebuilt(value, chosen, pid_of, carried)
 
 
 def _new_groups(

@@ -39,9 +39,23 @@ class ModelInfo:
     alias: dict[str, str]
 
     def matches(self, specs: Mapping[str, TensorSpec | None]) -> bool:
-        return set(specs) == set(self.schema) and all(
-            self.schema[k].spec == spec for k, spec in specs.items()
-        )
+        """The same entries; the second key of a tied parameter may be absent (stored once)."""
+        want = {k for k in self.schema if not (k in self.alias and k not in specs)}
+        return set(specs) == want and all(self.schema[k].spec == spec for k, spec in specs.items())
+
+
+@dataclass
+class Facts:
+    """What is known to be true beyond the checkpoint: the model, and live optimizers.
+
+    The command line knows the configured model (``model =``); a loader that
+    migrates on the way into a live model knows that model, and sometimes the
+    optimizers built for it (``optimizers``: per optimizer found in the
+    container, the file keys of its parameters per param group, in order).
+    """
+
+    model: ModelInfo | None = None
+    optimizers: Sequence[Sequence[Sequence[str]]] | None = None
 
 
 def model_info(config: Config) -> ModelInfo | None:
@@ -112,12 +126,45 @@ def file_order(file_keys: Sequence[str], prefix: str, lineage: Sequence[str]) ->
     return out
 
 
-def old_file_specs(ckpt: Checkpoint, model_old: ModelInfo | None) -> dict[str, TensorSpec | None]:
-    """The checkpoint's entries by file key, in the order its optimizer numbered them."""
+def old_file_specs(
+    ckpt: Checkpoint,
+    model_old: ModelInfo | None,
+    state: PlanState | None = None,
+    model_new: ModelInfo | None = None,
+) -> dict[str, TensorSpec | None]:
+    """The checkpoint's entries by file key, in the order its optimizer numbered them.
+
+    That is the model's order where the model describes the checkpoint, else
+    the file's. A file that does not keep the order it was saved in (a
+    safetensors file lists its keys sorted; see ``keeps_parameter_order``)
+    takes the new model's order, carried back through the plan: each old key
+    where the first new entry made of it sits.
+    """
     prefix = ckpt.key_prefix
     file_specs = ckpt.file_schema if prefix and ckpt.file_schema is not None else ckpt.schema
-    old_order = list(model_old.schema) if model_old is not None else list(ckpt.schema)
+    if model_old is not None:
+        old_order = list(model_old.schema)
+    elif state is not None and model_new is not None and not keeps_order(ckpt):
+        old_order = carried_back(state, list(model_new.schema), list(ckpt.schema))
+    else:
+        old_order = list(ckpt.schema)
     return {k: file_specs[k] for k in file_order(list(file_specs), prefix, old_order)}
+
+
+def keeps_order(ckpt: Checkpoint) -> bool:
+    """Whether the file lists its entries in the order the model held them."""
+    return bool(getattr(ckpt.format, "keeps_parameter_order", True))
+
+
+def carried_back(state: PlanState, new_order: Sequence[str], old_keys: Sequence[str]) -> list[str]:
+    """Old keys in the order of the new entries they become; the rest after, as they were."""
+    out: dict[str, None] = {}
+    for key in new_order:
+        node = state.entries.get(key)
+        if node is not None:
+            out.update((s, None) for s in sources(node) if s in old_keys)
+    out.update((k, None) for k in old_keys)
+    return list(out)
 
 
 def new_file_entries(

@@ -201,14 +201,35 @@ def check(md: Any, path: CkptPath) -> None:
 
 
 def _check_info(path: CkptPath, key: str, info: Any) -> None:
-    name = info.relative_path
-    if not isinstance(name, str) or not name or "/" in name or "\\" in name:
-        raise _invalid(path, f"{key!r} is stored in {name!r}, not a file of the folder")
+    name = getattr(info, "relative_path", None)
+    if (
+        not isinstance(name, str)
+        or not name
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or len(name.encode("utf-8", "replace")) > 255
+    ):
+        raise _invalid(path, f"{key!r} is stored in {_short(name)}, not a file of the folder")
     if name.startswith(".") and name != METADATA_NAME:
         raise _invalid(path, f"{key!r} is stored in the hidden file {name!r}")
-    for field in (info.offset, info.length):
+    for field in (getattr(info, "offset", None), getattr(info, "length", None)):
         if not isinstance(field, int) or isinstance(field, bool) or field < 0:
             raise _invalid(path, f"{key!r} has an invalid byte range in {name}")
+    if info.length == 0:  # a torch.save blob is never empty
+        raise _invalid(path, f"{key!r} has an empty byte range in {name}")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _dims(value: object) -> bool:
+    """A shape or an offset: a sequence of non-negative ints."""
+    return isinstance(value, (tuple, list)) and all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
+    )
 
 
 def _check_tensor(
@@ -225,19 +246,42 @@ def _check_tensor(
     if not isinstance(entry.chunks, list) or (not entry.chunks and _numel(size)):
         raise _invalid(path, f"{key!r} has no chunks")
     covered = 0
+    boxes: list[tuple[Sequence[int], Sequence[int]]] = []
     for chunk in entry.chunks:
         if not isinstance(chunk, chunk_cls):
             raise _invalid(path, f"{key!r} has a chunk that is a {type(chunk).__name__}")
-        offsets, sizes = chunk.offsets, chunk.sizes
+        offsets, sizes = getattr(chunk, "offsets", None), getattr(chunk, "sizes", None)
+        if not _dims(offsets) or not _dims(sizes):
+            raise _invalid(path, f"a chunk of {key!r} has no valid offsets and sizes")
+        assert isinstance(offsets, (tuple, list)) and isinstance(sizes, (tuple, list))
         if len(offsets) != len(size) or len(sizes) != len(size):
             raise _invalid(path, f"a chunk of {key!r} has the wrong number of dims")
-        if any(o < 0 or s < 0 or o + s > d for o, s, d in zip(offsets, sizes, size)):
+        if any(o + s > d for o, s, d in zip(offsets, sizes, size)):
             raise _invalid(path, f"a chunk of {key!r} lies outside its size {list(size)}")
         if MetadataIndex(key, offsets) not in storage:
             raise _invalid(path, f"no data is recorded for a chunk of {key!r}")
+        boxes.append((offsets, sizes))
         covered += _numel(sizes)
-    if covered < _numel(size):
+    if _overlapping(boxes):
+        raise _invalid(path, f"two chunks of {key!r} overlap")
+    if covered != _numel(size):
         raise _invalid(path, f"the chunks of {key!r} do not cover its size {list(size)}")
+
+
+def _overlapping(boxes: Sequence[tuple[Sequence[int], Sequence[int]]]) -> bool:
+    """Whether two chunks share an element: a sweep along the first dim, so the
+    usual layouts (chunks along one dim, one per rank) cost n log n, not n**2."""
+    solid = sorted((b for b in boxes if b[1] and all(b[1])), key=lambda b: tuple(b[0]))
+    if not solid or not solid[0][0]:
+        return len(solid) > 1  # scalars: two chunks of one element overlap
+    active: list[tuple[Sequence[int], Sequence[int]]] = []
+    for at, size in solid:
+        active = [b for b in active if b[0][0] + b[1][0] > at[0]]
+        for b_at, b_size in active:
+            if all(a < b + m and b < a + n for a, n, b, m in zip(at, size, b_at, b_size)):
+                return True
+        active.append((at, size))
+    return False
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -152,15 +152,26 @@ def _entries(md: Any) -> dict[str, Entry]:
     return out
 
 
-def _check_files(folder: CkptPath, md: Any, entries: dict[str, Entry]) -> None:
+def _check_files(folder: CkptPath, md: Any, entries: dict[str, Entry], metadata: CkptPath) -> None:
     """Every data file is present, and holds ``torch.save`` blobs (from the metadata alone)."""
     from torch.distributed.checkpoint.metadata import MetadataIndex
 
+    sizes: dict[str, int] = {}
     for name in {i.relative_path for i in md.storage_data.values()}:
         if name != dcp_metadata.METADATA_NAME and not (folder / name).is_file():
             raise CheckpointError(
                 f"{folder} is an incomplete DCP checkpoint: its data file {name} is missing",
                 hint="copy the checkpoint folder completely (every .distcp file and .metadata)",
+            )
+        file = metadata if name == dcp_metadata.METADATA_NAME else folder / name
+        sizes[name] = file.stat().st_size
+    for index, info in md.storage_data.items():
+        if info.offset + info.length > sizes[info.relative_path]:
+            raise CheckpointError(
+                f"{folder / info.relative_path} is shorter than its .metadata says "
+                f"(a blob of {index.fqn} at {info.offset}+{info.length})",
+                hint="the file was truncated, or .metadata belongs to another save; "
+                "restore the checkpoint from a complete copy",
             )
     for key, entry in entries.items():
         if entry.spec is None:
@@ -194,7 +205,7 @@ def read_dcp(
     md = dcp_metadata.load(path, trust_pickle=trust_pickle)
     read_version = version(path)  # of the bytes just read: a switch replaces only that one
     entries = _entries(md)
-    _check_files(folder, md, entries)
+    _check_files(folder, md, entries, path)
     state_path, flat_of = _lineage(folder, entries, state_dict_key)
     prefix = keyspace.normal(flat_key(state_path))
     planner = md.planner_data if isinstance(md.planner_data, dict) else {}

@@ -183,8 +183,10 @@ class ChunkStore:
         """The object ``torch.save`` wrote at ``info``."""
         where = f"{self.folder / info.relative_path} ({what})"
         try:
+            blob = self._stream(info).read()
+            _check_records(blob, where)
             return torch.load(
-                self._stream(info),
+                io.BytesIO(blob),
                 map_location="cpu",
                 weights_only=not self.trust_pickle,
             )
@@ -239,6 +241,28 @@ class ChunkStore:
             for blob in self._blobs.values():
                 blob.close()
             self._blobs.clear()
+
+
+def _check_records(blob: bytes, where: str) -> None:
+    """Every record of a ``torch.save`` blob against its checksum.
+
+    ``torch.load`` does not check them, so a flipped bit in a chunk would be
+    loaded, computed with and written into the new checkpoint as valid data.
+    """
+    from ..zip64 import BadZip, crc32, read_index
+
+    try:
+        records = read_index(blob).records.values()
+    except BadZip as exc:
+        raise _damaged(where, exc) from None
+    view = memoryview(blob)
+    for record in records:
+        if crc32(view[record.data_offset : record.data_offset + record.size]) != record.crc:
+            raise CheckpointError(
+                f"{where} is damaged: record {record.name} fails its checksum",
+                hint="the data file was corrupted on disk or in transfer; restore the "
+                "checkpoint from a good copy",
+            )
 
 
 def _damaged(where: str, exc: BaseException) -> CheckpointError:
