@@ -18,16 +18,19 @@ import subprocess
 import sys
 import threading
 import uuid
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tests.conftest import ADD_FC3, INITIAL, Run, two_step_lineage, v1_state_dict
+from tests.harness import dcp_models
 from tests.harness.common import REV_A, REV_B, stamp_state_dict, standard_project
 from tests.harness.s3 import Request, S3Server
 
@@ -416,6 +419,175 @@ def test_two_writers_take_turns(
     assert err.splitlines()[0] == f"Waiting for another ckptmigrate process writing {url} ...", err
     assert f"Running upgrade {REV_A} -> {REV_B}" in err
     assert s3.objects() == ["big.pth"]
+
+
+# --------------------------------------------------------------------------- DCP folders
+
+
+def _dcp_project(root: Path, monkeypatch: pytest.MonkeyPatch, run: Run, *lineage: str) -> Path:
+    """The tiny DCP lineage (``lineage``: its upgrade and downgrade), and ``ckpt`` saved at v1,
+    stamped; returns the ini."""
+    from tests.test_dcp import save_v1
+
+    dcp_models.write_project(root, *lineage)
+    monkeypatch.chdir(root)
+    save_v1(root / "ckpt")
+    run("stamp", "ckpt", dcp_models.REV_V1)
+    return root / "alembic_style.ini"
+
+
+def _local(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_a_dcp_rename_chain_on_s3_rewrites_only_its_metadata(
+    tmp_path: Path, s3: Bucket, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _dcp_project(tmp_path, monkeypatch, run, dcp_models.RENAMES_UP, dcp_models.RENAMES_DOWN)
+    url = s3.put_folder("ckpt", tmp_path / "ckpt")
+    before = _folder_in(s3, "ckpt")
+    assert run("current", url).stdout == f"{dcp_models.REV_V1}\n"
+    seen = s3.server.mark()
+    remote = run("upgrade", url)
+    requests = s3.server.since(seen)
+    local = run("upgrade", "ckpt")
+    assert _stderr_lines(remote, (url, "ckpt")) == _stderr_lines(local)
+    after = _folder_in(s3, "ckpt")
+    assert after == _local(tmp_path / "ckpt")  # the same .metadata as on disk
+    assert after[".metadata"] != before[".metadata"]
+    assert {k: v for k, v in after.items() if k != ".metadata"} == {
+        k: v for k, v in before.items() if k != ".metadata"
+    }
+    writes = [r.key for r in requests if r.method in ("PUT", "POST", "DELETE")]
+    assert [k for k in writes if "lock" not in k] == [f"{s3.name}/ckpt/.metadata"]
+    # of the data, one small object read by its range (the optimizer's param groups): no tensor
+    data_reads = [r for r in requests if r.method == "GET" and r.key.endswith(".distcp")]
+    assert len(data_reads) == 1 and data_reads[0].status == 206 and data_reads[0].sent < 4096
+    assert run("current", url).stdout == f"{dcp_models.REV_V2} (head)\n"
+
+    run("downgrade", url, "-1")
+    run("downgrade", "ckpt", "-1")
+    assert _folder_in(s3, "ckpt") == _local(tmp_path / "ckpt")
+    assert run("current", url).stdout == f"{dcp_models.REV_V1}\n"
+    assert s3.pending_uploads() == []
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # dcp.load without a process group
+def test_a_dcp_folder_on_s3_upgrades_and_downgrades_its_tensors_as_on_disk(
+    tmp_path: Path, s3: Bucket, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_dcp import load_into
+
+    _dcp_project(tmp_path, monkeypatch, run)
+    url = s3.put_folder("ckpt", tmp_path / "ckpt")
+    original = _folder_in(s3, "ckpt")
+    remote = run("upgrade", url, "--jobs", "2")
+    local = run("upgrade", "ckpt", "--jobs", "2")
+    assert _stderr_lines(remote, (url, "ckpt")) == _stderr_lines(local)
+    upgraded = _folder_in(s3, "ckpt")
+    assert upgraded == _local(tmp_path / "ckpt")  # new data files, new .metadata, old gone
+    assert any(k.startswith("ckptmigrate-") for k in upgraded) and upgraded != original
+    assert run("current", url).stdout == f"{dcp_models.REV_V2} (head)\n"
+    download = tmp_path / "download"
+    download.mkdir()
+    for name, data in upgraded.items():
+        (download / name).write_bytes(data)
+    model, _, step = load_into(dcp_models.TinyV2, download, optimizer=False)
+    assert step == 2 and model.state_dict()["embed.weight"].shape == (dcp_models.NEW_VOCAB, 8)
+
+    run("downgrade", url, dcp_models.REV_V1)
+    run("downgrade", "ckpt", dcp_models.REV_V1)
+    assert _folder_in(s3, "ckpt") == _local(tmp_path / "ckpt")
+    assert run("current", url).stdout == f"{dcp_models.REV_V1}\n"
+    assert s3.pending_uploads() == []
+
+
+@pytest.mark.parametrize("moment", ["a data file", "the switch"])
+def test_a_dcp_run_killed_mid_write_leaves_the_old_checkpoint(
+    tmp_path: Path, s3: Bucket, run: Run, monkeypatch: pytest.MonkeyPatch, moment: str
+) -> None:
+    ini = _dcp_project(tmp_path, monkeypatch, run)
+    url = s3.put_folder("ckpt", tmp_path / "ckpt")
+    before = _folder_in(s3, "ckpt")
+    if moment == "a data file":
+        stop = _Stop(lambda r: r.method == "PUT" and r.key.endswith(".distcp"))
+    else:
+        stop = _Stop(lambda r: r.method == "PUT" and r.key == f"{s3.name}/ckpt/.metadata")
+    _kill_when_reached(stop, s3, ini, url, env={})
+    after = _folder_in(s3, "ckpt")
+    assert {k: after[k] for k in before} == before  # the old checkpoint, whole
+    assert run("current", url).stdout == f"{dcp_models.REV_V1}\n"
+
+    # The next run takes over the dead writer's lock and ends exactly as an unbroken run.
+    result = run("upgrade", url)
+    assert "Waiting for another" not in result.stderr
+    run("upgrade", "ckpt")
+    assert _folder_in(s3, "ckpt") == _local(tmp_path / "ckpt")
+    assert s3.pending_uploads() == []
+    assert not any("lock" in k for k in s3.objects())
+
+
+def test_a_dcp_upload_killed_mid_part_is_aborted_by_the_next_writer(
+    tmp_path: Path, s3: Bucket, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 12 MiB data file goes up in 5 MiB parts; killed at its second, nothing is visible,
+    and the next writer of the folder (it holds the .metadata lock) aborts that upload."""
+    import torch.distributed.checkpoint as dcp
+
+    monkeypatch.chdir(tmp_path)
+    two_step_lineage(tmp_path, ("base00000001", "next00000002"), 'op.transpose("w", 0, 1)')
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(3072, 1024, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": {"w": w}}, checkpoint_id=tmp_path / "ckpt")
+    run("stamp", "ckpt", "base00000001")
+    url = s3.put_folder("ckpt", tmp_path / "ckpt")
+    before = _folder_in(s3, "ckpt")
+    stop = _Stop(lambda r: r.key.endswith(".distcp") and r.query.get("partNumber") == ["2"])
+    env = {"CKPTMIGRATE_S3_PART_SIZE": str(5 << 20)}
+    _kill_when_reached(stop, s3, tmp_path / "alembic_style.ini", url, env=env)
+    # the old checkpoint, and nothing else visible but the dead writer's lock
+    assert _folder_in(s3, "ckpt") == {**before, "..metadata.ckptmigrate-lock": ANY}
+    assert [k for k in s3.pending_uploads() if k.endswith(".distcp")]  # the killed upload
+
+    # a writer that uploads no data file of that name (stamp rewrites .metadata alone)
+    run("stamp", url, "base")
+    assert s3.pending_uploads() == []
+    assert _folder_in(s3, "ckpt").keys() == before.keys()  # the lock gone too
+    monkeypatch.setattr("ckptmigrate.formats.s3.PART_SIZE", 5 << 20)
+    run("stamp", "ckpt", "base")
+    for where in (url, "ckpt"):
+        run("upgrade", where, "--from", "base00000001")
+    assert _folder_in(s3, "ckpt") == _local(tmp_path / "ckpt")
+    assert s3.pending_uploads() == []
+
+
+def test_a_concurrent_writer_of_a_dcp_folder_is_not_overwritten(
+    tmp_path: Path, s3: Bucket, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another tool replaces .metadata while the new data goes up: the switch is refused."""
+    _dcp_project(tmp_path, monkeypatch, run)
+    url = s3.put_folder("ckpt", tmp_path / "ckpt")
+    before = _folder_in(s3, "ckpt")
+    theirs = b"written by someone else"
+    done = threading.Event()
+
+    def hook(request: Request) -> bool:
+        if not done.is_set() and request.method == "PUT" and request.key.endswith(".distcp"):
+            done.set()
+            s3.client.put_object(Bucket=s3.name, Key="ckpt/.metadata", Body=theirs)
+        return False
+
+    s3.hook(hook)
+    result = run("upgrade", url, code=1)
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"Error: {url}/.metadata was replaced"), (
+        result.stderr
+    )
+    after = _folder_in(s3, "ckpt")
+    assert after == {**before, ".metadata": theirs}  # theirs stands; none of our files stay
+    assert s3.pending_uploads() == []
 
 
 # --------------------------------------------------------------------------- other stores, errors

@@ -48,6 +48,8 @@ PARTS_IN_FLIGHT = 4
 LEASE = float(os.environ.get("CKPTMIGRATE_S3_LEASE", 60.0))
 LOCK_SUFFIX = ".ckptmigrate-lock"
 _TENSOR_FILES = (".safetensors", ".bin", ".pt", ".pth")
+#: A folder's data files, by the name of the file its writers lock (DCP's ``.metadata``).
+_FOLDER_DATA = {".metadata": (".distcp",)}
 
 
 def _precondition_failed(exc: BaseException) -> bool:
@@ -166,16 +168,21 @@ class S3Store(Store):
         return aborted
 
     def _clean_after_lock(self, path: str) -> None:
-        """Uploads killed writers of this checkpoint left: its key, a sharded folder's files."""
+        """Uploads killed writers of this checkpoint left: its key, a folder's data files
+        (a sharded folder's shards, a DCP folder's ``.distcp`` files)."""
         bucket, key = self._split(path)
         self.abort_uploads(path, keep=lambda k: k != key)
-        if key.endswith(".index.json"):
+        data = _FOLDER_DATA.get(posixpath.basename(key)) or (
+            _TENSOR_FILES if key.endswith(".index.json") else None
+        )
+        if data is not None:
             folder = posixpath.dirname(key)
             prefix = f"{folder}/" if folder else ""
+            suffixes = data
 
             def foreign(k: str) -> bool:
                 rest = k[len(prefix) :]
-                return "/" in rest or not rest.endswith(_TENSOR_FILES)
+                return "/" in rest or not rest.endswith(suffixes)
 
             self.abort_uploads(f"{bucket}/{prefix}", keep=foreign)
 

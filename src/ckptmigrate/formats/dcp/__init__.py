@@ -9,7 +9,9 @@ entry a migration does not change where it is, writes the changed tensors
 into new data files beside the old ones with their chunk layout, and then
 replaces ``.metadata`` in one atomic step: a chain of renames and drops
 rewrites ``.metadata`` alone. Data files nothing references any more are
-removed after that switch.
+removed after that switch. A folder on a store (an fsspec URL) works the
+same way: ranged reads, data files as uploads, ``.metadata`` switched by one
+conditional write.
 
 Also recognised, to be refused with what to do instead: folders saved
 without collectives (one ``__<rank>.metadata`` per rank) and Hugging Face
@@ -28,7 +30,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from ...errors import CheckpointError, WriteError
 from ..base import Format, ReadOptions, WriteOptions, formats, register
-from ..storage import local_only
 from .metadata import METADATA_NAME
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ def folder_of(path: P) -> P:
     return path.parent if path.name == METADATA_NAME else path  # type: ignore[return-value]
 
 
-def _refusal(folder: Path) -> CheckpointError | None:
+def _refusal(folder: CkptPath) -> CheckpointError | None:
     """A DCP layout ckptmigrate does not migrate, and what to do instead (None: not one)."""
     if not folder.is_dir() or (folder / METADATA_NAME).exists():
         return None
@@ -72,7 +73,7 @@ def _refusal(folder: Path) -> CheckpointError | None:
     return None
 
 
-def _is_output_folder(target: Path) -> bool:
+def _is_output_folder(target: CkptPath) -> bool:
     """An existing folder a DCP checkpoint may be written into (new, empty, or one already)."""
     if not target.is_dir():
         return False
@@ -109,14 +110,12 @@ class DCPFormat:
         if source is self:  # a DCP checkpoint stays one
             return True
         # another checkpoint converted into a folder that is empty (or a DCP checkpoint)
-        return (
-            source is not None and isinstance(target, Path) and _is_output_folder(folder_of(target))
-        )
+        return source is not None and _is_output_folder(folder_of(target))
 
     def open(self, path: CkptPath, options: ReadOptions) -> Checkpoint:
         from .reading import read_dcp
 
-        folder = folder_of(local_only(path, "DCP folders"))
+        folder = folder_of(path)
         refused = _refusal(folder)
         if refused is not None:
             raise refused
@@ -125,7 +124,7 @@ class DCPFormat:
         )
 
     def check_target(self, target: CkptPath) -> None:
-        folder = folder_of(local_only(target, "DCP folders"))
+        folder = folder_of(target)
         if folder.exists() and not folder.is_dir():
             raise WriteError(
                 f"cannot write a DCP checkpoint to {folder}: it is a file",
@@ -136,6 +135,8 @@ class DCPFormat:
                 f"cannot write a DCP checkpoint into {folder}: the folder holds other files",
                 hint="give a new or empty folder with -o, or an existing DCP checkpoint's folder",
             )
+        if not isinstance(folder, Path):
+            return  # a store has no folders to create first
         parent = folder.parent if str(folder.parent) else Path(".")
         if not folder.exists() and not parent.is_dir():
             raise WriteError(
@@ -153,7 +154,7 @@ class DCPFormat:
     ) -> None:
         from .writing import write_dcp
 
-        write_dcp(folder_of(local_only(target, "DCP folders")), source, full, metadata, options)
+        write_dcp(folder_of(target), source, full, metadata, options)
 
     def lock_path(self, path: CkptPath) -> CkptPath:
         return folder_of(path) / METADATA_NAME
@@ -162,7 +163,7 @@ class DCPFormat:
         """Remove the data files interrupted writes left (the lock on .metadata is held)."""
         from .writing import remove_leftovers
 
-        return remove_leftovers(folder_of(path)) if isinstance(path, Path) else []
+        return remove_leftovers(folder_of(path))
 
 
 FORMAT = register(DCPFormat())

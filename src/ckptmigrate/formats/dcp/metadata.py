@@ -32,10 +32,12 @@ import io
 import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...errors import CheckpointError, UnsafeCheckpointError
+
+if TYPE_CHECKING:
+    from ..storage import CkptPath
 
 METADATA_NAME = ".metadata"
 #: The key in ``planner_data`` that holds the stamp entries.
@@ -107,7 +109,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         return found
 
 
-def _invalid(path: Path, what: str) -> CheckpointError:
+def _invalid(path: CkptPath, what: str) -> CheckpointError:
     return CheckpointError(
         f"{path} is not a valid DCP checkpoint's metadata: {what}",
         hint="check that the folder holds a complete torch.distributed.checkpoint save "
@@ -115,7 +117,7 @@ def _invalid(path: Path, what: str) -> CheckpointError:
     )
 
 
-def load(path: Path, *, trust_pickle: bool = False) -> Any:
+def load(path: CkptPath, *, trust_pickle: bool = False) -> Any:
     """The ``Metadata`` in ``path``, unpickled under the allow-list and checked."""
     try:
         data = path.read_bytes()
@@ -147,7 +149,7 @@ def load(path: Path, *, trust_pickle: bool = False) -> Any:
     return md
 
 
-def check(md: Any, path: Path) -> None:
+def check(md: Any, path: CkptPath) -> None:
     """Every field DCP's readers (and ours) rely on, before anything trusts it."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (
@@ -198,7 +200,7 @@ def check(md: Any, path: Path) -> None:
             raise _invalid(path, f"planner_data holds {where!r} as the path of {key!r}")
 
 
-def _check_info(path: Path, key: str, info: Any) -> None:
+def _check_info(path: CkptPath, key: str, info: Any) -> None:
     name = getattr(info, "relative_path", None)
     if (
         not isinstance(name, str)
@@ -231,7 +233,7 @@ def _dims(value: object) -> bool:
 
 
 def _check_tensor(
-    path: Path, key: str, entry: Any, storage: Mapping[Any, Any], chunk_cls: Any
+    path: CkptPath, key: str, entry: Any, storage: Mapping[Any, Any], chunk_cls: Any
 ) -> None:
     import torch
     from torch.distributed.checkpoint.metadata import MetadataIndex

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...errors import CheckpointError
 from ...plan.nodes import Node, Source, TensorSpec
@@ -29,6 +28,9 @@ from ..container import locate_state_dict
 from ..stamp import read_stamp, stamp_entries
 from . import metadata as dcp_metadata
 from .store import ChunkStore
+
+if TYPE_CHECKING:
+    from ..storage import CkptPath
 
 PathItem = str | int
 
@@ -56,7 +58,7 @@ def flat_key(path: Sequence[PathItem]) -> str:
 class DCPCheckpoint(Checkpoint):
     """A DCP folder: its metadata, its entries by flat key, and where the lineage sits."""
 
-    folder: Path
+    folder: CkptPath
     md: Any
     entries: dict[str, Entry]
     flat_of: dict[str, str]  # lineage key -> flat key
@@ -150,7 +152,7 @@ def _entries(md: Any) -> dict[str, Entry]:
     return out
 
 
-def _check_files(folder: Path, md: Any, entries: dict[str, Entry], metadata: Path) -> None:
+def _check_files(folder: CkptPath, md: Any, entries: dict[str, Entry], metadata: CkptPath) -> None:
     """Every data file is present, and holds ``torch.save`` blobs (from the metadata alone)."""
     from torch.distributed.checkpoint.metadata import MetadataIndex
 
@@ -189,17 +191,19 @@ def _check_files(folder: Path, md: Any, entries: dict[str, Entry], metadata: Pat
 
 
 def read_dcp(
-    folder: Path,
+    folder: CkptPath,
     *,
     trust_pickle: bool = False,
     state_dict_key: str | None = None,
-    metadata_file: Path | None = None,
+    metadata_file: CkptPath | None = None,
 ) -> DCPCheckpoint:
     """Open the folder lazily (``metadata_file``: read another .metadata, e.g. one just written)."""
+    from ..storage import version
     from . import FORMAT
 
     path = metadata_file or folder / dcp_metadata.METADATA_NAME
     md = dcp_metadata.load(path, trust_pickle=trust_pickle)
+    read_version = version(path)  # of the bytes just read: a switch replaces only that one
     entries = _entries(md)
     _check_files(folder, md, entries, path)
     state_path, flat_of = _lineage(folder, entries, state_dict_key)
@@ -219,6 +223,7 @@ def read_dcp(
         reader=lambda key: ckpt.read_entry(flat_of[key]),
         close=store.close,
         views_share_storage=False,
+        version=read_version,
         folder=folder,
         md=md,
         entries=entries,
@@ -232,7 +237,7 @@ def read_dcp(
 
 
 def _lineage(
-    folder: Path, entries: dict[str, Entry], state_dict_key: str | None
+    folder: CkptPath, entries: dict[str, Entry], state_dict_key: str | None
 ) -> tuple[tuple[str, ...], dict[str, str]]:
     """Where the state dict sits in the saved structure, and its keys' flat keys."""
     from torch.distributed.checkpoint._traverse import set_element

@@ -7,7 +7,8 @@ Each chunk of a tensor is a ``torch.save`` of that chunk, stored at
 chunk, placed at its offsets) or one object, only when asked: opening a
 checkpoint, renaming and dropping read none of it.
 
-Blobs are read through a window over the file (``os.pread``), loaded with
+Blobs are read through a window over the file (``os.pread``; on a store, one
+ranged read of the blob's bytes), loaded with
 ``weights_only=True`` (``--trust-pickle`` for objects outside that list), and
 checked against what ``.metadata`` says they hold.
 """
@@ -19,13 +20,17 @@ import os
 import pickle
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ...errors import CheckpointError
 from ...plan.spec import TensorSpec
+from ..storage import Blob, open_blob
 from ..unpickle import refusal
+
+if TYPE_CHECKING:
+    from ..storage import CkptPath
 
 
 class _Window(io.RawIOBase):
@@ -66,22 +71,51 @@ class ChunkStore:
     """The data files of one checkpoint folder, opened on first use, read by byte range."""
 
     def __init__(
-        self, folder: Path, *, trust_pickle: bool = False, metadata_file: Path | None = None
+        self,
+        folder: CkptPath,
+        *,
+        trust_pickle: bool = False,
+        metadata_file: CkptPath | None = None,
     ) -> None:
         self.folder = folder
         self.trust_pickle = trust_pickle
         # objects stored after the pickle are read from the .metadata the entries came from
         self.metadata_file = metadata_file
         self._fds: dict[str, int] = {}
+        self._blobs: dict[str, Blob] = {}
         self._lock = threading.Lock()
+
+    def _path(self, name: str) -> CkptPath:
+        if name == ".metadata" and self.metadata_file is not None:
+            return self.metadata_file
+        return self.folder / name
+
+    def _blob(self, name: str) -> Blob | None:
+        """The file on a store, read by ranges (None: a local file, read with ``pread``)."""
+        path = self._path(name)
+        if isinstance(path, Path):
+            return None
+        with self._lock:
+            blob = self._blobs.get(name)
+            if blob is None:
+                blob = self._blobs[name] = open_blob(path)
+            return blob
+
+    def _remote(self, info: Any) -> bytes | None:
+        """A blob's bytes read from a store in one ranged read (None: the file is local)."""
+        blob = self._blob(info.relative_path)
+        if blob is None:
+            return None
+        if blob.size < info.offset + info.length:
+            raise self._short(info)
+        return blob.read(info.offset, info.offset + info.length)
 
     def _fd(self, name: str) -> int:
         with self._lock:
             fd = self._fds.get(name)
             if fd is None:
-                path = self.folder / name
-                if name == ".metadata" and self.metadata_file is not None:
-                    path = self.metadata_file
+                path = self._path(name)
+                assert isinstance(path, Path)  # a store's files are read through _blob
                 try:
                     fd = os.open(path, os.O_RDONLY)
                 except OSError as exc:
@@ -94,6 +128,9 @@ class ChunkStore:
 
     def raw(self, info: Any) -> bytes:
         """A blob's bytes as stored (to carry it somewhere else unchanged)."""
+        remote = self._remote(info)
+        if remote is not None:
+            return remote
         fd = self._fd(info.relative_path)
         data = os.pread(fd, info.length, info.offset)
         if len(data) != info.length:
@@ -107,15 +144,20 @@ class ChunkStore:
             hint="the file was truncated; restore the checkpoint from a complete copy",
         )
 
-    def _stream(self, info: Any) -> io.BufferedReader:
-        fd = self._fd(info.relative_path)
-        if os.fstat(fd).st_size < info.offset + info.length:
-            raise self._short(info)
-        stream: Any = io.BufferedReader(_Window(fd, info.offset, info.length))
+    def _stream(self, info: Any) -> Any:
+        remote = self._remote(info)
+        stream: Any
+        if remote is not None:
+            stream = io.BytesIO(remote)
+        else:
+            fd = self._fd(info.relative_path)
+            if os.fstat(fd).st_size < info.offset + info.length:
+                raise self._short(info)
+            stream = io.BufferedReader(_Window(fd, info.offset, info.length))
         descriptors = getattr(info, "transform_descriptors", None)
         if descriptors:
             stream = self._untransformed(stream, descriptors, info)
-        return stream  # type: ignore[no-any-return]
+        return stream
 
     def _untransformed(self, stream: Any, descriptors: Any, info: Any) -> Any:
         """A blob written through DCP's stream extensions (e.g. compression), decoded by DCP."""
@@ -196,6 +238,9 @@ class ChunkStore:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            for blob in self._blobs.values():
+                blob.close()
+            self._blobs.clear()
 
 
 def _check_records(blob: bytes, where: str) -> None:

@@ -17,19 +17,25 @@ In order, all while the caller holds the lock on ``.metadata``:
    the other;
 4. data files the old ``.metadata`` referenced and the new one does not are
    removed.
+
+On a store (an fsspec URL) the same steps run through :mod:`..storage`: data
+files are uploads under new names, visible only once complete; blobs are read
+by ranges; the switch is one conditional PUT of ``.metadata``, refused if
+another writer replaced the version that was read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
@@ -42,12 +48,16 @@ from ..base import WriteOptions
 from ..checkpoint import Checkpoint
 from ..fileio import copy_range, fsync_dir, open_for_writing, plain_tensor
 from ..stamp import flatten_stamps
+from ..storage import open_blob, replace_small, same_location, staged_output
 from ..verify import verify_written
 from . import DATA_SUFFIX, OWN_PREFIX
 from . import metadata as dcp_metadata
 from .output import Box, Leaf, computing, plan_output, region
 from .reading import DCPCheckpoint, flat_key, read_dcp
 from .reading import referenced as files_of
+
+if TYPE_CHECKING:
+    from ..storage import CkptPath
 
 
 @dataclass
@@ -60,7 +70,7 @@ class _DataFile:
 
 
 def write_dcp(
-    folder: Path,
+    folder: CkptPath,
     source: Checkpoint,
     full: PlanState,
     metadata: Mapping[str, Mapping[str, Any]],
@@ -75,14 +85,15 @@ def write_dcp(
             hint="choose another place with -o; the input is unchanged",
         ) from exc
     dcp = source if isinstance(source, DCPCheckpoint) else None
-    same = dcp is not None and folder.resolve() == dcp.folder.resolve()
+    same = dcp is not None and same_location(folder, dcp.folder)
     previous = dcp if same else _existing(folder)
     referenced = previous.files() if previous is not None else set()
     remove_leftovers(folder)
     leaves = plan_output(source, full.entries, options.container)
     stamps = _stamps(source, metadata)
     tag = _tag(leaves, stamps)
-    written: list[Path] = []
+    written: list[CkptPath] = []
+    data: bytes | None = None
     try:
         infos = _write_data(folder, tag, source, leaves, options, written)
         names = _carry_files(folder, dcp, leaves, same, referenced, options, written)
@@ -91,13 +102,23 @@ def write_dcp(
         if replaced and isinstance(md.planner_data, dict):  # for the next writer, if killed
             md.planner_data[dcp_metadata.REPLACED_KEY] = replaced
         data = dcp_metadata.encode(md, blobs)
-        if options.durable:
-            fsync_dir(folder)
-        with atomic_output(folder / dcp_metadata.METADATA_NAME, durable=options.durable) as tmp:
-            tmp.write_bytes(data)
+
+        def check(tmp: Path) -> None:
             if options.verify:
                 _verify(folder, tmp, source, full, metadata, leaves)
+
+        if isinstance(folder, Path):
+            if options.durable:
+                fsync_dir(folder)
+            with atomic_output(folder / dcp_metadata.METADATA_NAME, durable=options.durable) as tmp:
+                tmp.write_bytes(data)
+                check(tmp)
+        else:  # the new .metadata replaces exactly the version read (or is a new object)
+            expect = previous.version if previous is not None else None
+            _switch_remote(folder, data, expect, check)
     except BaseException as exc:
+        if not isinstance(folder, Path) and _switched(folder, data):
+            raise  # the new .metadata is there (interrupted after the PUT): its files stay
         for path in written:
             path.unlink(missing_ok=True)
         if isinstance(exc, OSError):
@@ -107,7 +128,7 @@ def write_dcp(
         (folder / name).unlink(missing_ok=True)  # no longer part of the checkpoint
 
 
-def _existing(folder: Path) -> DCPCheckpoint | None:
+def _existing(folder: CkptPath) -> DCPCheckpoint | None:
     """The DCP checkpoint an ``-o`` folder holds already (its files go after the switch)."""
     if not (folder / dcp_metadata.METADATA_NAME).is_file():
         return None
@@ -121,7 +142,34 @@ def _existing(folder: Path) -> DCPCheckpoint | None:
         ) from exc
 
 
-def remove_leftovers(folder: Path) -> list[str]:
+def _switch_remote(
+    folder: CkptPath, data: bytes, expect: str | None, check: Callable[[Path], None]
+) -> None:
+    """The switch on a store: ``.metadata`` checked in a local copy, then one conditional PUT."""
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix="ckptmigrate-", suffix=".metadata")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        check(tmp)
+        replace_small(folder / dcp_metadata.METADATA_NAME, data, durable=True, expect=expect)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _switched(folder: CkptPath, data: bytes | None) -> bool:
+    """Whether the ``.metadata`` on the store is the one this write put there."""
+    if data is None:
+        return False
+    try:
+        return (folder / dcp_metadata.METADATA_NAME).read_bytes() == data
+    except (OSError, CkptMigrateError):
+        return False
+
+
+def remove_leftovers(folder: CkptPath) -> list[str]:
     """Data files interrupted writes left: ours, or replaced, and referenced by no ``.metadata``.
 
     Run holding the lock on ``.metadata`` (or before writing a new folder); the names removed.
@@ -161,7 +209,7 @@ def _tag(leaves: Sequence[Leaf], stamps: Mapping[str, str]) -> str:
     return digest.hexdigest()[:8]
 
 
-def _file_name(folder: Path, tag: str, n: int) -> str:
+def _file_name(folder: CkptPath, tag: str, n: int) -> str:
     name = f"{OWN_PREFIX}{tag}-{n}{DATA_SUFFIX}"
     extra = 0
     while (folder / name).exists():
@@ -170,7 +218,7 @@ def _file_name(folder: Path, tag: str, n: int) -> str:
     return name
 
 
-def _buckets(folder: Path, tag: str, leaves: Sequence[Leaf], jobs: int) -> list[_DataFile]:
+def _buckets(folder: CkptPath, tag: str, leaves: Sequence[Leaf], jobs: int) -> list[_DataFile]:
     """The tensors to write, in at most ``jobs`` files; tensors with a common input share one."""
     todo = [leaf for leaf in leaves if leaf.node is not None and leaf.node.spec is not None]
     groups: dict[str, list[Leaf]] = {}
@@ -197,13 +245,30 @@ def _nbytes(leaf: Leaf) -> int:
     return leaf.spec.nbytes if leaf.spec is not None else 0
 
 
+@contextlib.contextmanager
+def _new_file(path: CkptPath, durable: bool) -> Iterator[IO[bytes]]:
+    """A new data file to write: a local file (fsynced when durable), or an upload to a store
+    under a name no object has, visible only once complete."""
+    if isinstance(path, Path):
+        with open_for_writing(path) as fh:
+            yield fh
+            fh.flush()
+            if durable:
+                os.fsync(fh.fileno())
+        return
+    with staged_output(path, durable=durable, expect=None) as staged:
+        assert not isinstance(staged.output, Path)
+        with staged.output as upload:
+            yield upload  # type: ignore[misc]
+
+
 def _write_data(
-    folder: Path,
+    folder: CkptPath,
     tag: str,
     source: Checkpoint,
     leaves: Sequence[Leaf],
     options: WriteOptions,
-    written: list[Path],
+    written: list[CkptPath],
 ) -> dict[tuple[str, tuple[int, ...]], Any]:
     """Write every computed tensor's chunks; ``_StorageInfo`` by (flat key, chunk offsets)."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -216,7 +281,7 @@ def _write_data(
         with lock:
             written.append(path)
         evaluate = computing(data.leaves, source.read)
-        with open_for_writing(path) as fh:
+        with _new_file(path, options.durable) as fh:
             for leaf in data.leaves:
                 value = plain_tensor(evaluate(leaf.key))
                 assert leaf.boxes is not None
@@ -229,9 +294,6 @@ def _write_data(
                 if options.progress is not None:
                     options.progress(_nbytes(leaf))
                 del value
-            fh.flush()
-            if options.durable:
-                os.fsync(fh.fileno())
 
     files = _buckets(folder, tag, leaves, options.jobs)
     with ThreadPoolExecutor(max_workers=max(1, len(files))) as pool:
@@ -256,13 +318,13 @@ def _own(part: torch.Tensor, box: Box) -> torch.Tensor:
 
 
 def _carry_files(
-    folder: Path,
+    folder: CkptPath,
     dcp: DCPCheckpoint | None,
     leaves: Sequence[Leaf],
     same: bool,
     taken: set[str],
     options: WriteOptions,
-    written: list[Path],
+    written: list[CkptPath],
 ) -> dict[str, str]:
     """Data files of referenced entries, by their name in the input -> name in ``folder``.
 
@@ -287,13 +349,31 @@ def _carry_files(
             target = _file_name(folder, "copy", n)
         path = folder / target
         written.append(path)
-        with open(dcp.folder / name, "rb") as src, open_for_writing(path) as dst:
-            copy_range(src.fileno(), dst.fileno(), 0, os.fstat(src.fileno()).st_size)
-            if options.durable:
-                dst.flush()
-                os.fsync(dst.fileno())
+        _copy(dcp.folder / name, path, options.durable)
         names[name] = target
     return names
+
+
+#: How much of a data file one request carries when a copy involves a store.
+_COPY_BLOCK = 8 << 20
+
+
+def _copy(src: CkptPath, dst: CkptPath, durable: bool) -> None:
+    """One data file copied as it is: in the kernel between local files, else by ranges."""
+    if isinstance(src, Path) and isinstance(dst, Path):
+        with open(src, "rb") as fin, open_for_writing(dst) as fout:
+            copy_range(fin.fileno(), fout.fileno(), 0, os.fstat(fin.fileno()).st_size)
+            if durable:
+                fout.flush()
+                os.fsync(fout.fileno())
+        return
+    blob = open_blob(src)
+    try:
+        with _new_file(dst, durable) as fh:
+            for start in range(0, blob.size, _COPY_BLOCK):
+                fh.write(blob.read(start, min(start + _COPY_BLOCK, blob.size)))
+    finally:
+        blob.close()
 
 
 def _metadata(
@@ -387,7 +467,7 @@ def _copy_info(info: Any, name: str | None = None) -> Any:
 
 
 def _verify(
-    folder: Path,
+    folder: CkptPath,
     tmp: Path,
     source: Checkpoint,
     full: PlanState,
