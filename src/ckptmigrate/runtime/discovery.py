@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CkptMigrateError
 from ..formats import formats, location, recognised
 from ..formats.base import FileFormat
 from ..formats.storage import is_url
@@ -195,7 +195,7 @@ def _walk_remote(root: str, patterns: Sequence[str], suffixes: Sequence[str]) ->
         below, folder = pending.pop()
         try:
             entries = sorted(folder.iterdir(), key=lambda p: p.name)
-        except CheckpointError as exc:
+        except CkptMigrateError as exc:  # a listing refused: that folder's row says why
             yield Found(_join(root, below), f"cannot search {_join(root, below)}: {exc}")
             continue
         for entry in entries:
