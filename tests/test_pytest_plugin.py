@@ -24,7 +24,15 @@ pytest_plugins = ["pytester"]
 _ENGINE = (ckptmigrate.golden, ckptmigrate.runtime.session, ckptmigrate.squash, ckptmigrate.testing)
 assert callable(op.rename_key)
 
-PLUGIN = ("-p", "ckptmigrate.pytest_plugin")
+def _installed() -> bool:
+    """Whether pytest finds the plugin by its entry point (the package is installed)."""
+    from importlib.metadata import entry_points
+
+    return any(ep.value == "ckptmigrate.pytest_plugin" for ep in entry_points(group="pytest11"))
+
+
+# installed, pytest loads the plugin itself (as for a user); from a source tree, -p does
+PLUGIN: tuple[str, ...] = () if _installed() else ("-p", "ckptmigrate.pytest_plugin")
 
 
 @pytest.fixture

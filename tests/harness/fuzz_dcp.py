@@ -25,19 +25,25 @@ import json
 import os
 import pickle
 import random
-import shutil
-import signal
 import sys
 import warnings
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from click.testing import CliRunner
 from tests.harness.common import REV_A, write_project
-from tests.harness.fuzz import FUZZ_DOWNGRADE, FUZZ_UPGRADE, CaseTimeout, _alarm, _bound
-from tests.harness.fuzz_folders import MARKER, ODD_VALUES, FolderCase, Tally, _check, _digests
+from tests.harness.fuzz import FUZZ_DOWNGRADE, FUZZ_UPGRADE, _bound
+from tests.harness.fuzz_folders import (
+    MARKER,
+    ODD_VALUES,
+    FolderCase,
+    Tally,
+    _check,
+    _digests,
+    kinds_report,
+    run_cases,
+)
 
 from ckptmigrate.cli import cli
 
@@ -239,6 +245,19 @@ def _lies(base: dict[str, bytes], rng: random.Random) -> FolderCase:
     )
 
 
+def _check_dcp(
+    case: FolderCase, folder: Path, code: int, err: str, before: dict[str, str], tally: Tally
+) -> list[str]:
+    problems = _check(case, folder, code, err, before, tally)
+    if code == 0 and case.kind == "data file flipped":
+        # a flip in a chunk a rename carries is not read (no data file is), and
+        # the data file stays as it was; every chunk that is read is checked
+        data = [n for n in case.files if n.endswith(".distcp")]
+        if all(_digests(folder).get(n) == before[n] for n in data):
+            problems = [p for p in problems if not p.startswith("upgraded, but")]
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("workdir")
@@ -262,57 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     base = _base_folder(root, ini)
     rng = random.Random(args.seed)
     cases = [_lies(base, rng) for _ in range(args.cases)]
-    runner = CliRunner()
     limits = _bound(args.headroom_mb, args.cpu_seconds)
-    signal.signal(signal.SIGPROF, _alarm)
-    tallies: dict[str, Tally] = defaultdict(Tally)
     folder = root / "case"
-    for i, case in enumerate(cases):
-        tally = tallies[case.kind]
-        tally.total += 1
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir()
-        for name, data in case.files.items():
-            (folder / name).write_bytes(data)
-        before = _digests(folder)
-        label = f"case {i} [{case.kind} {case.detail}]"
-        signal.setitimer(signal.ITIMER_PROF, args.case_cpu_seconds)
-        try:
-            result = runner.invoke(
-                cli, ["-c", str(ini), "upgrade", str(folder)], catch_exceptions=False
-            )
-            code, err = result.exit_code, result.stderr
-        except CaseTimeout:
-            tally.failures.append(f"{label}: no result after {args.case_cpu_seconds}s of CPU time")
-            continue
-        except BaseException as exc:
-            tally.failures.append(f"{label}: escaped the CLI: {type(exc).__name__}: {exc}")
-            continue
-        finally:
-            signal.setitimer(signal.ITIMER_PROF, 0)
-        problems = _check(case, folder, code, err, before, tally)
-        if code == 0 and case.kind == "data file flipped":
-            # a flip in a chunk a rename carries is not read (no data file is), and
-            # the data file stays as it was; every chunk that is read is checked
-            data = [n for n in case.files if n.endswith(".distcp")]
-            if all(_digests(folder).get(n) == before[n] for n in data):
-                problems = [p for p in problems if not p.startswith("upgraded, but")]
-        tally.failures += [f"{label}: {p}" for p in problems]
+    tallies = run_cases(cases, ini, folder, args.case_cpu_seconds, _check_dcp)
     report = {
         "cases": len(cases),
         "limits": limits,
         "payload_ran": Path(MARKER).exists() or (folder / MARKER).exists(),
-        "kinds": {
-            kind: {
-                "cases": t.total,
-                "outcomes": dict(t.counts),
-                "distinct_errors": len(t.messages),
-                "sample_errors": sorted(t.messages.values())[:4],
-                "failures": t.failures[:10],
-                "failure_count": len(t.failures),
-            }
-            for kind, t in sorted(tallies.items())
-        },
+        "kinds": kinds_report(tallies),
     }
     for kind, t in sorted(tallies.items()):
         print(f"{kind}: {t.total} cases, {dict(t.counts)}", file=sys.stderr)

@@ -283,7 +283,6 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     os.chdir(root)
-    runner = CliRunner()
     rng = random.Random(args.seed)
     bases = {kind: _base_folder(kind) for kind in ("safetensors", "bin")}
     makers: list[tuple[float, Callable[[dict[str, bytes], random.Random], FolderCase]]] = [
@@ -297,9 +296,26 @@ def main(argv: list[str] | None = None) -> int:
         cases.append(maker(bases[kind], rng))
 
     limits = _bound(args.headroom_mb, args.cpu_seconds)
+    tallies = run_cases(cases, ini, root / "case", args.case_cpu_seconds)
+    hard = resource_hard()
+    report = {"cases": len(cases), "limits": limits, "kinds": kinds_report(tallies)}
+    report["cpu_limit_after"] = hard
+    for kind, t in sorted(tallies.items()):
+        print(f"{kind}: {t.total} cases, {dict(t.counts)}", file=sys.stderr)
+    print(json.dumps(report))
+    return 0
+
+
+Check = Callable[[FolderCase, Path, int, str, dict[str, str], "Tally"], list[str]]
+
+
+def run_cases(
+    cases: list[FolderCase], ini: Path, folder: Path, cpu_seconds: float, check: Check | None = None
+) -> dict[str, Tally]:
+    """``upgrade`` each case's folder in-process, bounded in CPU time; the outcomes by kind."""
+    runner = CliRunner()
     signal.signal(signal.SIGPROF, _alarm)
     tallies: dict[str, Tally] = defaultdict(Tally)
-    folder = root / "case"
     for i, case in enumerate(cases):
         tally = tallies[case.kind]
         tally.total += 1
@@ -309,42 +325,38 @@ def main(argv: list[str] | None = None) -> int:
             (folder / name).write_bytes(data)
         before = _digests(folder)
         label = f"case {i} [{case.kind} {case.detail}]"
-        signal.setitimer(signal.ITIMER_PROF, args.case_cpu_seconds)
+        signal.setitimer(signal.ITIMER_PROF, cpu_seconds)
         try:
             result = runner.invoke(
                 cli, ["-c", str(ini), "upgrade", str(folder)], catch_exceptions=False
             )
             code, err = result.exit_code, result.stderr
         except CaseTimeout:
-            tally.failures.append(f"{label}: no result after {args.case_cpu_seconds}s of CPU time")
+            tally.failures.append(f"{label}: no result after {cpu_seconds}s of CPU time")
             continue
         except BaseException as exc:
             tally.failures.append(f"{label}: escaped the CLI: {type(exc).__name__}: {exc}")
             continue
         finally:
             signal.setitimer(signal.ITIMER_PROF, 0)
-        tally.failures += [f"{label}: {p}" for p in _check(case, folder, code, err, before, tally)]
-    hard = resource_hard()
-    report = {
-        "cases": len(cases),
-        "limits": limits,
-        "kinds": {
-            kind: {
-                "cases": t.total,
-                "outcomes": dict(t.counts),
-                "distinct_errors": len(t.messages),
-                "sample_errors": sorted(t.messages.values())[:4],
-                "failures": t.failures[:10],
-                "failure_count": len(t.failures),
-            }
-            for kind, t in sorted(tallies.items())
-        },
-        "cpu_limit_after": hard,
+        problems = (check or _check)(case, folder, code, err, before, tally)
+        tally.failures += [f"{label}: {p}" for p in problems]
+    return tallies
+
+
+def kinds_report(tallies: dict[str, Tally]) -> dict[str, Any]:
+    """Per kind of case: how many, their outcomes, sample errors and failures."""
+    return {
+        kind: {
+            "cases": t.total,
+            "outcomes": dict(t.counts),
+            "distinct_errors": len(t.messages),
+            "sample_errors": sorted(t.messages.values())[:4],
+            "failures": t.failures[:10],
+            "failure_count": len(t.failures),
+        }
+        for kind, t in sorted(tallies.items())
     }
-    for kind, t in sorted(tallies.items()):
-        print(f"{kind}: {t.total} cases, {dict(t.counts)}", file=sys.stderr)
-    print(json.dumps(report))
-    return 0
 
 
 def resource_hard() -> int:
