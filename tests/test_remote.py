@@ -629,6 +629,15 @@ def test_file_urls_are_local_paths(project: Path, run: Run) -> None:
     torch.save(v1_state_dict(), "model.pth")
     run("upgrade", f"file://{project}/model.pth")
     assert run("current", "model.pth").stdout == f"{ADD_FC3} (head)\n"
+    (project / "runs/exp").mkdir(parents=True)
+    torch.save(v1_state_dict(), "runs/exp/model.pth")
+    shutil.copy("model.pth", "runs/head.pth")
+    data = json.loads(run("current", f"file://{project}/runs/", "--format", "json").stdout)
+    rows = {r["path"]: (r["to"], r["status"]) for r in data["checkpoints"]}
+    assert rows == {  # searched as the directory is, named by the URL
+        f"file://{project}/runs/exp/model.pth": ([INITIAL], "behind"),
+        f"file://{project}/runs/head.pth": ([ADD_FC3], "at_head"),
+    }
 
 
 def test_store_problems_are_one_clear_line(project: Path, s3: Bucket, run: Run) -> None:

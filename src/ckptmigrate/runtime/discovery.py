@@ -67,6 +67,9 @@ def checkpoint_suffixes() -> tuple[str, ...]:
 def is_search(path: str) -> bool:
     """A directory that no format owns: searched for checkpoints, not opened as one."""
     if is_url(path):
+        local = _local(path)
+        if local is not None:
+            return is_search(local)
         folder = _remote(path)
         return folder is not None and folder.is_dir() and recognised(folder) is None
     return os.path.isdir(path) and recognised(path) is None
@@ -101,8 +104,7 @@ def find_checkpoints(paths: Sequence[str], patterns: Sequence[str] = ()) -> Sear
     for path in paths:
         for item in _expand(path):
             if item.problem is None and is_search(item.path):
-                walk = _walk_remote if is_url(item.path) else _walk
-                hits = sorted(walk(item.path, patterns, suffixes), key=lambda f: f.path)
+                hits = sorted(_walk_any(item.path, patterns, suffixes), key=lambda f: f.path)
                 if not any(f.problem is None for f in hits):
                     search.empty.append(item.path)
                 for hit in hits:
@@ -133,6 +135,27 @@ def _owning_folder(path: str) -> str:
     if fmt is not None and not isinstance(fmt, FileFormat):
         return parent or "."
     return path
+
+
+def _walk_any(root: str, patterns: Sequence[str], suffixes: Sequence[str]) -> Iterator[Found]:
+    """The search below a local directory, a ``file://`` URL's (named by the URL), or a store's."""
+    if not is_url(root):
+        yield from _walk(root, patterns, suffixes)
+        return
+    local = _local(root)
+    if local is None:
+        yield from _walk_remote(root, patterns, suffixes)
+        return
+    for found in _walk(local, patterns, suffixes):
+        below = found.path[len(local) :] if found.path.startswith(local) else found.path
+        yield Found(root.rstrip("/") + below, found.problem)
+
+
+def _local(url: str) -> str | None:
+    """The local path a ``file://`` URL names (None for any other URL)."""
+    if not url.lower().startswith("file://"):
+        return None
+    return str(location(url))  # a Path: storage reads file:// URLs as local paths
 
 
 def _remote(url: str) -> RemotePath | None:
