@@ -31,7 +31,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tests.conftest import ADD_FC3, INITIAL, Run, two_step_lineage, v1_state_dict
 from tests.harness import dcp_models
-from tests.harness.common import REV_A, REV_B, stamp_state_dict, standard_project
+from tests.harness.common import (
+    REV_A,
+    REV_B,
+    stamp_state_dict,
+    standard_project,
+    write_shards,
+)
 from tests.harness.s3 import Request, S3Server
 
 boto3 = pytest.importorskip("boto3")
@@ -60,8 +66,10 @@ class Bucket:
         return self.url(key)
 
     def put_folder(self, prefix: str, folder: Path) -> str:
-        for p in folder.iterdir():
-            self.put(f"{prefix}/{p.name}", p)
+        """Every file below ``folder`` (nested ones too) under ``prefix``."""
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                self.put(f"{prefix}/{p.relative_to(folder).as_posix()}", p)
         return self.url(prefix)
 
     def get(self, key: str) -> bytes:
@@ -235,7 +243,11 @@ def test_current_reads_the_stamp_and_nothing_else(project: Path, s3: Bucket, run
         requests = s3.server.since(seen)
         # the first 4 KiB (what the file is), the last 64 KiB (a zip's directory), a header
         assert sum(r.sent for r in requests) < 128 * 1024, url
-        assert len([r for r in requests if r.method == "GET"]) <= 4, url
+        gets = [r for r in requests if r.method == "GET"]
+        listings = [r for r in gets if "list-type" in r.query]
+        assert len(gets) - len(listings) <= 4, url  # object reads
+        # a folder is listed to tell a tree to search from a checkpoint folder, then opened
+        assert len(listings) <= 4, url
         assert not any(
             r.key.endswith("-of-00002.safetensors") and r.method == "GET" for r in requests
         )
@@ -617,6 +629,15 @@ def test_file_urls_are_local_paths(project: Path, run: Run) -> None:
     torch.save(v1_state_dict(), "model.pth")
     run("upgrade", f"file://{project}/model.pth")
     assert run("current", "model.pth").stdout == f"{ADD_FC3} (head)\n"
+    (project / "runs/exp").mkdir(parents=True)
+    torch.save(v1_state_dict(), "runs/exp/model.pth")
+    shutil.copy("model.pth", "runs/head.pth")
+    data = json.loads(run("current", f"file://{project}/runs/", "--format", "json").stdout)
+    rows = {r["path"]: (r["to"], r["status"]) for r in data["checkpoints"]}
+    assert rows == {  # searched as the directory is, named by the URL
+        f"file://{project}/runs/exp/model.pth": ([INITIAL], "behind"),
+        f"file://{project}/runs/head.pth": ([ADD_FC3], "at_head"),
+    }
 
 
 def test_store_problems_are_one_clear_line(project: Path, s3: Bucket, run: Run) -> None:
@@ -686,3 +707,121 @@ def test_optimizer_state_computed_from_a_file_on_s3(
     out = torch.load(tmp_path / "train.pt", weights_only=True)
     moment = out["optimizer"]["state"][0]["exp_avg"]
     assert torch.equal(moment, opt.state_dict()["state"][0]["exp_avg"].t())
+
+
+# --------------------------------------------------------------------------- trees on a store
+
+
+def _tiny_tree(root: Path, monkeypatch: pytest.MonkeyPatch, run: Run) -> Path:
+    """The DCP lineage, and ``runs/`` mixing formats: every checkpoint at v1 but one at head,
+    a non-checkpoint, and a hidden copy; returns ``runs``."""
+    from tests.test_dcp import save_v1
+
+    dcp_models.write_project(root)
+    monkeypatch.chdir(root)
+    runs = root / "runs"
+    for sub in ("exp1/sub", "exp2", "exp3/sharded", "exp4", ".cache"):
+        (runs / sub).mkdir(parents=True)
+    torch.manual_seed(0)
+    sd = dcp_models.TinyV1().state_dict()
+    torch.save(stamp_state_dict(sd, dcp_models.REV_V1), runs / "exp1/sub/model.pt")
+    save_file(
+        dict(sd),
+        str(runs / "exp2/weights.safetensors"),
+        metadata={"ckptmigrate.revision": dcp_models.REV_V1},
+    )
+    names = sorted(sd)
+    write_shards(
+        runs / "exp3/sharded",
+        [{k: sd[k] for k in names[:3]}, {k: sd[k] for k in names[3:]}],
+        "safetensors",
+    )
+    save_v1(runs / "exp4/dcp")
+    torch.save(stamp_state_dict(sd, dcp_models.REV_V1), runs / "exp2/head.pt")
+    run("stamp", "runs/exp3/sharded", "runs/exp4/dcp", dcp_models.REV_V1)
+    run("upgrade", "runs/exp2/head.pt")
+    (runs / "exp1/notes.txt").write_text("not a checkpoint")
+    shutil.copy(runs / "exp1/sub/model.pt", runs / ".cache/hidden.pt")
+    return runs
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _rows(result: Any, prefix: str) -> dict[str, dict[str, Any]]:
+    """A JSON report's rows by path, ``prefix`` cut off, without the time taken."""
+    rows = json.loads(result.stdout)["checkpoints"]
+    return {
+        r["path"].removeprefix(prefix): {k: v for k, v in r.items() if k not in ("path", "seconds")}
+        for r in rows
+    }
+
+
+EXPECTED_TREE = [
+    "exp1/sub/model.pt",
+    "exp2/head.pt",
+    "exp2/weights.safetensors",
+    "exp3/sharded",  # one checkpoint, not two shards
+    "exp4/dcp",  # one checkpoint, not a pile of .distcp files
+]
+
+
+def test_current_over_a_tree_on_s3_says_which_are_behind(
+    tmp_path: Path, s3: Bucket, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = _tiny_tree(tmp_path, monkeypatch, run)
+    url = s3.put_folder("runs", runs)
+    v1, v2 = dcp_models.REV_V1, dcp_models.REV_V2
+
+    data = json.loads(run("current", url + "/", "--format", "json").stdout)
+    rows = {r["path"]: r for r in data["checkpoints"]}
+    assert list(rows) == [f"{url}/{name}" for name in EXPECTED_TREE]  # URLs, hidden ones left
+    assert {p: (r["to"], r["steps"], r["status"]) for p, r in rows.items()} == {
+        f"{url}/exp1/sub/model.pt": ([v1], 1, "behind"),
+        f"{url}/exp2/head.pt": ([v2], 0, "at_head"),
+        f"{url}/exp2/weights.safetensors": ([v1], 1, "behind"),
+        f"{url}/exp3/sharded": ([v1], 1, "behind"),
+        f"{url}/exp4/dcp": ([v1], 1, "behind"),
+    }
+    local = run("current", "runs", "--format", "json")
+    assert _rows(local, "runs/") == _rows(run("current", url, "--format", "json"), url + "/")
+
+    text = run("current", url).stdout.splitlines()
+    assert text[1].split() == [f"{url}/exp1/sub/model.pt", v1, "1", "behind"]
+    assert text[-1].startswith("5 checkpoints: 1 at head, 4 behind (by up to 1 step")
+
+    def found(*args: str) -> list[str]:
+        report = json.loads(run("current", *args, "--format", "json").stdout)
+        return [r["path"].removeprefix(url + "/") for r in report["checkpoints"]]
+
+    assert found(url, "--pattern", "*.pt") == ["exp1/sub/model.pt", "exp2/head.pt"]
+    assert found(url, "--pattern", "exp2/*") == ["exp2/head.pt", "exp2/weights.safetensors"]
+    assert found(f"{url}/*/*.pt", f"{url}/exp3/*") == ["exp2/head.pt", "exp3/sharded"]
+    assert found(f"{url}/exp3/sharded/model-00001-of-00002.safetensors") == ["exp3/sharded"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # dcp.load without a process group
+def test_a_tree_on_s3_upgrades_as_the_same_tree_on_disk(
+    tmp_path: Path, s3: Bucket, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = _tiny_tree(tmp_path, monkeypatch, run)
+    url = s3.put_folder("runs", runs)
+    hidden = s3.get("runs/.cache/hidden.pt")
+
+    remote = run("upgrade", url + "/", "-j", "2", "--format", "json")
+    local = run("upgrade", "runs", "-j", "2", "--format", "json")
+    rows = _rows(remote, url + "/")
+    assert rows == _rows(local, "runs/")  # the same steps, statuses and sizes
+    assert list(rows) == EXPECTED_TREE
+    assert [r["status"] for r in rows.values()].count("upgraded") == 4
+    assert rows["exp2/head.pt"]["status"] == "at_target"
+    assert _folder_in(s3, "runs") == _tree(runs)  # every object the same bytes as on disk
+    assert s3.get("runs/.cache/hidden.pt") == hidden
+    assert s3.pending_uploads() == []
+    upgraded = load_file(str(runs / "exp2/weights.safetensors"))
+    assert upgraded["embed.weight"].shape == (dcp_models.NEW_VOCAB, dcp_models.DIM)
+    assert "layers.0.q.weight" in upgraded and "block.qkv.weight" not in upgraded
+
+    table = run("current", url).stdout.splitlines()
+    assert table[-1].startswith("5 checkpoints: 5 at head")

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..errors import CkptMigrateError, CommandError, Interrupted
+from ..formats.storage import is_url, location
 from ..script.directory import ScriptDirectory
 from .discovery import Found, Search, checkpoint_suffixes, find_checkpoints
 from .fleet_report import (
@@ -419,7 +420,9 @@ def _one_line(text: str) -> str:
 
 
 def _size(path: str) -> int | None:
-    """Bytes on disk: the file's, or every file's in a checkpoint folder."""
+    """Bytes on disk (or on the store): the file's, or every file's in a checkpoint folder."""
+    if is_url(path):
+        return _stored_size(path)
     try:
         if os.path.isdir(path):
             return sum(
@@ -429,4 +432,22 @@ def _size(path: str) -> int | None:
             )
         return os.path.getsize(path)
     except OSError:
+        return None
+
+
+def _stored_size(url: str) -> int | None:
+    """:func:`_size` for a URL, from the store's listings."""
+    try:
+        where = location(url)
+        if where.is_file():
+            return where.stat().st_size
+        total, pending = 0, [where]
+        while pending:
+            for entry in pending.pop().iterdir():
+                if entry.is_dir():
+                    pending.append(entry)
+                else:
+                    total += entry.stat().st_size
+        return total
+    except (OSError, CkptMigrateError):
         return None
