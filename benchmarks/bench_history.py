@@ -220,6 +220,10 @@ def main() -> None:
     args = parser.parse_args()
     n = args.revisions
     with tempfile.TemporaryDirectory() as tmp:
+        # both tools run with cached bytecode, as installed packages have it (an
+        # environment may turn bytecode writing off; then every run recompiles)
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        os.environ["PYTHONPYCACHEPREFIX"] = str(Path(tmp) / "pycache")
         ours, theirs = Path(tmp) / "ckptmigrate", Path(tmp) / "alembic"
         ours.mkdir()
         theirs.mkdir()
