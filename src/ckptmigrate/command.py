@@ -31,6 +31,7 @@ from .script.revision import format_ids
 if TYPE_CHECKING:
     from typing import Unpack
 
+    from .runtime.fleet import Fleet
     from .runtime.fleet_report import FleetReport
     from .runtime.report import MigrationResult
     from .schema import Schema
@@ -510,10 +511,7 @@ def upgrade_all(
     **options: Unpack[MigrationKwargs],
 ) -> FleetReport:
     """Upgrade every checkpoint under ``paths``; print and return the report."""
-    from .runtime.fleet import Fleet
-
-    opts: MigrationOptions = make_options(MigrationOptions, dict(options))
-    fleet = Fleet(config, opts, pattern=pattern, show_printed=report_format == "text")
+    fleet = _fleet(config, make_options(MigrationOptions, dict(options)), pattern, report_format)
     return _reported(config, fleet.migrate(paths, target, upgrade=True), report_format)
 
 
@@ -527,10 +525,7 @@ def downgrade_all(
     **options: Unpack[MigrationKwargs],
 ) -> FleetReport:
     """Downgrade every checkpoint under ``paths``; print and return the report."""
-    from .runtime.fleet import Fleet
-
-    opts: MigrationOptions = make_options(MigrationOptions, dict(options))
-    fleet = Fleet(config, opts, pattern=pattern, show_printed=report_format == "text")
+    fleet = _fleet(config, make_options(MigrationOptions, dict(options)), pattern, report_format)
     return _reported(config, fleet.migrate(paths, target, upgrade=False), report_format)
 
 
@@ -545,10 +540,7 @@ def stamp_all(
     **options: Unpack[MigrationKwargs],
 ) -> FleetReport:
     """Stamp every checkpoint under ``paths`` (those stamped so already are left alone)."""
-    from .runtime.fleet import Fleet
-
-    opts: MigrationOptions = make_options(MigrationOptions, dict(options))
-    fleet = Fleet(config, opts, pattern=pattern, show_printed=report_format == "text")
+    fleet = _fleet(config, make_options(MigrationOptions, dict(options)), pattern, report_format)
     return _reported(config, fleet.stamp(paths, revisions, purge=purge), report_format)
 
 
@@ -565,11 +557,17 @@ def current_all(
 
     ``verbose`` prints each one's revisions in full before the table.
     """
+    fleet = _fleet(config, make_options(CheckpointOptions, dict(options)), pattern, report_format)
+    return _reported(config, fleet.current(paths, verbose=verbose), report_format)
+
+
+def _fleet(
+    config: Config, opts: CheckpointOptions, pattern: Sequence[str], report_format: str
+) -> Fleet:
+    """A fleet run whose checkpoints' own output shows only under the text report."""
     from .runtime.fleet import Fleet
 
-    opts: CheckpointOptions = make_options(CheckpointOptions, dict(options))
-    fleet = Fleet(config, opts, pattern=pattern, show_printed=report_format == "text")
-    return _reported(config, fleet.current(paths, verbose=verbose), report_format)
+    return Fleet(config, opts, pattern=pattern, show_printed=report_format == "text")
 
 
 def _reported(config: Config, report: FleetReport, report_format: str) -> FleetReport:

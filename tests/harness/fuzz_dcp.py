@@ -18,7 +18,6 @@ Prints a JSON report as the last line of stdout.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import io
 import json
@@ -32,8 +31,8 @@ from typing import Any
 
 import torch
 from click.testing import CliRunner
-from tests.harness.common import REV_A, write_project
-from tests.harness.fuzz import FUZZ_DOWNGRADE, FUZZ_UPGRADE, _bound
+from tests.harness.common import REV_A
+from tests.harness.fuzz import _bound
 from tests.harness.fuzz_folders import (
     MARKER,
     ODD_VALUES,
@@ -41,6 +40,7 @@ from tests.harness.fuzz_folders import (
     Tally,
     _check,
     _digests,
+    harness_setup,
     kinds_report,
     run_cases,
 )
@@ -259,25 +259,7 @@ def _check_dcp(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("workdir")
-    parser.add_argument("--seed", type=int, default=3)
-    parser.add_argument("--cases", type=int, default=1100)
-    parser.add_argument("--case-cpu-seconds", type=float, default=10.0)
-    parser.add_argument("--cpu-seconds", type=int, default=600)
-    parser.add_argument("--headroom-mb", type=int, default=1536)
-    args = parser.parse_args(argv)
-
-    torch.set_num_threads(1)
-    root = Path(args.workdir).resolve()
-    ini = write_project(
-        root,
-        [
-            ("aaaa00000001", None, "    pass", "    pass"),
-            ("bbbb00000002", REV_A, FUZZ_UPGRADE, FUZZ_DOWNGRADE),
-        ],
-    )
-    os.chdir(root)
+    args, root, ini = harness_setup(argv, seed=3, cases=1100)
     base = _base_folder(root, ini)
     rng = random.Random(args.seed)
     cases = [_lies(base, rng) for _ in range(args.cases)]

@@ -263,16 +263,22 @@ def _check(
     return problems
 
 
-def main(argv: list[str] | None = None) -> int:
+def harness_setup(
+    argv: list[str] | None, seed: int, cases: int
+) -> tuple[argparse.Namespace, Path, Path]:
+    """The options every folder fuzz harness takes, and its project: (args, root, ini).
+
+    Also one torch thread (the cases run in-process under CPU limits) and the
+    project folder as the working directory.
+    """
     parser = argparse.ArgumentParser()
     parser.add_argument("workdir")
-    parser.add_argument("--seed", type=int, default=2)
-    parser.add_argument("--cases", type=int, default=1200)
+    parser.add_argument("--seed", type=int, default=seed)
+    parser.add_argument("--cases", type=int, default=cases)
     parser.add_argument("--case-cpu-seconds", type=float, default=10.0)
     parser.add_argument("--cpu-seconds", type=int, default=600)
     parser.add_argument("--headroom-mb", type=int, default=1536)
     args = parser.parse_args(argv)
-
     torch.set_num_threads(1)
     root = Path(args.workdir).resolve()
     ini = write_project(
@@ -283,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     os.chdir(root)
+    return args, root, ini
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, root, ini = harness_setup(argv, seed=2, cases=1200)
     rng = random.Random(args.seed)
     bases = {kind: _base_folder(kind) for kind in ("safetensors", "bin")}
     makers: list[tuple[float, Callable[[dict[str, bytes], random.Random], FolderCase]]] = [
