@@ -26,7 +26,6 @@ from ckptmigrate.script.cache import (
     Header,
     HeaderCache,
     StoredGraph,
-    fingerprint,
 )
 from ckptmigrate.script.revision import RevisionMap
 
@@ -341,6 +340,10 @@ def test_a_damaged_graph_is_rebuilt(
     key, summary, graph = (json.loads(line) for line in _graph_lines(lineage))
     assert len(key["files"]) == 3 * 5 and summary["heads"] == ["cccc0003"]
     assert [row[0] for row in graph["nodes"]] == ["aaaa0001", "bbbb0002", "cccc0003"]
+
+
+def fingerprint(files: list[tuple[str, FileKey]]) -> list[object]:
+    return [x for name, key in files for x in (name, *key)]
 
 
 def test_a_graph_written_just_after_a_change_is_not_trusted(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,10 +48,6 @@ _CACHEDIR_TAG = (
 
 #: (size, mtime_ns, ctime_ns, inode): what identifies one version of a file.
 FileKey = tuple[int, int, int, int]
-
-
-def file_key(st: os.stat_result) -> FileKey:
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 @dataclass(frozen=True)
@@ -119,22 +115,20 @@ class HeaderCache:
         self._refresh = False
 
 
-#: The versions folder as one flat list: each file's name and :data:`FileKey`, in name order.
+#: The versions folder as one flat list, ``[name, *FileKey, name, *FileKey, ...]`` in name
+#: order: what it is made of, compared with a stored one in one step.
 Fingerprint = list[Any]
 
 
-def fingerprint(files: Iterable[tuple[str, FileKey]]) -> Fingerprint:
-    flat: Fingerprint = []
-    for name, key in files:
-        flat.append(name)
-        flat.extend(key)
-    return flat
+def file_keys(files: Fingerprint) -> Iterator[tuple[str, FileKey]]:
+    """Each file of a :data:`Fingerprint` with its key."""
+    return zip(files[0::5], zip(files[1::5], files[2::5], files[3::5], files[4::5]))
 
 
 class GraphCache:
     """The revision graph built from one version of the versions folder.
 
-    It is used only while the folder's :func:`fingerprint` is the one it was
+    It is used only while the folder's :data:`Fingerprint` is the one it was
     built from and no file is too new to trust (:data:`RACY_NS`, as for
     headers): then no file was added, removed, renamed or edited, and the graph,
     checked when it was built, needs neither building nor checking again. A

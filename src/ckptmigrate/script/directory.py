@@ -14,6 +14,7 @@ import ast
 import gc
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -36,8 +37,7 @@ from .cache import (
     Header,
     HeaderCache,
     StoredGraph,
-    file_key,
-    fingerprint,
+    file_keys,
 )
 from .hooks import Hook, run_hooks
 from .revision import (
@@ -353,8 +353,7 @@ class ScriptDirectory:
         self._notify = notify
         self._compact: RevisionMap | None = None
         self._map: RevisionMap | None = None
-        self._looked: tuple[list[tuple[str, FileKey]], Fingerprint, StoredGraph | None] | None
-        self._looked = None
+        self._looked: tuple[Fingerprint, StoredGraph | None] | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> ScriptDirectory:
@@ -382,35 +381,43 @@ class ScriptDirectory:
         return self.dir / TEMPLATE_NAME
 
     def script_paths(self) -> list[Path]:
-        return [self.versions / name for name, _ in self._scan()]
+        return [self.versions / name for name in self._scan()[0::5]]
 
-    def _scan(self) -> list[tuple[str, FileKey]]:
-        """The names of the revision files in ``versions/``, sorted, each with its version key."""
-        found = []
-        with os.scandir(self.versions) as entries:
-            for entry in entries:
-                name = entry.name
-                if name.endswith(".py") and not name.startswith(_IGNORED) and entry.is_file():
-                    found.append((name, file_key(entry.stat())))
-        found.sort()
+    def _scan(self) -> Fingerprint:
+        """The revision files in ``versions/``, sorted by name, each with its version key."""
+        folder = os.path.join(self.versions, "")
+        names = sorted(
+            name
+            for name in os.listdir(folder)
+            if name.endswith(".py") and not name.startswith(_IGNORED)
+        )
+        found: Fingerprint = []
+        add = found.extend
+        for name in names:  # os.stat is quicker than os.scandir's stat, 10,000 times over
+            try:
+                st = os.stat(folder + name)
+            except FileNotFoundError:  # removed meanwhile, or a dangling link: not there
+                continue
+            if stat.S_ISREG(st.st_mode):
+                add((name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
         return found
 
     def _load(self) -> RevisionMap:
         """The graph stored for these very files, or the one their headers make."""
-        scan, files, stored = self._look()
+        files, stored = self._look()
         graph = stored.graph() if stored is not None else None
         if graph is not None:
             try:
-                return RevisionMap.restore(graph, self._restored)
+                return RevisionMap.restore(graph, self._maker())
             except _DAMAGED:  # not a graph this code wrote: build it again
                 pass
-        rmap, names = self._build(scan)
+        rmap, names = self._build(files)
 
         def payload(rev: Revision) -> list[str]:
             assert isinstance(rev, Script)
             return [names[rev.revision], rev.longdoc]
 
-        if scan and len(names) == len(scan):  # every header was a literal: no file ran
+        if files and len(names) * 5 == len(files):  # every header was a literal: no file ran
             snapshot = rmap.snapshot(payload)
             tips = {*rmap.heads, *rmap.real_heads}
             summary = {
@@ -421,17 +428,17 @@ class ScriptDirectory:
             GraphCache(self.dir).save(files, summary, snapshot)
         return rmap
 
-    def _look(self) -> tuple[list[tuple[str, FileKey]], Fingerprint, StoredGraph | None]:
+    def _look(self) -> tuple[Fingerprint, StoredGraph | None]:
         """The files in ``versions/``, and the graph stored for them if there is one."""
         if self._looked is None:
-            scan = self._scan()
-            files = fingerprint(scan)
-            self._looked = scan, files, GraphCache(self.dir).load(files)
+            files = self._scan()
+            self._looked = files, GraphCache(self.dir).load(files)
         return self._looked
 
-    def _restored(self, payload: Any) -> Script:
-        name, longdoc = payload
-        return Script.restored(os.path.join(self.versions, name), longdoc)
+    def _maker(self) -> Callable[[Any], Script]:
+        """What makes a stored graph's bare scripts (its payloads: [file name, docstring])."""
+        folder = os.path.join(self.versions, "")
+        return lambda payload: Script.restored(folder + payload[0], payload[1])
 
     def heads(self, *, real: bool = False) -> list[Script]:
         """The head revisions (``real``: counting ``depends_on`` too).
@@ -440,10 +447,11 @@ class ScriptDirectory:
         history's thousands of other revisions are then not even made.
         """
         if self._compact is None:
-            _, _, stored = self._look()
+            _, stored = self._look()
             if stored is not None:
                 try:
-                    tips = [restore_node(row, self._restored) for row in stored.summary["tips"]]
+                    make = self._maker()
+                    tips = [restore_node(row, make) for row in stored.summary["tips"]]
                     by_id = {tip.revision: tip for tip in tips if isinstance(tip, Script)}
                     return [by_id[rid] for rid in stored.summary["real_heads" if real else "heads"]]
                 except _DAMAGED:
@@ -451,7 +459,7 @@ class ScriptDirectory:
         rmap = self.compact_map
         return [self.script(rid, compact=True) for rid in (rmap.real_heads if real else rmap.heads)]
 
-    def _build(self, scan: list[tuple[str, FileKey]]) -> tuple[RevisionMap, dict[str, str]]:
+    def _build(self, files: Fingerprint) -> tuple[RevisionMap, dict[str, str]]:
         """The graph the files' headers make; with the file of each revision whose header
         was read without running it."""
         folder = os.path.join(self.versions, "")
@@ -461,7 +469,7 @@ class ScriptDirectory:
         cache.load()
         cacheable: dict[str, tuple[FileKey, Header]] = {}
         literal: dict[str, str] = {}
-        for name, key in scan:
+        for name, key in file_keys(files):
             path = folder + name
             header = cache.get(name, key)
             module = None
