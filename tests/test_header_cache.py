@@ -323,6 +323,9 @@ def _graph_lines(lineage: Path) -> list[bytes]:
         lambda lines: b"\n".join([lines[0], lines[1], b'{"nodes": 7}']),
         lambda lines: b"\n".join([lines[0], lines[1], b'{"nodes": [["x"]]}']),
         lambda lines: b"\n".join([lines[0], lines[1], lines[2][:-40]]),
+        lambda lines: b"\n".join(  # an order naming a revision that is not there
+            [lines[0], lines[1], lines[2].replace(b'"walk":[', b'"walk":["x",')]
+        ),
         lambda lines: b"\n".join(
             [lines[0], b'{"heads":["cccc0003"],"tips":[[1,2,3,4,5]]}', lines[2]]
         ),

@@ -311,6 +311,10 @@ class RevisionMap:
         rmap.real_bases = tuple(state["real_bases"])
         walked = state["walk"]
         rmap._walked = None if walked is None else tuple(walked)
+        ids = rmap._by_id.keys()
+        tips = {*rmap.heads, *rmap.real_heads, *rmap.bases, *rmap.real_bases}
+        if not ids >= tips or (walked is not None and set(walked) != ids):
+            raise ValueError("the snapshot's heads, bases or order name other revisions")
         return rmap
 
     # ------------------------------------------------------------------ building
