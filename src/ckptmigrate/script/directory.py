@@ -393,7 +393,7 @@ class ScriptDirectory:
         )
         found: Fingerprint = []
         add = found.extend
-        for name in names:  # os.stat is quicker than os.scandir's stat, 10,000 times over
+        for name in names:  # os.stat: a third quicker than a scandir entry's stat, per file
             try:
                 st = os.stat(folder + name)
             except FileNotFoundError:  # removed meanwhile, or a dangling link: not there

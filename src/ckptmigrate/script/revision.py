@@ -109,7 +109,7 @@ class Revision:
         linear history has nothing there), so a long history's snapshot stays small.
         """
         other: dict[str, list[str]] = {}
-        for name in _DECLARED_EXTRAS:
+        for name in _MOSTLY_EMPTY:
             value = getattr(self, name)
             if value:
                 other[name] = list(value)
@@ -208,8 +208,8 @@ def restore_node(row: Sequence[Any], make: Callable[[Any], Revision]) -> Revisio
     return rev
 
 
-#: The declared fields besides the parents, empty in most revisions.
-_DECLARED_EXTRAS = (
+#: Fields empty in most revisions: a snapshot records them only where they are not.
+_MOSTLY_EMPTY = (
     "dependencies",
     "declared_branch_labels",
     "replaces",
