@@ -367,3 +367,62 @@ def test_a_graph_written_just_after_a_change_is_not_trusted(tmp_path: Path) -> N
     assert cache.load(fingerprint([("a.py", old)])) is None  # the file it was stored for
     cache.save(fingerprint([("a.py", old), ("b.py", new)]), summary, {"nodes": []})
     assert cache.load(fingerprint([("a.py", old), ("b.py", new)])) is not None  # aged enough
+
+
+def _header_file(versions: Path, rev: str, down: object, **more: object) -> None:
+    """A revision file with only a header: graph commands never import it."""
+    lines = [f'"""step {rev}\n\nThe longer story of {rev}.\n"""', f"revision = {rev!r}"]
+    lines.append(f"down_revision = {down!r}")
+    lines += [f"{name} = {value!r}" for name, value in more.items()]
+    (versions / f"{rev}_step.py").write_text("\n".join(lines) + "\n")
+    _age(versions / f"{rev}_step.py")
+
+
+GRAPH_COMMANDS = [
+    ("history",),
+    ("history", "-v"),
+    ("history", "--graph"),
+    ("history", "-r", "bbbb0002:ffff0009"),
+    ("heads",),
+    ("heads", "-v"),
+    ("heads", "--resolve-dependencies"),
+    ("branches", "-v"),
+    ("show", "ssss0006"),
+    ("show", "yyyy0008"),
+]
+
+
+def test_a_stored_graph_answers_as_the_files_do(
+    tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Branches, a merge, labels, depends_on and a squash whose replaced files were kept."""
+    monkeypatch.setattr(cache_module, "RACY_NS", 0)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "alembic_style.ini").write_text(
+        "[ckptmigrate]\nscript_location = %(here)s/migrations\n"
+    )
+    versions = tmp_path / "migrations" / "versions"
+    versions.mkdir(parents=True)
+    _header_file(versions, "aaaa0001", None)
+    _header_file(versions, "bbbb0002", "aaaa0001")
+    _header_file(versions, "cccc0003", "aaaa0001", branch_labels=("side",))
+    _header_file(versions, "dddd0004", ("bbbb0002", "cccc0003"))
+    _header_file(versions, "eeee0005", "dddd0004", depends_on="cccc0003")
+    _header_file(versions, "gggg0010", "aaaa0001", depends_on="side")
+    _header_file(versions, "ssss0006", "eeee0005", replaces=("xxxx0007", "yyyy0008"))
+    _header_file(versions, "xxxx0007", "eeee0005")  # kept by 'squash --keep'
+    _header_file(versions, "yyyy0008", "xxxx0007")
+    _header_file(versions, "ffff0009", "yyyy0008")  # revises where the squash ends
+    cold = {}
+    for args in GRAPH_COMMANDS:
+        shutil.rmtree(tmp_path / "migrations" / CACHE_DIR, ignore_errors=True)
+        cold[args] = run(*args).stdout
+    assert "ssss0006" in cold[("history",)] and "xxxx0007" not in cold[("history",)]
+    assert (tmp_path / "migrations" / CACHE_DIR / "graph.json").exists()
+
+    def refuse(*_: object) -> None:
+        raise AssertionError("the headers were read again")
+
+    monkeypatch.setattr(directory.ScriptDirectory, "_build", refuse)
+    for args in GRAPH_COMMANDS:
+        assert run(*args).stdout == cold[args], args
