@@ -16,7 +16,7 @@ not at least :data:`RACY_NS` older than the cache file itself is not trusted.
 Beside the headers lies the graph built from them (:class:`GraphCache`), kept
 for exactly one version of the folder: the names and keys of all its files.
 
-Each cache is one JSON file in ``<script_location>/.ckptmigrate-cache/``
+Each cache is one file of JSON in ``<script_location>/.ckptmigrate-cache/``
 (ignored by git through the ``.gitignore`` written beside it), replaced
 atomically, so concurrent processes each read a complete file; a damaged or
 foreign file is ignored and rebuilt. Nothing here imports torch.
