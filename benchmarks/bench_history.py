@@ -7,7 +7,7 @@ Builds, in a temporary folder, the same lineage twice: a ckptmigrate project
 SQLite database) with the same revision ids, one file per revision in each.
 Every command runs as its own process, as a user runs it, so each pays what
 it costs to read the history. Printed: each command's best wall time, cold
-(the first run, before ckptmigrate's header cache exists) and warm, and the
+(the first run, before ckptmigrate's cache exists) and warm, and the
 ratio to Alembic's time measured in the same run. Then the lineage is squashed
 to ``--squash-to`` revisions and timed again: what squash saves on top.
 """

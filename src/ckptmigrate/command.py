@@ -299,10 +299,7 @@ def squash(
 def heads(
     config: Config, *, verbose: bool = False, resolve_dependencies: bool = False
 ) -> list[Script]:
-    script_dir = ScriptDirectory.from_config(config)
-    rmap = script_dir.compact_map
-    ids = rmap.real_heads if resolve_dependencies else rmap.heads
-    scripts = [script_dir.script(i, compact=True) for i in ids]
+    scripts = ScriptDirectory.from_config(config).heads(real=resolve_dependencies)
     for s in scripts:
         config.print_stdout(
             display.cmd_format(s, verbose, include_branches=True, tree_indicators=False)

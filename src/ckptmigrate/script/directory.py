@@ -14,6 +14,7 @@ import ast
 import gc
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -29,14 +30,32 @@ from ..errors import (
     ScriptError,
 )
 from ..paths import display_path
-from .cache import FileKey, Header, HeaderCache, file_key
+from .cache import (
+    FileKey,
+    Fingerprint,
+    GraphCache,
+    Header,
+    HeaderCache,
+    StoredGraph,
+    file_keys,
+)
 from .hooks import Hook, run_hooks
-from .revision import Revision, RevisionMap, to_tuple, tuple_or_scalar, verify_new_name
+from .revision import (
+    Revision,
+    RevisionMap,
+    restore_node,
+    to_tuple,
+    tuple_or_scalar,
+    verify_new_name,
+)
 
 TEMPLATE_NAME = "script.py.tmpl"
 _SLUG = re.compile(r"\w+")
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 _HEADER_NAMES = ("revision", "down_revision", "branch_labels", "depends_on", "replaces")
 _IGNORED = (".#", "__init__")  # editor lock files and package markers
+#: What a stored graph that this code did not write can raise when it is restored.
+_DAMAGED = (LookupError, TypeError, ValueError, AttributeError, RevisionError)
 
 
 if TYPE_CHECKING:
@@ -69,6 +88,15 @@ class Script(Revision):
         self._longdoc = longdoc.strip()
         self._module = module
 
+    @classmethod
+    def restored(cls, path: str, longdoc: str) -> Script:
+        """A bare script for ``RevisionMap.restore`` to put a stored graph's links on."""
+        script = cls.__new__(cls)
+        script._path = path
+        script._longdoc = longdoc
+        script._module = None
+        return script
+
     @property
     def longdoc(self) -> str:
         """The docstring: the message, then anything else it says."""
@@ -83,7 +111,7 @@ class Script(Revision):
     @property
     def doc(self) -> str:
         """The message: the docstring's first paragraph."""
-        return re.split(r"\n\s*\n", self.longdoc)[0] if self.longdoc else ""
+        return _PARAGRAPH_BREAK.split(self.longdoc, 1)[0]
 
     @property
     def module(self) -> ModuleType:
@@ -325,6 +353,7 @@ class ScriptDirectory:
         self._notify = notify
         self._compact: RevisionMap | None = None
         self._map: RevisionMap | None = None
+        self._looked: tuple[Fingerprint, StoredGraph | None] | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> ScriptDirectory:
@@ -352,35 +381,104 @@ class ScriptDirectory:
         return self.dir / TEMPLATE_NAME
 
     def script_paths(self) -> list[Path]:
-        return [self.versions / name for name, _ in self._scan()]
+        return [self.versions / name for name in self._scan()[0::5]]
 
-    def _scan(self) -> list[tuple[str, FileKey]]:
-        """The names of the revision files in ``versions/``, sorted, each with its version key."""
-        found = []
-        with os.scandir(self.versions) as entries:
-            for entry in entries:
-                name = entry.name
-                if name.endswith(".py") and not name.startswith(_IGNORED) and entry.is_file():
-                    found.append((name, file_key(entry.stat())))
-        found.sort()
+    def _scan(self) -> Fingerprint:
+        """The revision files in ``versions/``, sorted by name, each with its version key."""
+        folder = os.path.join(self.versions, "")
+        names = sorted(
+            name
+            for name in os.listdir(folder)
+            if name.endswith(".py") and not name.startswith(_IGNORED)
+        )
+        found: Fingerprint = []
+        add = found.extend
+        for name in names:  # os.stat: a third quicker than a scandir entry's stat, per file
+            try:
+                st = os.stat(folder + name)
+            except FileNotFoundError:  # removed meanwhile, or a dangling link: not there
+                continue
+            if stat.S_ISREG(st.st_mode):
+                add((name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
         return found
 
     def _load(self) -> RevisionMap:
+        """The graph stored for these very files, or the one their headers make."""
+        files, stored = self._look()
+        graph = stored.graph() if stored is not None else None
+        if graph is not None:
+            try:
+                return RevisionMap.restore(graph, self._maker())
+            except _DAMAGED:  # not a graph this code wrote: build it again
+                pass
+        rmap, names = self._build(files)
+
+        def payload(rev: Revision) -> list[str]:
+            assert isinstance(rev, Script)
+            return [names[rev.revision], rev.longdoc]
+
+        if files and len(names) * 5 == len(files):  # every header was a literal: no file ran
+            snapshot = rmap.snapshot(payload)
+            tips = {*rmap.heads, *rmap.real_heads}
+            summary = {
+                "heads": snapshot["heads"],
+                "real_heads": snapshot["real_heads"],
+                "tips": [row for row in snapshot["nodes"] if row[0] in tips],
+            }
+            GraphCache(self.dir).save(files, summary, snapshot)
+        return rmap
+
+    def _look(self) -> tuple[Fingerprint, StoredGraph | None]:
+        """The files in ``versions/``, and the graph stored for them if there is one."""
+        if self._looked is None:
+            files = self._scan()
+            self._looked = files, GraphCache(self.dir).load(files)
+        return self._looked
+
+    def _maker(self) -> Callable[[Any], Script]:
+        """What makes a stored graph's bare scripts (its payloads: [file name, docstring])."""
+        folder = os.path.join(self.versions, "")
+        return lambda payload: Script.restored(folder + payload[0], payload[1])
+
+    def heads(self, *, real: bool = False) -> list[Script]:
+        """The head revisions (``real``: counting ``depends_on`` too).
+
+        Taken from the stored graph's summary when it matches the files: a long
+        history's thousands of other revisions are then not even made.
+        """
+        if self._compact is None:
+            _, stored = self._look()
+            if stored is not None:
+                try:
+                    make = self._maker()
+                    tips = [restore_node(row, make) for row in stored.summary["tips"]]
+                    by_id = {tip.revision: tip for tip in tips if isinstance(tip, Script)}
+                    return [by_id[rid] for rid in stored.summary["real_heads" if real else "heads"]]
+                except _DAMAGED:
+                    pass
+        rmap = self.compact_map
+        return [self.script(rid, compact=True) for rid in (rmap.real_heads if real else rmap.heads)]
+
+    def _build(self, files: Fingerprint) -> tuple[RevisionMap, dict[str, str]]:
+        """The graph the files' headers make; with the file of each revision whose header
+        was read without running it."""
+        folder = os.path.join(self.versions, "")
         scripts: list[Script] = []
         seen: dict[str, str] = {}
         cache = HeaderCache(self.dir)
         cache.load()
         cacheable: dict[str, tuple[FileKey, Header]] = {}
-        folder = os.path.join(self.versions, "")
-        for name, key in self._scan():
+        literal: dict[str, str] = {}
+        for name, key in file_keys(files):
             path = folder + name
             header = cache.get(name, key)
             module = None
             if header is None:
                 header, module = read_header(Path(path))
+            script = script_from_header(path, header, module)
             if module is None:
                 cacheable[name] = (key, header)
-            script = script_from_header(path, header, module)
+                literal[script.revision] = name
             if script.revision in seen:
                 raise ScriptError(
                     f"revision id {script.revision} is used by two files: "
@@ -391,7 +489,7 @@ class ScriptDirectory:
             scripts.append(script)
         cache.save(cacheable)
         try:
-            return RevisionMap(scripts)
+            return RevisionMap(scripts), literal
         except RevisionError as exc:
             raise _with_files(exc, seen) from exc
 
@@ -420,6 +518,7 @@ class ScriptDirectory:
     def forget(self) -> None:
         """Read the folder again next time (after writing or removing revision files)."""
         self._compact = self._map = None
+        self._looked = None
 
     def _graph(self, compact: bool) -> RevisionMap:
         return self.compact_map if compact else self.revision_map

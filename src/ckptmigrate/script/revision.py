@@ -11,8 +11,8 @@ from __future__ import annotations
 import copy
 import operator
 import re
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from typing import Union
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Union
 
 from ..errors import (
     CycleDetected,
@@ -102,6 +102,53 @@ class Revision:
         self._all_down = self.down_revisions
         self._normalized_down = self.down_revisions
 
+    def link_state(self) -> list[Any]:
+        """What a map made of this revision, JSON-able: ``[id, parents, children, other]``.
+
+        ``other`` holds only what differs from its default (a revision of a plain
+        linear history has nothing there), so a long history's snapshot stays small.
+        """
+        other: dict[str, list[str]] = {}
+        for name in _MOSTLY_EMPTY:
+            value = getattr(self, name)
+            if value:
+                other[name] = list(value)
+        if self.branch_labels != set(self.declared_branch_labels):
+            other["branch_labels"] = sorted(self.branch_labels)
+        if self.all_nextrev != self.nextrev:
+            other["all_nextrev"] = sorted(self.all_nextrev)
+        if self._all_down != self.down_revisions:
+            other["all_down"] = list(self._all_down)
+        if self._normalized_down != self._all_down:
+            other["normalized_down"] = list(self._normalized_down)
+        return [self.revision, list(self.down_revisions), sorted(self.nextrev), other]
+
+    def restore_links(self, state: Sequence[Any]) -> None:
+        """Take the state :meth:`link_state` recorded (on a bare object: no checks)."""
+        rid, downs, nexts, other = state[:4]
+        down = tuple(downs)
+        self.revision = rid
+        self.down_revisions = self._all_down = self._normalized_down = down
+        self.nextrev = self.all_nextrev = frozenset(nexts)
+        if not other:
+            self.dependencies = self.declared_branch_labels = self.replaces = ()
+            self.resolved_dependencies = self.normalized_dependencies = ()
+            self.branch_labels = set()
+            return
+        get = other.get
+        self.dependencies = tuple(get("dependencies", ()))
+        self.declared_branch_labels = tuple(get("declared_branch_labels", ()))
+        self.replaces = tuple(get("replaces", ()))
+        self.resolved_dependencies = tuple(get("resolved_dependencies", ()))
+        self.normalized_dependencies = tuple(get("normalized_dependencies", ()))
+        self.branch_labels = set(get("branch_labels", self.declared_branch_labels))
+        if "all_nextrev" in other:
+            self.all_nextrev = frozenset(other["all_nextrev"])
+        if "all_down" in other:
+            self._all_down = self._normalized_down = tuple(other["all_down"])
+        if "normalized_down" in other:
+            self._normalized_down = tuple(other["normalized_down"])
+
     def unlinked_copy(self) -> Revision:
         """The same revision, free of any map's links: a node for another map."""
         twin = copy.copy(self)
@@ -154,6 +201,23 @@ class Revision:
         return len(self.down_revisions) > 1
 
 
+def restore_node(row: Sequence[Any], make: Callable[[Any], Revision]) -> Revision:
+    """One node of a :meth:`RevisionMap.snapshot`: ``make(payload)`` with its links on."""
+    rev = make(row[4])
+    rev.restore_links(row)
+    return rev
+
+
+#: Fields empty in most revisions: a snapshot records them only where they are not.
+_MOSTLY_EMPTY = (
+    "dependencies",
+    "declared_branch_labels",
+    "replaces",
+    "resolved_dependencies",
+    "normalized_dependencies",
+)
+
+
 def verify_rev_id(revision: str) -> None:
     """Alembic's rule for ids read from revision files: no target syntax in them."""
     bad = sorted(_ILLEGAL_ID_CHARS.intersection(revision))
@@ -200,7 +264,63 @@ class RevisionMap:
     """All revisions of one lineage, with Alembic's traversal semantics."""
 
     def __init__(self, revisions: Iterable[Revision]) -> None:
-        given = list(revisions)
+        self._index(list(revisions))
+        self._link()
+        self._detect_cycles()
+        self._propagate_labels()
+        revs = self._by_id.values()
+        self.heads: tuple[str, ...] = tuple(r.revision for r in revs if r.is_head)
+        self.real_heads: tuple[str, ...] = tuple(r.revision for r in revs if r.is_real_head)
+        self.bases: tuple[str, ...] = tuple(r.revision for r in revs if r.is_base)
+        self.real_bases: tuple[str, ...] = tuple(r.revision for r in revs if r.is_real_base)
+        self._walked: tuple[str, ...] | None = None  # walk(), once asked for
+
+    def snapshot(self, payload: Callable[[Revision], Any]) -> dict[str, Any]:
+        """All that building this map worked out, JSON-able, for :meth:`restore`.
+
+        ``payload(rev)`` is what a revision's own class adds (a file, a docstring).
+        The order of :meth:`walk` is worked out here too: ``history`` needs it.
+        """
+        try:
+            walked: list[str] | None = [r.revision for r in self.walk()]
+        except RevisionError:  # pragma: no cover - a built map always walks
+            walked = None
+        nodes = [*self._by_id.values(), *self.dormant]
+        return {
+            "nodes": [[*rev.link_state(), payload(rev)] for rev in nodes],
+            "heads": list(self.heads),
+            "real_heads": list(self.real_heads),
+            "bases": list(self.bases),
+            "real_bases": list(self.real_bases),
+            "walk": walked,
+        }
+
+    @classmethod
+    def restore(cls, state: Mapping[str, Any], make: Callable[[Any], Revision]) -> RevisionMap:
+        """The map a :meth:`snapshot` recorded, neither linked nor checked again.
+
+        Only for a snapshot of a map built from the very same revisions: what
+        building it checked (cycles, missing parents) still holds. ``make(payload)``
+        returns the bare revision object that the recorded links are put on.
+        """
+        rmap = cls.__new__(cls)
+        rmap._index([restore_node(row, make) for row in state["nodes"]])
+        rmap.heads = tuple(state["heads"])
+        rmap.real_heads = tuple(state["real_heads"])
+        rmap.bases = tuple(state["bases"])
+        rmap.real_bases = tuple(state["real_bases"])
+        walked = state["walk"]
+        rmap._walked = None if walked is None else tuple(walked)
+        ids = rmap._by_id.keys()
+        tips = {*rmap.heads, *rmap.real_heads, *rmap.bases, *rmap.real_bases}
+        if not ids >= tips or (walked is not None and set(walked) != ids):
+            raise ValueError("the snapshot's heads, bases or order name other revisions")
+        return rmap
+
+    # ------------------------------------------------------------------ building
+
+    def _index(self, given: list[Revision]) -> None:
+        """Look-ups by id, label and squash; refuses ids and labels used twice."""
         # A revision another one squashed (its file kept with 'squash --keep') is
         # no node of the graph: the squashed revision stands for it.
         listed = {rid for rev in given for rid in rev.replaces}
@@ -238,16 +358,6 @@ class RevisionMap:
                         hint="choose another branch label",
                     )
                 self._labels[label] = rev
-        self._link()
-        self._detect_cycles()
-        self._propagate_labels()
-        revs = self._by_id.values()
-        self.heads: tuple[str, ...] = tuple(r.revision for r in revs if r.is_head)
-        self.real_heads: tuple[str, ...] = tuple(r.revision for r in revs if r.is_real_head)
-        self.bases: tuple[str, ...] = tuple(r.revision for r in revs if r.is_base)
-        self.real_bases: tuple[str, ...] = tuple(r.revision for r in revs if r.is_real_base)
-
-    # ------------------------------------------------------------------ building
 
     def _lookup_symbol(self, name: str) -> Revision | None:
         found = self._by_id.get(name) or self._labels.get(name) or self._aliases.get(name)
@@ -1061,9 +1171,16 @@ class RevisionMap:
 
     def walk(self, base: str = "base", head: str = "heads") -> list[Revision]:
         """All revisions between base and head, newest first (for history)."""
-        return self.iterate_revisions(
-            head, base if base != "base" else None, inclusive=True, assert_relative_length=False
-        )
+        lower = base if base != "base" else None
+        if lower is not None or head != "heads":
+            return self.iterate_revisions(head, lower, inclusive=True, assert_relative_length=False)
+        if self._walked is None:  # the whole history: kept, and kept in snapshots
+            everything = self.iterate_revisions(
+                head, None, inclusive=True, assert_relative_length=False
+            )
+            self._walked = tuple(r.revision for r in everything)
+        by_id = self._by_id
+        return [by_id[rid] for rid in self._walked]
 
     # ------------------------------------------------------------------ heads bookkeeping
 
