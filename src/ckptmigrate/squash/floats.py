@@ -100,7 +100,7 @@ def converted(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """A copy of ``module`` in ``dtype``, written back as ``<module>.to(dtype)``: the same
     values as converting the float32 tensors the original built."""
     out = copy.deepcopy(module).to(dtype)
-    setattr(out, CONVERTED_FROM, module)
+    object.__setattr__(out, CONVERTED_FROM, module)  # not a submodule: no keys of its own
     return out
 
 
