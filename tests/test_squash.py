@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import INITIAL, Run, load_dict, v1_state_dict
+from tests.conftest import INITIAL, Run, load_dict, make_lineage, v1_state_dict
 from tests.harness.common import same, write_revision
+
+from ckptmigrate.plan.nodes import TensorSpec
+from ckptmigrate.schema import Entry, Schema
 
 ADD_FC3 = "2b7f0c1d9e4a"
 NORM, RANDOM, TIDY = "3c9d2e4f6a8b", "4e4e00000004", "5f5f00000005"
@@ -301,3 +304,106 @@ def test_an_id_a_squash_replaced_cannot_be_reused(lineage: Path, run: Run) -> No
     run("squash", f"{ADD_FC3}:{NORM}", "--rev-id", "squash01")
     err = run("revision", "-m", "x", "--rev-id", ADD_FC3, code=1).stderr
     assert f"revision id {ADD_FC3} already exists (squashed into squash01)" in err
+
+
+# A new tensor whose script names no dtype is made in the floating dtype its own revision
+# finds (uniform, else float32); the squashed step starts where the range starts.
+FIRST, SECOND = "aaaa00000001", "bbbb00000002"
+NEW_T = ('op.add_tensor("t", shape=(3,), init="normal")', 'op.drop_key("t")')
+
+
+def _float_lineage(root: Path, first: tuple[str, str]) -> Path:
+    """Base: floats ``a`` and ``b``; FIRST runs ``first`` (up, down), SECOND adds ``t``
+    with no dtype. Returns the versions folder."""
+    base = Schema({k: Entry(TensorSpec((4,), torch.float32)) for k in ("a", "b")})
+    steps = [(FIRST, None, *first), (SECOND, FIRST, *NEW_T)]
+    make_lineage(root, "migrations", base.to_text("test"), steps, ini="alembic_style.ini")
+    return root / "migrations" / "versions"
+
+
+def _upgraded_before_and_after_squash(
+    run: Run, root: Path, *, force: tuple[torch.dtype, ...] = ()
+) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """Squash FIRST:SECOND; an fp16 and an fp32 checkpoint at base and at FIRST, each
+    upgraded to the head before and after it (``force``: the dtypes whose mixed results
+    need --force, as a stamp is checked against the recorded schema in one dtype only)."""
+    starts: dict[tuple[str, str], tuple[Path, list[str]]] = {}
+    for dtype in (torch.float16, torch.float32):
+        name = str(dtype).removeprefix("torch.")
+        extra = ["--force"] if dtype in force else []
+        base = root / f"{name}-base.pth"
+        torch.manual_seed(0)
+        torch.save({"a": torch.randn(4, dtype=dtype), "b": torch.randn(4, dtype=dtype)}, base)
+        at_first = root / f"{name}-first.pth"
+        run("upgrade", str(base), FIRST, "-o", str(at_first), "-q", *extra)
+        starts[(name, "base")] = base, extra
+        starts[(name, FIRST)] = at_first, extra
+
+    def head(tag: str) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+        out = {}
+        for (name, at), (path, extra) in starts.items():
+            result = root / f"{tag}-{name}-{at}.pth"
+            run("upgrade", str(path), "-o", str(result), "-q", *extra)
+            out[(name, at)] = _tensors(result)
+        return out
+
+    before = head("before")
+    run("squash", f"{FIRST}:{SECOND}", "-m", "squashed", "--rev-id", "squash01")
+    after = head("after")
+    for key, tensors in before.items():
+        assert same(tensors, after[key]), key
+    return after
+
+
+def test_a_dtype_less_new_tensor_that_follows_the_range_start_is_kept_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    versions = _float_lineage(tmp_path, ('op.rename_key("a", "c")', 'op.rename_key("c", "a")'))
+    results = _upgraded_before_and_after_squash(run, tmp_path)
+    text = (versions / "squash01_squashed.py").read_text()
+    assert '        op.add_tensor("t", (3,), init="normal")' in text.splitlines()
+    for (name, _), tensors in results.items():  # the checkpoint's own dtype, as before
+        assert list(tensors) == ["c", "b", "t"]
+        assert tensors["t"].dtype == getattr(torch, name)
+
+
+def test_a_dtype_less_new_tensor_gets_the_one_dtype_its_revision_always_gave(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run
+) -> None:
+    """After FIRST the floats are mixed whatever the checkpoint: SECOND's ``t`` is float32,
+    where the squashed step, starting from an fp16 checkpoint, would make it float16."""
+    monkeypatch.chdir(tmp_path)
+    first = (
+        'op.add_tensor("x", shape=(2,), dtype=torch.float32)\nop.cast("b", torch.float64)',
+        'op.cast("b", torch.float32)\nop.drop_key("x")',
+    )
+    versions = _float_lineage(tmp_path, first)
+    results = _upgraded_before_and_after_squash(run, tmp_path, force=(torch.float16,))
+    text = (versions / "squash01_squashed.py").read_text()
+    assert '        op.add_tensor("t", (3,), dtype=torch.float32, init="normal")' in (
+        text.splitlines()
+    )
+    for (name, _), tensors in results.items():
+        assert tensors["a"].dtype == getattr(torch, name)
+        assert (tensors["b"].dtype, tensors["t"].dtype) == (torch.float64, torch.float32)
+
+
+def test_a_squash_no_step_can_stand_for_is_refused_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run
+) -> None:
+    """After FIRST, ``t`` is float32 on fp16 and fp32 checkpoints and float64 on fp64 ones:
+    neither the range start's dtype (fp16 stays fp16) nor one constant."""
+    monkeypatch.chdir(tmp_path)
+    versions = _float_lineage(
+        tmp_path, ('op.cast("a", torch.float64)', 'op.cast("a", torch.float32)')
+    )
+    files = {p.name: p.read_bytes() for p in versions.iterdir() if p.is_file()}
+    err = run("squash", f"{FIRST}:{SECOND}", "--rev-id", "squash01", code=1).stderr
+    assert err.startswith(
+        f"Error: cannot squash {FIRST}..{SECOND}: revision {SECOND}'s upgrade() calls "
+        "op.add_tensor('t', ...) without a dtype"
+    )
+    assert "give the call a dtype= there, or start the range at it, or end it before it" in err
+    assert len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in versions.iterdir() if p.is_file()} == files

@@ -35,6 +35,7 @@ from ..script.directory import Script, ScriptDirectory, load_script, py_literal,
 from ..script.revision import tuple_or_scalar
 from .calls import Call
 from .chain import Chain, record_chain, resolve_range
+from .floats import pin_new_floats
 from .proof import Proof, SquashNotProved, prove
 from .simplify import simplify
 from .source import Source, writable
@@ -79,13 +80,18 @@ def squash(
     chain = record_chain(script_dir, base, revisions)
     where = f"{chain.replaces[0]}..{chain.replaces[-1]}"
     writable(Source(), _every_call(chain), where)
+    # one step stands for the range: dtype-less new tensors get the dtype their revision gave
+    pinned = (
+        pin_new_floats(chain.up_steps, chain.start.specs(), direction="upgrade", where=where),
+        pin_new_floats(chain.down_steps, chain.end.specs(), direction="downgrade", where=where),
+    )
     simplified = (
-        simplify(chain.up, chain.start.specs()),
-        simplify(chain.down, chain.end.specs(), direction="downgrade"),
+        simplify(pinned[0], chain.start.specs()),
+        simplify(pinned[1], chain.end.specs(), direction="downgrade"),
     )
     attempts = [simplified]
-    if simplified != (chain.up, chain.down):
-        attempts.append((chain.up, chain.down))  # if the simplified ops do not prove
+    if simplified != pinned:
+        attempts.append(pinned)  # if the simplified ops do not prove
     message = message or f"squash {where}"
     created = datetime.datetime.now().replace(microsecond=0)
     failed: SquashNotProved | None = None

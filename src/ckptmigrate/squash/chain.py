@@ -49,6 +49,12 @@ class Chain:
     up: list[Call]  # the whole range's upgrade, as it runs from ``parents``
     down: list[Call]  # and its downgrade, from the end
     labels: tuple[str, ...]
+    down_steps: list[tuple[str, list[Call]]] = field(default_factory=list)  # ``down`` by revision
+
+    @property
+    def up_steps(self) -> list[tuple[str, list[Call]]]:
+        """``up`` by revision, oldest first."""
+        return [(p.name, p.up) for p in self.positions if p.step is not None]
 
     @property
     def start(self) -> Schema:
@@ -146,12 +152,14 @@ def record_chain(script_dir: ScriptDirectory, base: Schema, revisions: list[Scri
         if p.step is not None:
             p.down = _run(p.step, PlanState.from_schema(p.after.specs()), upgrade=False)
     state = PlanState.from_schema(positions[-1].after.specs())
-    down: list[Call] = []
-    for p in reversed(positions):
-        if p.step is not None:
-            down += _run(p.step, state, upgrade=False)
+    down_steps = [
+        (p.name, _run(p.step, state, upgrade=False))
+        for p in reversed(positions)
+        if p.step is not None
+    ]
+    down = [c for _, calls in down_steps for c in calls]
     labels = tuple(dict.fromkeys(lb for r in revisions for lb in r.declared_branch_labels))
-    return Chain(revisions, positions, parents, up, down, labels)
+    return Chain(revisions, positions, parents, up, down, labels, down_steps)
 
 
 def _positions(script_dir: ScriptDirectory, revisions: list[Script]) -> list[Position]:

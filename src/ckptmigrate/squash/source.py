@@ -25,6 +25,7 @@ from ..autogenerate.render import literal as plain_literal
 from ..errors import CommandError
 from ..operations.registry import OpCall, operation
 from .calls import Call
+from .floats import CONVERTED_FROM
 
 _REVISION_MODULES = "ckptmigrate_rev_"  # what revision files are imported as
 
@@ -75,6 +76,10 @@ class Source:
         raise Unwritable(f"an argument of type {type(value).__name__}")
 
     def _module(self, module: torch.nn.Module) -> str:
+        original = getattr(module, CONVERTED_FROM, None)
+        if isinstance(original, torch.nn.Module):  # pinned to a dtype (see .floats)
+            dtypes = {v.dtype for v in module.state_dict().values() if isinstance(v, torch.Tensor)}
+            return f"{self._module(original)}.to({self.literal(dtypes.pop())})"
         expr = module_expr(module)
         if expr is None:
             raise Unwritable(
