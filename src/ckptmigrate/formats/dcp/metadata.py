@@ -149,6 +149,15 @@ def load(path: CkptPath, *, trust_pickle: bool = False) -> Any:
     return md
 
 
+def lists_replaced(data: bytes) -> bool:
+    """Whether ``.metadata``'s bytes may list replaced data files (no unpickling).
+
+    A pickle holds each string once as it is (the later ones refer back to it),
+    so without :data:`REPLACED_KEY` among the bytes, ``planner_data`` has no such entry.
+    """
+    return REPLACED_KEY.encode() in data
+
+
 def check(md: Any, path: CkptPath) -> None:
     """Every field DCP's readers (and ours) rely on, before anything trusts it."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -184,7 +193,7 @@ def check(md: Any, path: CkptPath) -> None:
             entry.properties, TensorProperties
         ):
             raise _invalid(path, f"{key!r} is described by a {type(entry).__name__}")
-        _check_tensor(path, key, entry, storage, ChunkStorageMetadata)
+        _check_tensor(path, key, entry, storage, ChunkStorageMetadata, MetadataIndex)
     if md.planner_data is not None and not isinstance(md.planner_data, dict):
         return  # a custom planner's data: kept as it is; no stamp can go there
     for key, where in (md.planner_data or {}).items():
@@ -227,27 +236,37 @@ def _short(value: object) -> str:
 
 def _dims(value: object) -> bool:
     """A shape or an offset: a sequence of non-negative ints."""
-    return isinstance(value, (tuple, list)) and all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
-    )
+    if not isinstance(value, (tuple, list)):
+        return False
+    for d in value:
+        if type(d) is not int and (not isinstance(d, int) or isinstance(d, bool)):
+            return False
+        if d < 0:
+            return False
+    return True
 
 
 def _check_tensor(
-    path: CkptPath, key: str, entry: Any, storage: Mapping[Any, Any], chunk_cls: Any
+    path: CkptPath,
+    key: str,
+    entry: Any,
+    storage: Mapping[Any, Any],
+    chunk_cls: Any,
+    index_cls: Any,
 ) -> None:
     import torch
-    from torch.distributed.checkpoint.metadata import MetadataIndex
 
     size = entry.size
     if not isinstance(entry.properties.dtype, torch.dtype):
         raise _invalid(path, f"{key!r} has no dtype")
     if not isinstance(size, torch.Size) or any(d < 0 for d in size):
         raise _invalid(path, f"{key!r} has an invalid size {size!r}")
-    if not isinstance(entry.chunks, list) or (not entry.chunks and _numel(size)):
+    chunks = entry.chunks
+    if not isinstance(chunks, list) or (not chunks and _numel(size)):
         raise _invalid(path, f"{key!r} has no chunks")
     covered = 0
     boxes: list[tuple[Sequence[int], Sequence[int]]] = []
-    for chunk in entry.chunks:
+    for chunk in chunks:
         if not isinstance(chunk, chunk_cls):
             raise _invalid(path, f"{key!r} has a chunk that is a {type(chunk).__name__}")
         offsets, sizes = getattr(chunk, "offsets", None), getattr(chunk, "sizes", None)
@@ -258,11 +277,12 @@ def _check_tensor(
             raise _invalid(path, f"a chunk of {key!r} has the wrong number of dims")
         if any(o + s > d for o, s, d in zip(offsets, sizes, size)):
             raise _invalid(path, f"a chunk of {key!r} lies outside its size {list(size)}")
-        if MetadataIndex(key, offsets) not in storage:
+        if index_cls(key, offsets) not in storage:
             raise _invalid(path, f"no data is recorded for a chunk of {key!r}")
         boxes.append((offsets, sizes))
         covered += _numel(sizes)
-    if _overlapping(boxes):
+    # a single chunk overlaps nothing
+    if len(boxes) > 1 and _overlapping(boxes):
         raise _invalid(path, f"two chunks of {key!r} overlap")
     if covered != _numel(size):
         raise _invalid(path, f"the chunks of {key!r} do not cover its size {list(size)}")
@@ -308,6 +328,8 @@ def encode(md: Any, blobs: Sequence[Blob]) -> bytes:
     for blob in blobs:
         blob.info.relative_path = METADATA_NAME
         blob.info.length = len(blob.data)
+    if not blobs:  # no offsets to settle
+        return pickle.dumps(md, protocol=pickle.DEFAULT_PROTOCOL)
     data = b""
     for _ in range(16):
         offset = len(data)
