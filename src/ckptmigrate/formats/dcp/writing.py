@@ -337,12 +337,11 @@ def _carry_files(
     """
     if dcp is None:
         return {}
+    kept = {leaf.ref for leaf in leaves if leaf.ref is not None}
     used = {
         info.relative_path
-        for leaf in leaves
-        if leaf.ref is not None
-        for _, info in dcp.storage_of(leaf.ref)
-        if info.relative_path != dcp_metadata.METADATA_NAME
+        for index, info in dcp.md.storage_data.items()
+        if index.fqn in kept and info.relative_path != dcp_metadata.METADATA_NAME
     }
     if same:
         return {name: name for name in used}
