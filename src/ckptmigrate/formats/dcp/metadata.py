@@ -178,10 +178,11 @@ def check(md: Any, path: CkptPath) -> None:
     storage = md.storage_data
     if not isinstance(storage, dict):
         raise _invalid(path, f"storage_data is a {type(storage).__name__}, not a dict")
+    files: set[str] = set()  # the names found valid: a folder has few files, for many entries
     for index, info in storage.items():
         if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
             raise _invalid(path, "storage_data maps something other than chunks to file ranges")
-        _check_info(path, index.fqn, info)
+        _check_info(path, index.fqn, info, files)
     for key, entry in entries.items():
         if not isinstance(key, str):
             raise _invalid(path, f"the key {key!r} is not a string")
@@ -209,9 +210,11 @@ def check(md: Any, path: CkptPath) -> None:
             raise _invalid(path, f"planner_data holds {where!r} as the path of {key!r}")
 
 
-def _check_info(path: CkptPath, key: str, info: Any) -> None:
+def _check_info(path: CkptPath, key: str, info: Any, files: set[str]) -> None:
     name = getattr(info, "relative_path", None)
-    if (
+    if isinstance(name, str) and name in files:
+        pass
+    elif (
         not isinstance(name, str)
         or not name
         or "/" in name
@@ -220,8 +223,10 @@ def _check_info(path: CkptPath, key: str, info: Any) -> None:
         or len(name.encode("utf-8", "replace")) > 255
     ):
         raise _invalid(path, f"{key!r} is stored in {_short(name)}, not a file of the folder")
-    if name.startswith(".") and name != METADATA_NAME:
+    elif name.startswith(".") and name != METADATA_NAME:
         raise _invalid(path, f"{key!r} is stored in the hidden file {name!r}")
+    else:
+        files.add(name)
     for field in (getattr(info, "offset", None), getattr(info, "length", None)):
         if not isinstance(field, int) or isinstance(field, bool) or field < 0:
             raise _invalid(path, f"{key!r} has an invalid byte range in {name}")
@@ -264,6 +269,10 @@ def _check_tensor(
     chunks = entry.chunks
     if not isinstance(chunks, list) or (not chunks and _numel(size)):
         raise _invalid(path, f"{key!r} has no chunks")
+    if len(chunks) == 1 and _whole(chunks[0], size, chunk_cls):  # as one process saves it
+        if index_cls(key, chunks[0].offsets) not in storage:
+            raise _invalid(path, f"no data is recorded for a chunk of {key!r}")
+        return
     covered = 0
     boxes: list[tuple[Sequence[int], Sequence[int]]] = []
     for chunk in chunks:
@@ -286,6 +295,22 @@ def _check_tensor(
         raise _invalid(path, f"two chunks of {key!r} overlap")
     if covered != _numel(size):
         raise _invalid(path, f"the chunks of {key!r} do not cover its size {list(size)}")
+
+
+def _whole(chunk: Any, size: Any, chunk_cls: Any) -> bool:
+    """A chunk that is the whole tensor: at offset 0 in every dim, of its (valid) size."""
+    import torch
+
+    if type(chunk) is not chunk_cls:
+        return False
+    offsets, sizes = getattr(chunk, "offsets", None), getattr(chunk, "sizes", None)
+    return (
+        type(offsets) is torch.Size
+        and type(sizes) is torch.Size
+        and sizes == size
+        and len(offsets) == len(size)
+        and not any(offsets)
+    )
 
 
 def _overlapping(boxes: Sequence[tuple[Sequence[int], Sequence[int]]]) -> bool:

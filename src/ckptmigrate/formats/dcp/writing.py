@@ -413,6 +413,8 @@ def _metadata(
                     blob = dcp_metadata.Blob(dcp.store.raw(info), _copy_info(info))
                     blobs.append(blob)
                     storage[index] = blob.info
+                elif names[info.relative_path] == info.relative_path:
+                    storage[index] = info  # the same range of the same file (never changed)
                 else:
                     storage[index] = _copy_info(info, names[info.relative_path])
         elif leaf.spec is not None:
