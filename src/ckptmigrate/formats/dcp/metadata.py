@@ -241,14 +241,9 @@ def _short(value: object) -> str:
 
 def _dims(value: object) -> bool:
     """A shape or an offset: a sequence of non-negative ints."""
-    if not isinstance(value, (tuple, list)):
-        return False
-    for d in value:
-        if type(d) is not int and (not isinstance(d, int) or isinstance(d, bool)):
-            return False
-        if d < 0:
-            return False
-    return True
+    return isinstance(value, (tuple, list)) and all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
+    )
 
 
 def _check_tensor(
