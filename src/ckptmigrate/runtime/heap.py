@@ -9,7 +9,9 @@ collection is frozen (``gc.freeze``): later collections skip it. Once no
 module is imported any more, collections are left as they are, so garbage
 the migration itself makes is collected as usual. Only the command line
 does this; a program that uses ckptmigrate as a library keeps its own
-collector settings.
+collector settings. What was frozen stays so when the command returns (its
+process ends with it, and the collection at exit stays cheap); a program
+that calls ``ckptmigrate.cli.main`` itself can ``gc.unfreeze()`` afterwards.
 """
 
 from __future__ import annotations
