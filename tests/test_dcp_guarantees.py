@@ -228,6 +228,34 @@ SLOW = (
 )
 
 
+@pytest.mark.parametrize("listed", [True, False])
+def test_files_a_killed_write_replaced_are_removed_by_the_next_one(
+    tmp_path: Path, listed: bool
+) -> None:
+    """Killed after its switch: the files it replaced (listed in .metadata) go on the next run;
+    an unreferenced DCP-named file that is not listed is someone else's and stays."""
+    ini = renames_lineage(tmp_path)
+    ckpt = tmp_path / "ckpt"
+    msd, _ = trained_v1()
+    save({"model": msd}, ckpt)
+    from ckptmigrate.formats.dcp.metadata import REPLACED_KEY
+
+    stale = ckpt / "__1_0.distcp"
+    stale.write_bytes((ckpt / "__0_0.distcp").read_bytes())
+    if listed:  # as a write leaves it killed between its switch and its clean-up
+        md = pickle.loads((ckpt / ".metadata").read_bytes())
+        md.planner_data[REPLACED_KEY] = [stale.name]
+        (ckpt / ".metadata").write_bytes(pickle.dumps(md))
+    code, err = invoke("-c", str(ini), "upgrade", str(ckpt), R3, "--from", R1)
+    assert code == 0, err
+    assert stale.exists() is not listed
+    kept = {k: v for k, v in msd.items() if k != "old_scale"}
+    state = {"model": {tiny.renamed(k): torch.zeros_like(v) for k, v in kept.items()}}
+    dcp.load(state, checkpoint_id=ckpt)
+    for key, value in kept.items():
+        assert torch.equal(state["model"][tiny.renamed(key)], value), key
+
+
 def test_two_writers_one_migration(tmp_path: Path) -> None:
     ini = tmp_path / "alembic_style.ini"
     ini.write_text("[ckptmigrate]\nscript_location = %(here)s/migrations\n", encoding="utf-8")

@@ -21,6 +21,7 @@ from . import arguments, command
 from ._version import __version__
 from .config import DEFAULT_SECTION, Config
 from .errors import CkptMigrateError, CommandError, LineageWarning
+from .runtime.heap import imports_frozen
 
 if TYPE_CHECKING:
     from .runtime.fleet_report import FleetReport
@@ -796,4 +797,5 @@ def fixture_record(ctx: click.Context, output: str | None, seed: int | None) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cli.main(args=list(argv) if argv is not None else None, prog_name="ckptmigrate")
+    with imports_frozen():
+        cli.main(args=list(argv) if argv is not None else None, prog_name="ckptmigrate")

@@ -9,6 +9,7 @@ the user believes, or a typo in a key.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import operator
 import sys
@@ -70,10 +71,10 @@ def format_value(value: Any) -> str:
     return repr(value)
 
 
-def _uniform_floating_dtype(state: PlanState) -> torch.dtype | None:
-    """The dtype all floating tensors of ``state`` share; None when none or several."""
+def _uniform_floating_dtype(nodes: Iterable[Node]) -> torch.dtype | None:
+    """The dtype all floating tensors among ``nodes`` share; None when none or several."""
     found: torch.dtype | None = None
-    for node in state.entries.values():
+    for node in nodes:
         spec = node.spec
         if spec is None or not spec.dtype.is_floating_point:
             continue
@@ -114,9 +115,14 @@ class OpContext:
         self.direction = direction
         self.path = path
         self.records = records if records is not None else []
-        # New tensors for which a script names no dtype are made in the checkpoint's
-        # own floating dtype (as the step finds it), so an fp16 file stays fp16.
-        self.new_float = _uniform_floating_dtype(state) or torch.float32
+        self._at_start = list(state.entries.values())
+
+    @functools.cached_property
+    def new_float(self) -> torch.dtype:
+        """The dtype of new tensors for which a script names none: the checkpoint's own
+        floating dtype as the step found it, so an fp16 file stays fp16 (looked up only
+        by steps that make tensors)."""
+        return _uniform_floating_dtype(self._at_start) or torch.float32
 
     def calling(self, call: OpCall) -> None:
         """The op about to record, as the script called it (see :class:`OpRecord`)."""

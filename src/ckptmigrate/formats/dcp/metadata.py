@@ -149,6 +149,15 @@ def load(path: CkptPath, *, trust_pickle: bool = False) -> Any:
     return md
 
 
+def lists_replaced(data: bytes) -> bool:
+    """Whether ``.metadata``'s bytes may list replaced data files (no unpickling).
+
+    A pickle holds each string once as it is (the later ones refer back to it),
+    so without :data:`REPLACED_KEY` among the bytes, ``planner_data`` has no such entry.
+    """
+    return REPLACED_KEY.encode() in data
+
+
 def check(md: Any, path: CkptPath) -> None:
     """Every field DCP's readers (and ours) rely on, before anything trusts it."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -169,10 +178,11 @@ def check(md: Any, path: CkptPath) -> None:
     storage = md.storage_data
     if not isinstance(storage, dict):
         raise _invalid(path, f"storage_data is a {type(storage).__name__}, not a dict")
+    files: set[str] = set()  # the names found valid: a folder has few files, for many entries
     for index, info in storage.items():
         if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
             raise _invalid(path, "storage_data maps something other than chunks to file ranges")
-        _check_info(path, index.fqn, info)
+        _check_info(path, index.fqn, info, files)
     for key, entry in entries.items():
         if not isinstance(key, str):
             raise _invalid(path, f"the key {key!r} is not a string")
@@ -184,7 +194,7 @@ def check(md: Any, path: CkptPath) -> None:
             entry.properties, TensorProperties
         ):
             raise _invalid(path, f"{key!r} is described by a {type(entry).__name__}")
-        _check_tensor(path, key, entry, storage, ChunkStorageMetadata)
+        _check_tensor(path, key, entry, storage, ChunkStorageMetadata, MetadataIndex)
     if md.planner_data is not None and not isinstance(md.planner_data, dict):
         return  # a custom planner's data: kept as it is; no stamp can go there
     for key, where in (md.planner_data or {}).items():
@@ -200,9 +210,11 @@ def check(md: Any, path: CkptPath) -> None:
             raise _invalid(path, f"planner_data holds {where!r} as the path of {key!r}")
 
 
-def _check_info(path: CkptPath, key: str, info: Any) -> None:
+def _check_info(path: CkptPath, key: str, info: Any, files: set[str]) -> None:
     name = getattr(info, "relative_path", None)
-    if (
+    if isinstance(name, str) and name in files:
+        pass
+    elif (
         not isinstance(name, str)
         or not name
         or "/" in name
@@ -211,8 +223,10 @@ def _check_info(path: CkptPath, key: str, info: Any) -> None:
         or len(name.encode("utf-8", "replace")) > 255
     ):
         raise _invalid(path, f"{key!r} is stored in {_short(name)}, not a file of the folder")
-    if name.startswith(".") and name != METADATA_NAME:
+    elif name.startswith(".") and name != METADATA_NAME:
         raise _invalid(path, f"{key!r} is stored in the hidden file {name!r}")
+    else:
+        files.add(name)
     for field in (getattr(info, "offset", None), getattr(info, "length", None)):
         if not isinstance(field, int) or isinstance(field, bool) or field < 0:
             raise _invalid(path, f"{key!r} has an invalid byte range in {name}")
@@ -233,21 +247,30 @@ def _dims(value: object) -> bool:
 
 
 def _check_tensor(
-    path: CkptPath, key: str, entry: Any, storage: Mapping[Any, Any], chunk_cls: Any
+    path: CkptPath,
+    key: str,
+    entry: Any,
+    storage: Mapping[Any, Any],
+    chunk_cls: Any,
+    index_cls: Any,
 ) -> None:
     import torch
-    from torch.distributed.checkpoint.metadata import MetadataIndex
 
     size = entry.size
     if not isinstance(entry.properties.dtype, torch.dtype):
         raise _invalid(path, f"{key!r} has no dtype")
     if not isinstance(size, torch.Size) or any(d < 0 for d in size):
         raise _invalid(path, f"{key!r} has an invalid size {size!r}")
-    if not isinstance(entry.chunks, list) or (not entry.chunks and _numel(size)):
+    chunks = entry.chunks
+    if not isinstance(chunks, list) or (not chunks and _numel(size)):
         raise _invalid(path, f"{key!r} has no chunks")
+    if len(chunks) == 1 and _whole(chunks[0], size, chunk_cls):  # as one process saves it
+        if index_cls(key, chunks[0].offsets) not in storage:
+            raise _invalid(path, f"no data is recorded for a chunk of {key!r}")
+        return
     covered = 0
     boxes: list[tuple[Sequence[int], Sequence[int]]] = []
-    for chunk in entry.chunks:
+    for chunk in chunks:
         if not isinstance(chunk, chunk_cls):
             raise _invalid(path, f"{key!r} has a chunk that is a {type(chunk).__name__}")
         offsets, sizes = getattr(chunk, "offsets", None), getattr(chunk, "sizes", None)
@@ -258,14 +281,31 @@ def _check_tensor(
             raise _invalid(path, f"a chunk of {key!r} has the wrong number of dims")
         if any(o + s > d for o, s, d in zip(offsets, sizes, size)):
             raise _invalid(path, f"a chunk of {key!r} lies outside its size {list(size)}")
-        if MetadataIndex(key, offsets) not in storage:
+        if index_cls(key, offsets) not in storage:
             raise _invalid(path, f"no data is recorded for a chunk of {key!r}")
         boxes.append((offsets, sizes))
         covered += _numel(sizes)
-    if _overlapping(boxes):
+    # a single chunk overlaps nothing
+    if len(boxes) > 1 and _overlapping(boxes):
         raise _invalid(path, f"two chunks of {key!r} overlap")
     if covered != _numel(size):
         raise _invalid(path, f"the chunks of {key!r} do not cover its size {list(size)}")
+
+
+def _whole(chunk: Any, size: Any, chunk_cls: Any) -> bool:
+    """A chunk that is the whole tensor: at offset 0 in every dim, of its (valid) size."""
+    import torch
+
+    if type(chunk) is not chunk_cls:
+        return False
+    offsets, sizes = getattr(chunk, "offsets", None), getattr(chunk, "sizes", None)
+    return (
+        type(offsets) is torch.Size
+        and type(sizes) is torch.Size
+        and sizes == size
+        and len(offsets) == len(size)
+        and not any(offsets)
+    )
 
 
 def _overlapping(boxes: Sequence[tuple[Sequence[int], Sequence[int]]]) -> bool:
@@ -308,6 +348,8 @@ def encode(md: Any, blobs: Sequence[Blob]) -> bytes:
     for blob in blobs:
         blob.info.relative_path = METADATA_NAME
         blob.info.length = len(blob.data)
+    if not blobs:  # no offsets to settle
+        return pickle.dumps(md, protocol=pickle.DEFAULT_PROTOCOL)
     data = b""
     for _ in range(16):
         offset = len(data)

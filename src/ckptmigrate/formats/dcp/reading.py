@@ -26,6 +26,7 @@ from .. import keyspace
 from ..checkpoint import Checkpoint, TrainingContainer
 from ..container import locate_state_dict
 from ..stamp import read_stamp, stamp_entries
+from ..unpickle import InertTensor
 from . import metadata as dcp_metadata
 from .store import ChunkStore
 
@@ -139,7 +140,7 @@ def _spec(md: Any) -> TensorSpec | None:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     if isinstance(md, TensorStorageMetadata):
-        return TensorSpec(tuple(int(d) for d in md.size), md.properties.dtype)
+        return TensorSpec(tuple(md.size), md.properties.dtype)  # a torch.Size holds ints
     return None
 
 
@@ -176,10 +177,12 @@ def _check_files(folder: CkptPath, md: Any, entries: dict[str, Entry], metadata:
     for key, entry in entries.items():
         if entry.spec is None:
             continue
+        itemsize = entry.spec.dtype.itemsize
         for chunk in entry.md.chunks:
-            info = md.storage_data[MetadataIndex(key, chunk.offsets)]
-            raw = TensorSpec(tuple(chunk.sizes), entry.spec.dtype).nbytes
-            if raw and info.length == raw:
+            raw = itemsize
+            for d in chunk.sizes:
+                raw *= d
+            if raw and md.storage_data[MetadataIndex(key, chunk.offsets)].length == raw:
                 raise CheckpointError(
                     f"{folder} was saved with FileSystemWriter(serialization_format="
                     "SerializationFormat.SAFETENSORS): its data files hold safetensors, "
@@ -245,7 +248,7 @@ def _lineage(
     skeleton: dict[str, Any] = {}
     flat_at: dict[tuple[PathItem, ...], str] = {}
     for key, entry in entries.items():
-        value = entry.spec.meta() if entry.spec is not None else _Bytes()
+        value = InertTensor(None, entry.spec.shape) if entry.spec is not None else _Bytes()
         set_element(skeleton, entry.path, value)
         flat_at[entry.path] = key
     state_path, sd = locate_state_dict(skeleton, state_dict_key, str(folder))

@@ -88,7 +88,7 @@ def write_dcp(
     same = dcp is not None and same_location(folder, dcp.folder)
     previous = dcp if same else _existing(folder)
     referenced = previous.files() if previous is not None else set()
-    remove_leftovers(folder)
+    remove_leftovers(folder, previous.md if previous is not None else None)
     leaves = plan_output(source, full.entries, options.container)
     stamps = _stamps(source, metadata)
     tag = _tag(leaves, stamps)
@@ -169,27 +169,31 @@ def _switched(folder: CkptPath, data: bytes | None) -> bool:
         return False
 
 
-def remove_leftovers(folder: CkptPath) -> list[str]:
+def remove_leftovers(folder: CkptPath, md: Any = None) -> list[str]:
     """Data files interrupted writes left: ours, or replaced, and referenced by no ``.metadata``.
 
-    Run holding the lock on ``.metadata`` (or before writing a new folder); the names removed.
+    Run holding the lock on ``.metadata`` (or before writing a new folder); ``md``:
+    its ``.metadata``, already read under that lock. The names removed.
     """
+    path = folder / dcp_metadata.METADATA_NAME
+    files = {file.name: file for file in folder.iterdir()}
+    ours = {n for n in files if n.startswith(OWN_PREFIX) and n.endswith(DATA_SUFFIX)}
     names: set[str] = set()
     replaced: list[str] = []
-    path = folder / dcp_metadata.METADATA_NAME
-    if path.is_file():
+    if md is None and path.is_file():
         try:
+            if not ours and not dcp_metadata.lists_replaced(path.read_bytes()):
+                return []
             md = dcp_metadata.load(path)
-        except CkptMigrateError:
+        except (CkptMigrateError, OSError):
             return []  # reading the checkpoint says what is wrong with it
+    if md is not None:
         names = files_of(md)
         if isinstance(md.planner_data, dict):
             replaced = list(md.planner_data.get(dcp_metadata.REPLACED_KEY, []))
     removed = []
-    for file in folder.iterdir():
-        name = file.name
-        ours = name.startswith(OWN_PREFIX) and name.endswith(DATA_SUFFIX)
-        if name not in names and (ours or name in replaced):
+    for name, file in files.items():
+        if name not in names and (name in ours or name in replaced):
             file.unlink(missing_ok=True)
             removed.append(name)
     return removed
@@ -333,12 +337,11 @@ def _carry_files(
     """
     if dcp is None:
         return {}
+    kept = {leaf.ref for leaf in leaves if leaf.ref is not None}
     used = {
         info.relative_path
-        for leaf in leaves
-        if leaf.ref is not None
-        for _, info in dcp.storage_of(leaf.ref)
-        if info.relative_path != dcp_metadata.METADATA_NAME
+        for index, info in dcp.md.storage_data.items()
+        if index.fqn in kept and info.relative_path != dcp_metadata.METADATA_NAME
     }
     if same:
         return {name: name for name in used}
@@ -410,6 +413,8 @@ def _metadata(
                     blob = dcp_metadata.Blob(dcp.store.raw(info), _copy_info(info))
                     blobs.append(blob)
                     storage[index] = blob.info
+                elif names[info.relative_path] == info.relative_path:
+                    storage[index] = info  # the same range of the same file (never changed)
                 else:
                     storage[index] = _copy_info(info, names[info.relative_path])
         elif leaf.spec is not None:
