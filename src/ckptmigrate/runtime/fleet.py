@@ -8,9 +8,10 @@ is done, in the order the checkpoints were found, so parallel runs read
 like serial ones; the rows of the report come in that order too.
 
 ``-j N`` is the number of writers at once: N checkpoints in parallel (in
-threads: the work that takes time, copying records in the kernel and
-checking their checksums, runs outside the GIL), and with fewer checkpoints
-than N, each gets an equal share of the N for its shards. Each writer
+forked processes where that is safe, :mod:`.workers`; otherwise in threads,
+where copying records in the kernel and checking their checksums still run
+outside the GIL), and with fewer checkpoints than N, each gets an equal
+share of the N for its shards. Each writer
 streams one tensor at a time, so memory stays what one checkpoint needs,
 times N.
 
@@ -56,6 +57,7 @@ from .fleet_report import (
     Outcome,
 )
 from .options import CheckpointOptions, MigrationOptions
+from .workers import StopFlag, can_fork, run_forked
 
 if TYPE_CHECKING:
     from .session import MigrationSession
@@ -290,6 +292,8 @@ class Fleet:
     def _parallel(
         self, found: Sequence[Found], work: Work, stop: _Stop, emitter: _Emitter, jobs: int
     ) -> list[Outcome]:
+        if can_fork([item.path for item in found]):
+            return self._forked(found, work, stop, emitter, jobs)
         results: dict[int, Outcome] = {}
         with ThreadPoolExecutor(max_workers=min(jobs, len(found))) as pool:
             futures: dict[Future[Outcome], int] = {
@@ -308,6 +312,40 @@ class Fleet:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
         return [results[i] for i in range(len(found))]
+
+    def _forked(
+        self, found: Sequence[Found], work: Work, stop: _Stop, emitter: _Emitter, jobs: int
+    ) -> list[Outcome]:
+        stop.share()
+        results = run_forked(
+            len(found),
+            jobs,
+            lambda i: self._one(found[i], work, stop),
+            stopped=lambda: stop.requested,
+            done=emitter.done,
+            died=lambda i, how: self._died(found[i].path, how),
+        )
+        for i in range(len(found)):
+            if i not in results:  # never started (Ctrl-C): its row says so
+                results[i] = self._one(found[i], work, stop)
+                emitter.done(i, results[i])
+        return [results[i] for i in range(len(found))]
+
+    def _died(self, path: str, how: str) -> Outcome:
+        """The row of a checkpoint whose worker process died, and what that worker left cleared."""
+        from ..formats import locked_for_writing
+
+        with contextlib.suppress(CkptMigrateError, OSError), locked_for_writing(path):
+            pass
+        return Outcome(
+            path,
+            FAILED,
+            error=f"the worker process running it {how}; the checkpoint is whole, "
+            "the old one or the new one",
+            hint=f"'ckptmigrate current {path}' says which; run the command on it alone to see "
+            "why it died",
+            bytes=_size(path),
+        )
 
     def _one(self, item: Found, work: Work, stop: _Stop) -> Outcome:
         """Run one checkpoint with its own output streams; every failure becomes its row."""
@@ -355,16 +393,25 @@ class _Stop:
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._shared: StopFlag | None = None
+
+    def share(self) -> None:
+        """Make the flag visible to worker processes forked from now on."""
+        self._shared = StopFlag()
+        if self._event.is_set():
+            self._shared.set()
 
     @property
     def requested(self) -> bool:
-        return self._event.is_set()
+        return self._event.is_set() or (self._shared is not None and self._shared.is_set())
 
     def request(self) -> None:
         self._event.set()
+        if self._shared is not None:
+            self._shared.set()
 
     def check(self) -> None:
-        if self._event.is_set():
+        if self.requested:
             raise Interrupted(
                 "stopped by Ctrl-C before it was replaced; it is unchanged",
                 hint="run the command again to finish the batch",
@@ -378,9 +425,9 @@ class _Stop:
             return
 
         def handler(signum: int, frame: object) -> None:
-            if self._event.is_set():
+            if self.requested:
                 raise KeyboardInterrupt
-            self._event.set()
+            self.request()
 
         previous = signal.signal(signal.SIGINT, handler)
         try:
