@@ -314,11 +314,17 @@ def _storage_id(saved_id: Any) -> tuple[str, torch.dtype, int]:
     if not isinstance(saved_id, tuple) or len(saved_id) != 5 or saved_id[0] != "storage":
         raise pickle.UnpicklingError(f"unexpected persistent id {saved_id!r}")
     _, storage_type, key, _location, numel = saved_id
-    with warnings.catch_warnings():  # the legacy storage classes warn on .dtype
-        warnings.simplefilter("ignore")
-        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
-    nbytes = int(numel) * torch.empty((), dtype=dtype, device="meta").element_size()
-    return str(key), dtype, nbytes
+    dtype = _STORAGE_DTYPES.get(storage_type)
+    if dtype is None:
+        with warnings.catch_warnings():  # the legacy storage classes warn on .dtype
+            warnings.simplefilter("ignore")
+            dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        _STORAGE_DTYPES[storage_type] = dtype
+    return str(key), dtype, int(numel) * dtype.itemsize
+
+
+#: A pickle's storage class -> its dtype (asking the legacy classes warns each time).
+_STORAGE_DTYPES: dict[Any, torch.dtype] = {}
 
 
 def _storage_loader(source: ZipSource) -> Callable[[Any], torch.storage.TypedStorage]:
