@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def test_jobs_run_in_worker_processes(
     pids = tmp_path / "pids.txt"
     monkeypatch.setenv("PIDS_FILE", str(pids))
     monkeypatch.chdir(tmp_path)
+    assert threading.active_count() == 1  # (else the batch runs in threads: see below)
     result = run("upgrade", "runs", "-j", "2")
     assert result.stdout.splitlines()[-1].startswith(f"{N} checkpoints: {N} upgraded")
     ran_in = pids.read_text().split()
@@ -72,6 +74,28 @@ def test_jobs_run_in_worker_processes(
         sd = torch.load(tmp_path / "runs" / f"exp{i % 2}" / f"ckpt{i}.pt", weights_only=True)
         assert torch.equal(sd["a"], torch.full((64,), 2.0 * i))
         assert sd._metadata[""]["ckptmigrate.revision"] == "r1"
+
+
+def test_a_program_running_threads_of_its_own_gets_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run
+) -> None:
+    """Forking a process with other threads can deadlock the copy: the batch stays in-process."""
+    _tree(tmp_path, WHO)
+    pids = tmp_path / "pids.txt"
+    monkeypatch.setenv("PIDS_FILE", str(pids))
+    monkeypatch.chdir(tmp_path)
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        result = run("upgrade", "runs", "-j", "2")
+    finally:
+        release.set()
+        other.join()
+    assert result.stdout.splitlines()[-1].startswith(f"{N} checkpoints: {N} upgraded")
+    assert set(pids.read_text().split()) == {str(os.getpid())}
+    sd = torch.load(tmp_path / "runs" / "exp1" / "ckpt5.pt", weights_only=True)
+    assert torch.equal(sd["a"], torch.full((64,), 10.0))
 
 
 def test_a_worker_that_dies_fails_its_checkpoint_and_the_others_go_on(

@@ -6,11 +6,12 @@ bookkeeping around each file), so in threads ``-j 2`` is no faster than
 ``-j 1``. Workers forked after the batch's warm-up start with torch, the
 lineage and the configured model already in memory: no import, no rebuild.
 
-Forking is only safe where nothing in the process runs beside the main
-thread that the copy would need: on Linux, for checkpoints on local disks.
-A store's client (fsspec, s3fs) keeps event loops and connection pools in
-threads that a fork does not carry, so batches that touch a URL stay in
-threads (:func:`can_fork`).
+Forking is only safe where nothing runs beside the thread that forks, as
+the copy has that thread alone: on Linux, in a process with no other Python
+thread (a program embedding the API may have some), for checkpoints on local
+disks. A store's client (fsspec, s3fs) keeps event loops and connection
+pools in threads, so batches that touch a URL stay in threads, as does
+every batch where :func:`can_fork` says no.
 
 Each worker gets one checkpoint's index at a time over a pipe and sends its
 :class:`~.fleet_report.Outcome` back. A worker that dies (killed, out of
@@ -27,6 +28,7 @@ import mmap
 import multiprocessing
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -41,7 +43,11 @@ Died = Callable[[int, str], Outcome]
 
 def can_fork(paths: Sequence[str]) -> bool:
     """Whether a batch over ``paths`` may run in forked workers."""
-    return sys.platform.startswith("linux") and not any(is_url(p) for p in paths)
+    return (
+        sys.platform.startswith("linux")
+        and threading.active_count() == 1
+        and not any(is_url(p) for p in paths)
+    )
 
 
 class StopFlag:
