@@ -24,6 +24,7 @@ shares with them (:class:`StopFlag`) between tensors, as threads do.
 from __future__ import annotations
 
 import contextlib
+import gc
 import mmap
 import multiprocessing
 import signal
@@ -78,6 +79,24 @@ def run_forked(
     missing from the result, for the caller to report.
     """
     context = multiprocessing.get_context("fork")
+    # Objects the workers inherit are left out of their collections, so that
+    # collecting does not write to (and so copy) every page they share.
+    gc.freeze()
+    try:
+        return _run(context, count, jobs, run_one, stopped, done, died)
+    finally:
+        gc.unfreeze()
+
+
+def _run(
+    context: Any,
+    count: int,
+    jobs: int,
+    run_one: RunOne,
+    stopped: Callable[[], bool],
+    done: Callable[[int, Outcome], None],
+    died: Died,
+) -> dict[int, Outcome]:
     results: dict[int, Outcome] = {}
     pending = iter(range(count))
     busy: dict[Connection, tuple[_Worker, int]] = {}
