@@ -32,7 +32,6 @@ import pickle
 import struct
 import sys
 import warnings
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..plan.nodes import TensorSpec
-from . import fileio, unpickle
+from . import checksum, fileio, unpickle
 from .torch_peek import pickle_record
 from .zip64 import ALIGN, BadZip, Record, ZipReader, ZipWriter, crc32, read_index
 
@@ -118,7 +117,7 @@ class ZipSource:
         with open(self.path, "rb") as fh:
             fh.seek(record.data_offset)
             data = fh.read(record.size)
-        if zlib.crc32(data) != record.crc:
+        if checksum.crc32(data) != record.crc:
             raise _bad(self.path, f"{what} fails its checksum")
         return data
 
