@@ -56,15 +56,17 @@ def _tree(root: Path, up: str, header: str = "") -> dict[Path, str]:
     return originals
 
 
+@pytest.mark.parametrize("fsync", [[], ["--no-fsync"]])
 def test_jobs_run_in_worker_processes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run, fsync: list[str]
 ) -> None:
+    """Also without fsync, where each old file is swapped out and deleted in the background."""
     _tree(tmp_path, WHO)
     pids = tmp_path / "pids.txt"
     monkeypatch.setenv("PIDS_FILE", str(pids))
     monkeypatch.chdir(tmp_path)
     assert threading.active_count() == 1  # (else the batch runs in threads: see below)
-    result = run("upgrade", "runs", "-j", "2")
+    result = run("upgrade", "runs", "-j", "2", *fsync)
     assert result.stdout.splitlines()[-1].startswith(f"{N} checkpoints: {N} upgraded")
     ran_in = pids.read_text().split()
     assert len(ran_in) == N
@@ -74,6 +76,8 @@ def test_jobs_run_in_worker_processes(
         sd = torch.load(tmp_path / "runs" / f"exp{i % 2}" / f"ckpt{i}.pt", weights_only=True)
         assert torch.equal(sd["a"], torch.full((64,), 2.0 * i))
         assert sd._metadata[""]["ckptmigrate.revision"] == "r1"
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(TMP_SUFFIX)]  # old files gone
+    assert threading.active_count() == 1  # the deleting thread is done too
 
 
 def test_a_program_running_threads_of_its_own_gets_threads(

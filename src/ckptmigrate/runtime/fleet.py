@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..errors import CkptMigrateError, CommandError, Interrupted
+from ..formats.atomic import removals_in_background
 from ..formats.storage import is_url, location
 from ..script.directory import ScriptDirectory
 from .discovery import Found, Search, checkpoint_suffixes, find_checkpoints
@@ -239,7 +240,8 @@ class Fleet:
         emitter = _Emitter(self.config, self.show_printed)
         with stop.on_sigint():
             if jobs <= 1 or len(search.found) == 1:
-                outcomes = self._serial(search.found, work, stop, emitter)
+                with removals_in_background():
+                    outcomes = self._serial(search.found, work, stop, emitter)
             else:
                 outcomes = self._parallel(search.found, work, stop, emitter, jobs)
         if stop.requested:
@@ -295,7 +297,8 @@ class Fleet:
         if can_fork([item.path for item in found]):
             return self._forked(found, work, stop, emitter, jobs)
         results: dict[int, Outcome] = {}
-        with ThreadPoolExecutor(max_workers=min(jobs, len(found))) as pool:
+        threads = ThreadPoolExecutor(max_workers=min(jobs, len(found)))
+        with removals_in_background(), threads as pool:
             futures: dict[Future[Outcome], int] = {
                 pool.submit(self._one, item, work, stop): i for i, item in enumerate(found)
             }
@@ -323,7 +326,9 @@ class Fleet:
             lambda i: self._one(found[i], work, stop),
             stopped=lambda: stop.requested,
             done=emitter.done,
-            died=lambda i, how: self._died(found[i].path, how),
+            died=lambda i, how, finished: self._died(
+                found[i].path, how, [found[j].path for j in finished]
+            ),
         )
         for i in range(len(found)):
             if i not in results:  # never started (Ctrl-C): its row says so
@@ -331,12 +336,17 @@ class Fleet:
                 emitter.done(i, results[i])
         return [results[i] for i in range(len(found))]
 
-    def _died(self, path: str, how: str) -> Outcome:
-        """The row of a checkpoint whose worker process died, and what that worker left cleared."""
+    def _died(self, path: str, how: str, finished: Sequence[str]) -> Outcome:
+        """The row of a checkpoint whose worker process died, and what that worker left cleared.
+
+        That is its temporary file, and the old files of the checkpoints it had
+        just finished, which it may not have deleted yet.
+        """
         from ..formats import locked_for_writing
 
-        with contextlib.suppress(CkptMigrateError, OSError), locked_for_writing(path):
-            pass
+        for left in (path, *finished):
+            with contextlib.suppress(CkptMigrateError, OSError), locked_for_writing(left):
+                pass
         return Outcome(
             path,
             FAILED,

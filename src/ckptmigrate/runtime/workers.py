@@ -23,6 +23,7 @@ shares with them (:class:`StopFlag`) between tensors, as threads do.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import mmap
@@ -38,8 +39,12 @@ from ..formats.storage import is_url
 from .fleet_report import Outcome
 
 RunOne = Callable[[int], Outcome]
-#: The outcome of checkpoint ``i`` whose worker died, given how it died.
-Died = Callable[[int, str], Outcome]
+#: Checkpoints a worker holds at once: the one it runs and the next, so that it
+#: never waits for this process to hand it one.
+AHEAD = 2
+#: The outcome of checkpoint ``i`` whose worker died, given how it died and the
+#: checkpoints that worker finished last (whose old files it may not have deleted yet).
+Died = Callable[[int, str, Sequence[int]], Outcome]
 
 
 def can_fork(paths: Sequence[str]) -> bool:
@@ -98,38 +103,49 @@ def _run(
     died: Died,
 ) -> dict[int, Outcome]:
     results: dict[int, Outcome] = {}
-    pending = iter(range(count))
-    busy: dict[Connection, tuple[_Worker, int]] = {}
+    pending = collections.deque(range(count))
+    live: dict[Connection, _Worker] = {}
 
-    def hand_out(worker: _Worker | None) -> None:
-        """The next checkpoint to ``worker`` (None: to a new one), or none: it may go."""
-        index = None if stopped() else next(pending, None)
-        if index is None:
-            if worker is not None:
-                worker.close()
-            return
-        worker = worker or _Worker(context, run_one)
-        worker.conn.send(index)
-        busy[worker.conn] = (worker, index)
+    def top_up(worker: _Worker) -> None:
+        """Keep ``worker`` holding AHEAD checkpoints while there are any; else let it go."""
+        while len(worker.held) < AHEAD and pending and not stopped():
+            index = pending.popleft()
+            worker.conn.send(index)
+            worker.held.append(index)
+        if not worker.held:
+            del live[worker.conn]
+            worker.close()
+
+    def start() -> None:
+        worker = _Worker(context, run_one)
+        live[worker.conn] = worker
+        top_up(worker)
 
     try:
         for _ in range(min(jobs, count)):
-            hand_out(None)
-        while busy:
-            for conn in wait(list(busy)):
+            start()
+        while live:
+            for conn in wait(list(live)):
                 assert isinstance(conn, Connection)
-                held, index = busy.pop(conn)
-                worker: _Worker | None = held
+                worker = live[conn]
                 try:
                     outcome: Outcome = conn.recv()
-                    results[index] = outcome
                 except (EOFError, OSError):  # it died: a new worker takes its place
-                    results[index] = died(index, held.reap())
-                    worker = None
-                done(index, results[index])
-                hand_out(worker)
+                    del live[conn]
+                    index = worker.held.popleft()
+                    pending.extendleft(reversed(worker.held))  # never started: for the others
+                    results[index] = died(index, worker.reap(), tuple(worker.finished))
+                    done(index, results[index])
+                    if pending and not stopped():
+                        start()
+                    continue
+                index = worker.held.popleft()
+                results[index] = outcome
+                worker.finished.append(index)
+                done(index, outcome)
+                top_up(worker)
     except BaseException:  # a second Ctrl-C: the workers finish (or stop at) their tensor
-        for worker, _ in busy.values():
+        for worker in live.values():
             worker.close()
         raise
     return results
@@ -143,6 +159,8 @@ class _Worker:
         self.process = context.Process(target=_serve, args=(theirs, run_one), daemon=True)
         self.process.start()
         theirs.close()
+        self.held: collections.deque[int] = collections.deque()  # sent, not answered yet
+        self.finished: collections.deque[int] = collections.deque(maxlen=4)
 
     def close(self) -> None:
         """No more work: the worker ends when it has sent what it holds."""
@@ -170,11 +188,14 @@ def _serve(conn: Connection, run_one: RunOne) -> None:
         # GNU OpenMP's thread pool does not survive a fork: with one thread,
         # torch never enters it (and N workers on N cores need no more).
         torch.set_num_threads(1)
-    while True:
-        try:
-            index = conn.recv()
-        except EOFError:
-            return
-        if index is None:
-            return
-        conn.send(run_one(index))
+    from ..formats.atomic import removals_in_background
+
+    with removals_in_background():  # old files deleted while the next one is written
+        while True:
+            try:
+                index = conn.recv()
+            except EOFError:
+                return
+            if index is None:
+                return
+            conn.send(run_one(index))
