@@ -19,7 +19,9 @@ its base schema, then times whole processes (wall, median of ``--repeat``):
   which fsyncs each rewritten file, is shown for reference, as is ``-j 1``.
 
 Every upgrade run starts from a fresh copy of the tree, written back (sync)
-first, and its result is checked: every checkpoint at head, keys renamed.
+first, and its result is checked: every checkpoint at head, keys renamed. The upgrades
+run interleaved, one of each per round, and their CPU time (user + system,
+worker processes included) is shown beside the wall time.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -103,6 +106,12 @@ def timed(cmd: list[str], cwd: Path, shell: bool = False) -> float:
     if proc.returncode != 0:
         raise SystemExit(f"{cmd} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     return wall
+
+
+def _children_cpu() -> float:
+    """User + system time of the finished child processes (and theirs: -j's workers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def fresh(root: Path) -> None:
@@ -193,10 +202,28 @@ def _bench(root: Path, args: argparse.Namespace) -> int:
     if len(sample) != len(paths):
         rows[f"  ... scaled to {len(paths)} files"] = shell
         print(f"  {'  ... scaled to ' + str(len(paths)) + ' files':<62} {shell:8.2f} s")
-    naive_wall = median("naive loop: torch.load + rename + torch.save (+ os.replace)", naive)
-    j2 = median("ckptmigrate upgrade runs/ -j 2 --no-fsync", upgrade("-j", "2", "--no-fsync"))
-    median("ckptmigrate upgrade runs/ -j 1 --no-fsync", upgrade("-j", "1", "--no-fsync"))
-    median("ckptmigrate upgrade runs/ -j 2 (fsyncs each file, the default)", upgrade("-j", "2"))
+    # The upgrades interleaved, round by round, so that each round's runs share the
+    # machine's state; the median of each over the rounds.
+    batch = {
+        "naive loop: torch.load + rename + torch.save (+ os.replace)": naive,
+        "ckptmigrate upgrade runs/ -j 2 --no-fsync": upgrade("-j", "2", "--no-fsync"),
+        "ckptmigrate upgrade runs/ -j 1 --no-fsync": upgrade("-j", "1", "--no-fsync"),
+        "ckptmigrate upgrade runs/ -j 2 (fsyncs each file, the default)": upgrade("-j", "2"),
+    }
+    walls: dict[str, list[float]] = {label: [] for label in batch}
+    cpus: dict[str, list[float]] = {label: [] for label in batch}
+    for _ in range(args.repeat):
+        for label, once in batch.items():
+            before = _children_cpu()
+            walls[label].append(once())
+            cpus[label].append(_children_cpu() - before)
+    print(f"  {'':<62} {'wall':>8}   {'CPU (user + system)':>8}")
+    for label in batch:
+        rows[label] = statistics.median(walls[label])
+        cpu = statistics.median(cpus[label])
+        print(f"  {label:<62} {rows[label]:8.2f} s {cpu:8.2f} s", flush=True)
+    naive_wall = rows["naive loop: torch.load + rename + torch.save (+ os.replace)"]
+    j2 = rows["ckptmigrate upgrade runs/ -j 2 --no-fsync"]
 
     print()
     targets = [

@@ -653,3 +653,21 @@ def test_a_folder_sync_failing_after_the_index_switch_keeps_the_new_checkpoint(
     code, err = invoke("-c", str(ini), "upgrade", "ckpt")
     assert code == 0, err
     assert {p.name for p in folder.iterdir()} == referenced | {INDEX}
+
+
+def test_old_files_deleted_in_the_background_are_gone_when_the_batch_ends(
+    tmp_path: Path,
+) -> None:
+    """Without fsync a switch swaps the names; the old file, now hidden, is deleted by a thread."""
+    from ckptmigrate.formats.atomic import TMP_SUFFIX, atomic_output, removals_in_background
+
+    targets = [tmp_path / f"f{i}.bin" for i in range(5)]
+    for target in targets:
+        target.write_bytes(b"old")
+    with removals_in_background():
+        for target in targets:
+            with atomic_output(target, durable=False) as tmp:
+                tmp.write_bytes(b"new " + target.name.encode())
+            assert target.read_bytes() == b"new " + target.name.encode()  # in place at once
+    assert sorted(p.name for p in tmp_path.iterdir()) == [t.name for t in targets]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(TMP_SUFFIX)]

@@ -120,3 +120,37 @@ def test_the_container_needs_no_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "['archive/data.pkl'] False"
+
+
+def test_the_fast_checksum_is_zlibs_crc32() -> None:
+    """The CRC-32 records are checked with (ISA-L's where installed) agrees with zlib's."""
+    import random
+
+    import torch
+
+    from ckptmigrate.formats import checksum, fileio
+    from ckptmigrate.formats.zip64 import crc32
+
+    rng = random.Random(0)
+    for size in (0, 1, 7, 64, 4095, 4096, 1 << 20, (1 << 20) + 3):
+        data = rng.randbytes(size)
+        assert checksum.crc32(data) == zlib.crc32(data)
+        assert crc32(data, chunk=1000) == zlib.crc32(data)  # in pieces, continued
+        head, tail = data[: size // 3], data[size // 3 :]
+        assert checksum.crc32(tail, checksum.crc32(head)) == zlib.crc32(data)
+    tensor = torch.arange(1000, dtype=torch.float32)  # a tensor's bytes, as records are checked
+    view = fileio.storage_bytes(tensor.untyped_storage())
+    assert crc32(view) == zlib.crc32(tensor.numpy().tobytes())
+    assert checksum.IMPLEMENTATION in ("isal", "zlib")
+
+
+def test_records_are_checked_with_isal_where_it_is_installed() -> None:
+    """Installed with ckptmigrate on the platforms it has wheels for (this suite's included)."""
+    import importlib.util
+
+    from ckptmigrate.formats import checksum
+
+    if importlib.util.find_spec("isal") is not None:
+        assert checksum.IMPLEMENTATION == "isal"
+    else:
+        assert checksum.IMPLEMENTATION == "zlib"

@@ -11,8 +11,9 @@ torch is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
@@ -171,6 +172,20 @@ def recover(path: PathLike) -> list[str]:
     fmt = recognised(p)
     finish = getattr(fmt, "recover", None)
     return list(finish(p)) if finish is not None else []
+
+
+@contextlib.contextmanager
+def locked_for_writing(
+    path: PathLike, notify: Callable[[str], None] | None = None
+) -> Iterator[None]:
+    """Be ``path``'s one writer, with what killed writers left beside it cleared first."""
+    from .lock import locked
+
+    target = lock_path(path)
+    with locked(target, notify=notify):
+        if target.exists():
+            recover(target)
+        yield
 
 
 def check_output_path(checkpoint: PathLike, output: PathLike | None) -> None:

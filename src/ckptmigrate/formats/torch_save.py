@@ -32,7 +32,6 @@ import pickle
 import struct
 import sys
 import warnings
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..plan.nodes import TensorSpec
-from . import fileio, unpickle
+from . import checksum, fileio, unpickle
 from .torch_peek import pickle_record
 from .zip64 import ALIGN, BadZip, Record, ZipReader, ZipWriter, crc32, read_index
 
@@ -118,7 +117,7 @@ class ZipSource:
         with open(self.path, "rb") as fh:
             fh.seek(record.data_offset)
             data = fh.read(record.size)
-        if zlib.crc32(data) != record.crc:
+        if checksum.crc32(data) != record.crc:
             raise _bad(self.path, f"{what} fails its checksum")
         return data
 
@@ -314,11 +313,17 @@ def _storage_id(saved_id: Any) -> tuple[str, torch.dtype, int]:
     if not isinstance(saved_id, tuple) or len(saved_id) != 5 or saved_id[0] != "storage":
         raise pickle.UnpicklingError(f"unexpected persistent id {saved_id!r}")
     _, storage_type, key, _location, numel = saved_id
-    with warnings.catch_warnings():  # the legacy storage classes warn on .dtype
-        warnings.simplefilter("ignore")
-        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
-    nbytes = int(numel) * torch.empty((), dtype=dtype, device="meta").element_size()
-    return str(key), dtype, nbytes
+    dtype = _STORAGE_DTYPES.get(storage_type)
+    if dtype is None:
+        with warnings.catch_warnings():  # the legacy storage classes warn on .dtype
+            warnings.simplefilter("ignore")
+            dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        _STORAGE_DTYPES[storage_type] = dtype
+    return str(key), dtype, int(numel) * dtype.itemsize
+
+
+#: A pickle's storage class -> its dtype (asking the legacy classes warns each time).
+_STORAGE_DTYPES: dict[Any, torch.dtype] = {}
 
 
 def _storage_loader(source: ZipSource) -> Callable[[Any], torch.storage.TypedStorage]:

@@ -16,14 +16,13 @@ import io
 import os
 import struct
 import zipfile
-import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from . import fileio
+from . import checksum, fileio
 from .storage import BlobFile, write_payload
 
 if TYPE_CHECKING:
@@ -56,11 +55,11 @@ class ZipIndex:
 
 
 def crc32(buffer: memoryview | bytes, chunk: int = 1 << 24) -> int:
-    """zlib's CRC-32 in chunks, so a multi-GiB buffer never needs one huge call."""
+    """The CRC-32 in chunks, so a multi-GiB buffer never needs one huge call."""
     view = memoryview(buffer)
     crc = 0
     for i in range(0, view.nbytes, chunk):
-        crc = zlib.crc32(view[i : i + chunk], crc)
+        crc = checksum.crc32(view[i : i + chunk], crc)
     return crc
 
 
@@ -215,7 +214,7 @@ class ZipReader:
             data = chunk[skip : skip + record.size]
             if len(data) < record.size:
                 data = self._bytes(record.data_offset, record.data_offset + record.size)
-        if zlib.crc32(data) != record.crc:
+        if checksum.crc32(data) != record.crc:
             raise BadZip(f"record {name} fails its checksum")
         return data
 
@@ -225,7 +224,7 @@ class ZipReader:
         crc = 0
         for start in range(record.data_offset, record.data_offset + record.size, chunk):
             data = self.blob.read(start, min(start + chunk, record.data_offset + record.size))
-            crc = zlib.crc32(data, crc)
+            crc = checksum.crc32(data, crc)
             yield data
         if crc != record.crc:
             raise BadZip(f"record {name} fails its checksum")
@@ -273,7 +272,7 @@ class ZipWriter:
         return self.entries[-1][3]
 
     def add_bytes(self, name: str, data: bytes) -> None:
-        self._begin(name, len(data), zlib.crc32(data))
+        self._begin(name, len(data), checksum.crc32(data))
         self.fh.write(data)
         self.offset += len(data)
 

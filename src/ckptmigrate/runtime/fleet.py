@@ -8,9 +8,10 @@ is done, in the order the checkpoints were found, so parallel runs read
 like serial ones; the rows of the report come in that order too.
 
 ``-j N`` is the number of writers at once: N checkpoints in parallel (in
-threads: the work that takes time, copying records in the kernel and
-checking their checksums, runs outside the GIL), and with fewer checkpoints
-than N, each gets an equal share of the N for its shards. Each writer
+forked processes where that is safe, :mod:`.workers`; otherwise in threads,
+where copying records in the kernel and checking their checksums still run
+outside the GIL), and with fewer checkpoints than N, each gets an equal
+share of the N for its shards. Each writer
 streams one tensor at a time, so memory stays what one checkpoint needs,
 times N.
 
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..errors import CkptMigrateError, CommandError, Interrupted
+from ..formats.atomic import removals_in_background
 from ..formats.storage import is_url, location
 from ..script.directory import ScriptDirectory
 from .discovery import Found, Search, checkpoint_suffixes, find_checkpoints
@@ -56,6 +58,7 @@ from .fleet_report import (
     Outcome,
 )
 from .options import CheckpointOptions, MigrationOptions
+from .workers import StopFlag, can_fork, run_forked
 
 if TYPE_CHECKING:
     from .session import MigrationSession
@@ -237,7 +240,8 @@ class Fleet:
         emitter = _Emitter(self.config, self.show_printed)
         with stop.on_sigint():
             if jobs <= 1 or len(search.found) == 1:
-                outcomes = self._serial(search.found, work, stop, emitter)
+                with removals_in_background():
+                    outcomes = self._serial(search.found, work, stop, emitter)
             else:
                 outcomes = self._parallel(search.found, work, stop, emitter, jobs)
         if stop.requested:
@@ -290,8 +294,11 @@ class Fleet:
     def _parallel(
         self, found: Sequence[Found], work: Work, stop: _Stop, emitter: _Emitter, jobs: int
     ) -> list[Outcome]:
+        if can_fork([item.path for item in found]):
+            return self._forked(found, work, stop, emitter, jobs)
         results: dict[int, Outcome] = {}
-        with ThreadPoolExecutor(max_workers=min(jobs, len(found))) as pool:
+        threads = ThreadPoolExecutor(max_workers=min(jobs, len(found)))
+        with removals_in_background(), threads as pool:
             futures: dict[Future[Outcome], int] = {
                 pool.submit(self._one, item, work, stop): i for i, item in enumerate(found)
             }
@@ -308,6 +315,47 @@ class Fleet:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
         return [results[i] for i in range(len(found))]
+
+    def _forked(
+        self, found: Sequence[Found], work: Work, stop: _Stop, emitter: _Emitter, jobs: int
+    ) -> list[Outcome]:
+        stop.share()
+        results = run_forked(
+            len(found),
+            jobs,
+            lambda i: self._one(found[i], work, stop),
+            stopped=lambda: stop.requested,
+            done=emitter.done,
+            died=lambda i, how, finished: self._died(
+                found[i].path, how, [found[j].path for j in finished]
+            ),
+        )
+        for i in range(len(found)):
+            if i not in results:  # never started (Ctrl-C): its row says so
+                results[i] = self._one(found[i], work, stop)
+                emitter.done(i, results[i])
+        return [results[i] for i in range(len(found))]
+
+    def _died(self, path: str, how: str, finished: Sequence[str]) -> Outcome:
+        """The row of a checkpoint whose worker process died, and what that worker left cleared.
+
+        That is its temporary file, and the old files of the checkpoints it had
+        just finished, which it may not have deleted yet.
+        """
+        from ..formats import locked_for_writing
+
+        for left in (path, *finished):
+            with contextlib.suppress(CkptMigrateError, OSError), locked_for_writing(left):
+                pass
+        return Outcome(
+            path,
+            FAILED,
+            error=f"the worker process running it {how}; the checkpoint is whole, "
+            "the old one or the new one",
+            hint=f"'ckptmigrate current {path}' says which; run the command on it alone to see "
+            "why it died",
+            bytes=_size(path),
+        )
 
     def _one(self, item: Found, work: Work, stop: _Stop) -> Outcome:
         """Run one checkpoint with its own output streams; every failure becomes its row."""
@@ -355,16 +403,25 @@ class _Stop:
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._shared: StopFlag | None = None
+
+    def share(self) -> None:
+        """Make the flag visible to worker processes forked from now on."""
+        self._shared = StopFlag()
+        if self._event.is_set():
+            self._shared.set()
 
     @property
     def requested(self) -> bool:
-        return self._event.is_set()
+        return self._event.is_set() or (self._shared is not None and self._shared.is_set())
 
     def request(self) -> None:
         self._event.set()
+        if self._shared is not None:
+            self._shared.set()
 
     def check(self) -> None:
-        if self._event.is_set():
+        if self.requested:
             raise Interrupted(
                 "stopped by Ctrl-C before it was replaced; it is unchanged",
                 hint="run the command again to finish the batch",
@@ -378,9 +435,9 @@ class _Stop:
             return
 
         def handler(signum: int, frame: object) -> None:
-            if self._event.is_set():
+            if self.requested:
                 raise KeyboardInterrupt
-            self._event.set()
+            self.request()
 
         previous = signal.signal(signal.SIGINT, handler)
         try:

@@ -421,13 +421,9 @@ class MigrationSession:
         if self.options.dry_run:
             yield
             return
-        from ..formats import lock_path, recover
-        from ..formats.lock import locked
+        from ..formats import locked_for_writing
 
-        path = lock_path(self.options.output or checkpoint)
-        with locked(path, notify=self.config.log):
-            if path.exists():
-                recover(path)
+        with locked_for_writing(self.options.output or checkpoint, notify=self.config.log):
             yield
 
     @contextlib.contextmanager
