@@ -1,12 +1,15 @@
 """``-j N`` on local files: N forked worker processes, and what happens when one dies.
 
 The revisions below are trusted code (as every migration script is), so
-they can say which process ran them, or kill it.
+they can say which process ran them, or kill it. The command runs as its own
+process, as a user runs it: forking is only done in a process with no other
+thread, and the test process has some (a progress bar's monitor, say).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import threading
 from collections import OrderedDict
@@ -23,12 +26,12 @@ pytestmark = pytest.mark.skipif(
 
 N = 8
 
-#: Each upgrade appends the pid of the process running it to $PIDS_FILE.
+#: Each upgrade appends the pid of the process running it, and its parent's, to $PIDS_FILE.
 WHO = """\
     import os as _os
 
     with open(_os.environ["PIDS_FILE"], "a") as f:
-        f.write(f"{_os.getpid()}\\n")
+        f.write(f"{_os.getpid()} {_os.getppid()}\\n")
     op.map_tensor("a", lambda t: t * 2)"""
 
 #: The worker that gets the checkpoint whose "a" starts at 3.0 is killed mid-write.
@@ -38,6 +41,17 @@ KILL_HEADER = (
     "import os\nimport signal\n\n\ndef _maybe_die(t):\n    if float(t[0]) == 3.0:\n"
     "        os.kill(os.getpid(), signal.SIGKILL)\n    return t * 2\n\n\n"
 )
+
+
+def _ckptmigrate(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ckptmigrate", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=240,
+    )
 
 
 def _tree(root: Path, up: str, header: str = "") -> dict[Path, str]:
@@ -57,27 +71,23 @@ def _tree(root: Path, up: str, header: str = "") -> dict[Path, str]:
 
 
 @pytest.mark.parametrize("fsync", [[], ["--no-fsync"]])
-def test_jobs_run_in_worker_processes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run, fsync: list[str]
-) -> None:
+def test_jobs_run_in_worker_processes(tmp_path: Path, fsync: list[str]) -> None:
     """Also without fsync, where each old file is swapped out and deleted in the background."""
     _tree(tmp_path, WHO)
     pids = tmp_path / "pids.txt"
-    monkeypatch.setenv("PIDS_FILE", str(pids))
-    monkeypatch.chdir(tmp_path)
-    assert threading.active_count() == 1  # (else the batch runs in threads: see below)
-    result = run("upgrade", "runs", "-j", "2", *fsync)
-    assert result.stdout.splitlines()[-1].startswith(f"{N} checkpoints: {N} upgraded")
-    ran_in = pids.read_text().split()
-    assert len(ran_in) == N
-    assert str(os.getpid()) not in ran_in  # not in this process's threads
-    assert len(set(ran_in)) == 2  # two workers, each taking the next checkpoint
+    proc = _ckptmigrate(tmp_path, "upgrade", "runs", "-j", "2", *fsync, PIDS_FILE=str(pids))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1].startswith(f"{N} checkpoints: {N} upgraded")
+    ran = [line.split() for line in pids.read_text().splitlines()]
+    assert len(ran) == N
+    assert len({pid for pid, _ in ran}) == 2  # two workers, each taking the next checkpoint
+    assert len({parent for _, parent in ran}) == 1  # forked by the one command
+    assert not {pid for pid, _ in ran} & {parent for _, parent in ran}  # not in the command itself
     for i in range(N):
         sd = torch.load(tmp_path / "runs" / f"exp{i % 2}" / f"ckpt{i}.pt", weights_only=True)
         assert torch.equal(sd["a"], torch.full((64,), 2.0 * i))
         assert sd._metadata[""]["ckptmigrate.revision"] == "r1"
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(TMP_SUFFIX)]  # old files gone
-    assert threading.active_count() == 1  # the deleting thread is done too
 
 
 def test_a_program_running_threads_of_its_own_gets_threads(
@@ -97,24 +107,22 @@ def test_a_program_running_threads_of_its_own_gets_threads(
         release.set()
         other.join()
     assert result.stdout.splitlines()[-1].startswith(f"{N} checkpoints: {N} upgraded")
-    assert set(pids.read_text().split()) == {str(os.getpid())}
+    assert {line.split()[0] for line in pids.read_text().splitlines()} == {str(os.getpid())}
     sd = torch.load(tmp_path / "runs" / "exp1" / "ckpt5.pt", weights_only=True)
     assert torch.equal(sd["a"], torch.full((64,), 10.0))
 
 
-def test_a_worker_that_dies_fails_its_checkpoint_and_the_others_go_on(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run
-) -> None:
+def test_a_worker_that_dies_fails_its_checkpoint_and_the_others_go_on(tmp_path: Path) -> None:
     originals = _tree(tmp_path, KILL, KILL_HEADER)
-    monkeypatch.chdir(tmp_path)
-    result = run("upgrade", "runs", "-j", "2", code=1)
+    proc = _ckptmigrate(tmp_path, "upgrade", "runs", "-j", "2")
+    assert proc.returncode == 1, proc.stderr
     victim = os.path.join("runs", "exp1", "ckpt3.pt")
-    rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:-1]}
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:-1]}
     assert len(rows) == N
     assert "failed: the worker process running it was killed by signal 9 (SIGKILL)" in rows[victim]
-    assert f"Failed {victim}: the worker process running it was killed" in result.stderr
-    assert f"'ckptmigrate current {victim}' says which" in result.stderr
-    assert result.stdout.splitlines()[-1].startswith(f"{N} checkpoints: {N - 1} upgraded, 1 failed")
+    assert f"Failed {victim}: the worker process running it was killed" in proc.stderr
+    assert f"'ckptmigrate current {victim}' says which" in proc.stderr
+    assert proc.stdout.splitlines()[-1].startswith(f"{N} checkpoints: {N - 1} upgraded, 1 failed")
     for path, before in originals.items():
         i = int(path.stem[4:])
         if i == 3:
