@@ -88,67 +88,55 @@ def run_forked(
     # collecting does not write to (and so copy) every page they share.
     gc.freeze()
     try:
-        return _run(context, count, jobs, run_one, stopped, done, died)
+        results: dict[int, Outcome] = {}
+        pending = collections.deque(range(count))
+        live: dict[Connection, _Worker] = {}
+
+        def top_up(worker: _Worker) -> None:
+            """Keep ``worker`` holding AHEAD checkpoints while there are any; else let it go."""
+            while len(worker.held) < AHEAD and pending and not stopped():
+                index = pending.popleft()
+                worker.conn.send(index)
+                worker.held.append(index)
+            if not worker.held:
+                del live[worker.conn]
+                worker.close()
+
+        def start() -> None:
+            worker = _Worker(context, run_one)
+            live[worker.conn] = worker
+            top_up(worker)
+
+        try:
+            for _ in range(min(jobs, count)):
+                start()
+            while live:
+                for conn in wait(list(live)):
+                    assert isinstance(conn, Connection)
+                    worker = live[conn]
+                    try:
+                        outcome: Outcome = conn.recv()
+                    except (EOFError, OSError):  # it died: a new worker takes its place
+                        del live[conn]
+                        index = worker.held.popleft()
+                        pending.extendleft(reversed(worker.held))  # never started: for the others
+                        results[index] = died(index, worker.reap(), tuple(worker.finished))
+                        done(index, results[index])
+                        if pending and not stopped():
+                            start()
+                        continue
+                    index = worker.held.popleft()
+                    results[index] = outcome
+                    worker.finished.append(index)
+                    done(index, outcome)
+                    top_up(worker)
+        except BaseException:  # a second Ctrl-C: the workers finish (or stop at) their tensor
+            for worker in live.values():
+                worker.close()
+            raise
+        return results
     finally:
         gc.unfreeze()
-
-
-def _run(
-    context: Any,
-    count: int,
-    jobs: int,
-    run_one: RunOne,
-    stopped: Callable[[], bool],
-    done: Callable[[int, Outcome], None],
-    died: Died,
-) -> dict[int, Outcome]:
-    results: dict[int, Outcome] = {}
-    pending = collections.deque(range(count))
-    live: dict[Connection, _Worker] = {}
-
-    def top_up(worker: _Worker) -> None:
-        """Keep ``worker`` holding AHEAD checkpoints while there are any; else let it go."""
-        while len(worker.held) < AHEAD and pending and not stopped():
-            index = pending.popleft()
-            worker.conn.send(index)
-            worker.held.append(index)
-        if not worker.held:
-            del live[worker.conn]
-            worker.close()
-
-    def start() -> None:
-        worker = _Worker(context, run_one)
-        live[worker.conn] = worker
-        top_up(worker)
-
-    try:
-        for _ in range(min(jobs, count)):
-            start()
-        while live:
-            for conn in wait(list(live)):
-                assert isinstance(conn, Connection)
-                worker = live[conn]
-                try:
-                    outcome: Outcome = conn.recv()
-                except (EOFError, OSError):  # it died: a new worker takes its place
-                    del live[conn]
-                    index = worker.held.popleft()
-                    pending.extendleft(reversed(worker.held))  # never started: for the others
-                    results[index] = died(index, worker.reap(), tuple(worker.finished))
-                    done(index, results[index])
-                    if pending and not stopped():
-                        start()
-                    continue
-                index = worker.held.popleft()
-                results[index] = outcome
-                worker.finished.append(index)
-                done(index, outcome)
-                top_up(worker)
-    except BaseException:  # a second Ctrl-C: the workers finish (or stop at) their tensor
-        for worker in live.values():
-            worker.close()
-        raise
-    return results
 
 
 class _Worker:
