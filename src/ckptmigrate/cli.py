@@ -21,7 +21,7 @@ from . import arguments, command
 from ._version import __version__
 from .config import DEFAULT_SECTION, Config
 from .errors import CkptMigrateError, CommandError, LineageWarning
-from .runtime.heap import imports_frozen
+from .runtime.heap import end_process, imports_frozen
 
 if TYPE_CHECKING:
     from .runtime.fleet_report import FleetReport
@@ -799,3 +799,12 @@ def fixture_record(ctx: click.Context, output: str | None, seed: int | None) -> 
 def main(argv: Sequence[str] | None = None) -> None:
     with imports_frozen():
         cli.main(args=list(argv) if argv is not None else None, prog_name="ckptmigrate")
+
+
+def run() -> None:
+    """The ``ckptmigrate`` executable: :func:`main`, then the process ends at once."""
+    try:
+        main()
+    except SystemExit as exc:
+        end_process(exc.code)
+    end_process(0)

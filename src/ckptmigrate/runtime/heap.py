@@ -12,15 +12,24 @@ does this; a program that uses ckptmigrate as a library keeps its own
 collector settings. What was frozen stays so when the command returns (its
 process ends with it, and the collection at exit stays cheap); a program
 that calls ``ckptmigrate.cli.main`` itself can ``gc.unfreeze()`` afterwards.
+
+The console script goes one step further (:func:`end_process`): once the
+command has returned and the exit handlers have run, the process ends
+without tearing down its modules. With torch imported, that teardown is
+about half a second of every command's wall time, spent freeing memory the
+operating system takes back at once anyway.
 """
 
 from __future__ import annotations
 
+import atexit
 import gc
+import os
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 
 @contextmanager
@@ -39,3 +48,30 @@ def imports_frozen() -> Iterator[None]:
         yield
     finally:
         gc.callbacks.remove(after_collection)
+
+
+def end_process(code: object) -> NoReturn:
+    """End the process with ``code`` (a ``SystemExit`` code), skipping the module teardown.
+
+    Exit handlers still run (they save coverage data, join multiprocessing's
+    children, close logging) and the standard streams are flushed; only what
+    would merely free memory is skipped. With another thread still running,
+    the usual shutdown (which waits for it) is kept.
+    """
+    if threading.active_count() > 1:
+        sys.exit(code)
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:  # sys.exit("message"): printed, status 1, as Python does
+        print(code, file=sys.stderr)
+        status = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):  # e.g. a closed pipe: Python exits 120 then
+            status = status or 120
+    os._exit(status)
