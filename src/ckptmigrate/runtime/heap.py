@@ -50,7 +50,7 @@ def imports_frozen() -> Iterator[None]:
         gc.callbacks.remove(after_collection)
 
 
-def end_process(code: object) -> NoReturn:
+def end_process(code: str | int | None) -> NoReturn:
     """End the process with ``code`` (a ``SystemExit`` code), skipping the module teardown.
 
     Exit handlers still run (they save coverage data, join multiprocessing's
