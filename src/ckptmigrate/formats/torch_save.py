@@ -313,6 +313,8 @@ def _storage_id(saved_id: Any) -> tuple[str, torch.dtype, int]:
     if not isinstance(saved_id, tuple) or len(saved_id) != 5 or saved_id[0] != "storage":
         raise pickle.UnpicklingError(f"unexpected persistent id {saved_id!r}")
     _, storage_type, key, _location, numel = saved_id
+    if isinstance(storage_type, torch.serialization.StorageType):  # a marker of one load
+        return str(key), storage_type.dtype, int(numel) * storage_type.dtype.itemsize
     dtype = _STORAGE_DTYPES.get(storage_type)
     if dtype is None:
         with warnings.catch_warnings():  # the legacy storage classes warn on .dtype
