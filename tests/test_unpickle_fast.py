@@ -69,6 +69,10 @@ def test_a_training_checkpoint_reads_as_torch_load_reads_it(
         assert type(got[key]) is type(want[key])
         assert torch.equal(got[key], want[key]) and got[key].dtype == want[key].dtype
         assert got[key].requires_grad == want[key].requires_grad
+        assert (got[key].stride(), got[key].storage_offset()) == (
+            want[key].stride(),
+            want[key].storage_offset(),
+        )
     assert list(got["state_dict"]) == list(sd)
     assert all(torch.equal(got["state_dict"][k], v) for k, v in sd.items())
     assert got["state_dict"]._metadata == sd._metadata  # type: ignore[attr-defined]
