@@ -1,9 +1,11 @@
-"""The zip container under torch files, on plain bytes: no torch, no files on disk.
+"""The zip container under torch files, on plain bytes (and small files): no torch.
 
 What ``ZipWriter`` writes must be an ordinary zip (``zipfile`` reads it and
 its checksums agree), laid out the way PyTorch's reader needs (stored, each
 record's data 64-byte aligned); ``read_index`` must find every record's data
-and refuse a container whose directory and local headers disagree.
+and refuse a container whose directory and local headers disagree. A local
+file is read by a shorter path where its layout is plain; it must find what
+the general reader finds in the same bytes, and refuse what it refuses.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import subprocess
 import sys
 import zipfile
 import zlib
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from ckptmigrate.formats.zip64 import ALIGN, BadZip, ZipWriter, read_index
+from ckptmigrate.formats.zip64 import ALIGN, BadZip, ZipWriter, _plain_index, read_index
 
 RECORDS = {"data.pkl": b"\x80\x02}q\x00.", "data/0": bytes(range(256)) * 5, "version": b"3\n"}
 
@@ -154,3 +158,55 @@ def test_records_are_checked_with_isal_where_it_is_installed() -> None:
         assert checksum.IMPLEMENTATION == "isal"
     else:
         assert checksum.IMPLEMENTATION == "zlib"
+
+
+def _stdlib_zip(comment: bytes = b"", prepend: bytes = b"") -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("a/data.pkl", b"abc")
+        zf.writestr("a/data/0", bytes(100))
+        zf.comment = comment
+    return prepend + buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "make, plain",
+    [
+        (lambda: build(RECORDS), True),
+        (lambda: build({f"data/{i}": bytes([i]) for i in range(40)}), True),
+        (lambda: _stdlib_zip(), True),
+        (lambda: _stdlib_zip(comment=b"a comment"), False),
+        (lambda: _stdlib_zip(prepend=b"#!/bin/sh\n"), False),
+    ],
+)
+def test_a_local_file_reads_as_the_general_reader_reads_its_bytes(
+    tmp_path: Path, make: Callable[[], bytes], plain: bool
+) -> None:
+    data = make()
+    path = tmp_path / "f.zip"
+    path.write_bytes(data)
+    with open(path, "rb") as fh:
+        assert (_plain_index(fh) is not None) == plain  # else it leaves the file to zipfile
+    assert read_index(path) == read_index(data)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: d[: len(d) // 2],
+        _local_crc_flipped,
+        lambda d: _compressed(),
+        lambda d: d[:-30] + bytes(8) + d[-22:],  # the directory's tail zeroed
+    ],
+)
+def test_a_damaged_local_file_is_refused_as_its_bytes_are(
+    tmp_path: Path, damage: Callable[[bytes], bytes]
+) -> None:
+    data = damage(build(RECORDS))
+    path = tmp_path / "f.zip"
+    path.write_bytes(data)
+    with pytest.raises(BadZip) as from_bytes:
+        read_index(data)
+    with pytest.raises(BadZip) as from_file:
+        read_index(path)
+    assert str(from_file.value) == str(from_bytes.value)

@@ -81,6 +81,9 @@ def read_index(source: Path | bytes | BinaryIO) -> ZipIndex:
     Raises :class:`BadZip` naming the first problem.
     """
     with _opened(source) as fh:
+        plain = _plain_index(fh) if isinstance(source, (str, os.PathLike)) else None
+        if plain is not None:
+            return plain
         size, infos = read_directory(fh)
         records: dict[str, Record] = {}
         for info in infos:
@@ -90,6 +93,93 @@ def read_index(source: Path | bytes | BinaryIO) -> ZipIndex:
                 head += fh.read(struct.unpack("<H", head[26:28])[0])
             records[info.filename] = local_record(info, head, size)
     return ZipIndex(size, records)
+
+
+_EOCD = struct.Struct("<4sHHHHIIH")
+#: a central directory entry: the version it needs, flags, method, crc, sizes,
+#: name/extra/comment lengths, local header offset
+_CENTRAL = struct.Struct("<4s2xBxHH4xIIIHHH8xI")
+_MAX_EXTRACT_VERSION = 63  # what zipfile reads; a higher one is its error to give
+_LOCAL_SLACK = 128  # FB padding (< 64 bytes) and a zip64 field, as header_guess allows
+
+
+def _plain_index(fh: BinaryIO) -> ZipIndex | None:
+    """The index of a local zip laid out plainly (no zip64, no comment), or None.
+
+    That is every ``torch.save`` file under 4 GiB, read with a handful of
+    ``pread`` calls instead of :mod:`zipfile`'s objects. Anything else, a
+    damaged file included, returns None: :func:`read_directory` then reads
+    it and names what is wrong.
+    """
+    fd = fh.fileno()
+    size = os.fstat(fd).st_size
+    if size < _EOCD.size:
+        return None
+    tail_len = min(size, 1 << 16)
+    tail = os.pread(fd, tail_len, size - tail_len)
+    sig, disk, cd_disk, here, total, cd_size, cd_offset, comment = _EOCD.unpack_from(
+        tail, len(tail) - _EOCD.size
+    )
+    end = size - _EOCD.size
+    if sig != b"PK\x05\x06" or disk or cd_disk or here != total or comment:
+        return None
+    if cd_offset + cd_size == end - _END64.size - _LOCATOR.size:  # PyTorch writes both
+        end -= _END64.size + _LOCATOR.size
+        at = len(tail) - (size - end)
+        if at < 0 or not _zip64_end(tail, at, end, total, cd_size, cd_offset):
+            return None
+    if cd_offset + cd_size != end or cd_size > len(tail) - (size - end):
+        return None
+    cd = tail[len(tail) - (size - end) - cd_size : len(tail) - (size - end)]
+    records: dict[str, Record] = {}
+    pos = 0
+    for _ in range(total):
+        if pos + _CENTRAL.size > len(cd):
+            return None
+        sig, needs, flags, method, crc, csize, usize, nlen, elen, clen, offset = (
+            _CENTRAL.unpack_from(cd, pos)
+        )
+        raw = cd[pos + _CENTRAL.size : pos + _CENTRAL.size + nlen]
+        pos += _CENTRAL.size + nlen + elen + clen
+        if sig != b"PK\x01\x02" or needs > _MAX_EXTRACT_VERSION or method or elen:
+            return None
+        if csize != usize or _ZIP64_LIMIT in (usize, offset):
+            return None
+        try:
+            name = raw.decode("utf-8" if flags & 0x800 else "cp437")
+        except UnicodeDecodeError:
+            return None
+        if "\x00" in name or name in records or not 0 <= offset < size or len(raw) != nlen:
+            return None
+        head = os.pread(fd, 30 + nlen + _LOCAL_SLACK, offset)
+        if len(head) >= 30 and header_length(head) > len(head):
+            return None
+        try:
+            records[name] = _local(name, raw, crc, usize, offset, head, size)
+        except BadZip:
+            return None
+    if pos != cd_size:
+        return None
+    return ZipIndex(size, records)
+
+
+_END64 = struct.Struct("<4sQHHIIQQQQ")
+_LOCATOR = struct.Struct("<4sIQI")
+
+
+def _zip64_end(tail: bytes, at: int, offset: int, total: int, cd_size: int, cd_at: int) -> bool:
+    """Whether the zip64 end record at ``tail[at:]`` (file offset ``offset``) and its
+    locator repeat what the plain end record says."""
+    sig, length, _made, _needed, disk, cd_disk, here, entries, size64, at64 = _END64.unpack_from(
+        tail, at
+    )
+    lsig, ldisk, where, disks = _LOCATOR.unpack_from(tail, at + _END64.size)
+    return (
+        sig == b"PK\x06\x06"
+        and length == _END64.size - 12
+        and (disk, cd_disk, here, entries, size64, at64) == (0, 0, total, total, cd_size, cd_at)
+        and (lsig, ldisk, where, disks) == (b"PK\x06\x07", 0, offset, 1)
+    )
 
 
 def read_directory(fh: BinaryIO) -> tuple[int, list[zipfile.ZipInfo]]:
@@ -129,25 +219,31 @@ def header_length(head: bytes) -> int:
 
 def local_record(info: zipfile.ZipInfo, head: bytes, size: int) -> Record:
     """A directory entry checked against its local header (``head``: the bytes it starts)."""
+    raw = info.orig_filename.encode("utf-8", "replace")
+    return _local(info.filename, raw, info.CRC, info.file_size, info.header_offset, head, size)
+
+
+def _local(
+    name: str, raw: bytes, crc: int, file_size: int, header_offset: int, head: bytes, size: int
+) -> Record:
     if len(head) < 30 or head[:4] != b"PK\x03\x04":
-        raise BadZip(f"record {info.filename!r} has no valid local header")
+        raise BadZip(f"record {name!r} has no valid local header")
     flags, method = struct.unpack("<HH", head[6:10])
-    crc, csize, usize = struct.unpack("<III", head[14:26])
+    local_crc, csize, usize = struct.unpack("<III", head[14:26])
     name_len, extra_len = struct.unpack("<HH", head[26:30])
-    name = head[30 : 30 + name_len]
     # Without a data descriptor (flag bit 3: what torch.save writes), the
     # local header repeats the checksum and sizes; they must agree.
-    sizes_ok = (csize, usize) in ((info.file_size, info.file_size), (_ZIP64_LIMIT, _ZIP64_LIMIT))
+    sizes_ok = (csize, usize) in ((file_size, file_size), (_ZIP64_LIMIT, _ZIP64_LIMIT))
     if (
         method != 0
-        or name != info.orig_filename.encode("utf-8", "replace")
-        or (not flags & 0x08 and (crc != info.CRC or not sizes_ok))
+        or head[30 : 30 + name_len] != raw
+        or (not flags & 0x08 and (local_crc != crc or not sizes_ok))
     ):
-        raise BadZip(f"record {info.filename!r} disagrees with its local header")
-    data_offset = info.header_offset + 30 + name_len + extra_len
-    if data_offset + info.file_size > size:
-        raise BadZip(f"record {info.filename!r} runs past the end of the file")
-    return Record(info.filename, data_offset, info.file_size, info.CRC)
+        raise BadZip(f"record {name!r} disagrees with its local header")
+    data_offset = header_offset + 30 + name_len + extra_len
+    if data_offset + file_size > size:
+        raise BadZip(f"record {name!r} runs past the end of the file")
+    return Record(name, data_offset, file_size, crc)
 
 
 @dataclass
