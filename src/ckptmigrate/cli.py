@@ -806,5 +806,5 @@ def run() -> None:
     try:
         main()
     except SystemExit as exc:
-        end_process(exc.code if isinstance(exc.code, (str, int)) or exc.code is None else 1)
+        end_process(exc.code)
     end_process(0)

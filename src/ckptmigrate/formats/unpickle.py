@@ -134,10 +134,16 @@ def _unsafe_global(message: str) -> str | None:
     module, _, name = match.group(1).rpartition(".")
     if not module:
         return f"builtins.{name}"
-    module, name = _compat_pickle.NAME_MAPPING.get(
-        (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name)
-    )
+    module, name = _python3(module, name)
     return f"{module}.{name}"
+
+
+def _python3(module: str, name: str) -> tuple[str, str]:
+    """A global as Python 3 spells it (protocol 2 pickles may use Python 2's names),
+    mapped as ``pickle.Unpickler`` maps it."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 
 class _TrustedUnpickler(pickle.Unpickler):
@@ -174,11 +180,7 @@ class _OpaqueUnpickler(pickle.Unpickler):
     """Allow-listed globals as themselves, every other one as :class:`_Opaque`."""
 
     def find_class(self, module: str, name: str) -> Any:
-        # Python 2 spellings (protocol 2 pickles), mapped as pickle.Unpickler maps them
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        else:
-            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        module, name = _python3(module, name)
         full = f"{module}.{name}"
         if full == _REBUILD_V2:
             return _rebuild_tensor_v2
@@ -295,10 +297,7 @@ def _weights_only_fast(data: bytes, persistent_load: Callable[[Any], Any]) -> An
 
     class _Fast(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:
-            if (module, name) in _compat_pickle.NAME_MAPPING:
-                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-            else:
-                module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+            module, name = _python3(module, name)
             full = f"{module}.{name}"
             found = allowed.get(full)
             if isinstance(found, torch.dtype):
