@@ -671,3 +671,29 @@ def test_old_files_deleted_in_the_background_are_gone_when_the_batch_ends(
             assert target.read_bytes() == b"new " + target.name.encode()  # in place at once
     assert sorted(p.name for p in tmp_path.iterdir()) == [t.name for t in targets]
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(TMP_SUFFIX)]
+
+
+def test_a_batch_deletes_an_old_file_only_after_its_checkpoint_is_done(tmp_path: Path) -> None:
+    """The old file stays (hidden) while its checkpoint's input may still map it, then goes."""
+    import mmap
+
+    from ckptmigrate.formats.atomic import (
+        TMP_SUFFIX,
+        atomic_output,
+        removals_after,
+        removals_in_background,
+    )
+
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"old" * 1000)
+    with removals_in_background(), removals_after(), open(target, "rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)  # as an input is
+        with atomic_output(target, durable=False) as tmp:
+            tmp.write_bytes(b"new")
+        assert target.read_bytes() == b"new"
+        hidden = [p for p in tmp_path.iterdir() if p.name.endswith(TMP_SUFFIX)]
+        assert len(hidden) == 1 and hidden[0].read_bytes() == b"old" * 1000
+        assert mapped[:3] == b"old"
+        mapped.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+    assert target.read_bytes() == b"new"

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..errors import CkptMigrateError, CommandError, Interrupted
-from ..formats.atomic import removals_in_background
+from ..formats.atomic import removals_after, removals_in_background
 from ..formats.storage import is_url, location
 from ..script.directory import ScriptDirectory
 from .discovery import Found, Search, checkpoint_suffixes, find_checkpoints
@@ -366,7 +366,8 @@ class Fleet:
         started = time.monotonic()
         try:
             stop.check()
-            outcome = work(config, item.path, stop)
+            with removals_after():  # once its input is closed: see removals_after
+                outcome = work(config, item.path, stop)
         except Interrupted as exc:
             outcome = Outcome(item.path, INTERRUPTED, error=exc.message, hint=exc.hint)
         except CkptMigrateError as exc:
