@@ -28,6 +28,7 @@ by the keys of ``state_dict_metadata``, so both entries are invisible to
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 from collections.abc import Mapping, Sequence
@@ -61,8 +62,9 @@ _PATH_MODULES = ("pathlib", "pathlib._local")
 _PATH_CLASSES = ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path")
 
 
-def _allowed() -> dict[tuple[str, str], Any]:
-    """Every global a DCP ``.metadata`` pickle may name, by (module, name)."""
+@functools.cache
+def _allowed() -> Mapping[tuple[str, str], Any]:
+    """Every global a DCP ``.metadata`` pickle may name, by (module, name); built once."""
     import pathlib
 
     import torch
@@ -179,6 +181,7 @@ def check(md: Any, path: CkptPath) -> None:
     if not isinstance(storage, dict):
         raise _invalid(path, f"storage_data is a {type(storage).__name__}, not a dict")
     files: set[str] = set()  # the names found valid: a folder has few files, for many entries
+    recorded = chunk_keys(storage)  # what each chunk's lookup finds, without building indexes
     for index, info in storage.items():
         if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
             raise _invalid(path, "storage_data maps something other than chunks to file ranges")
@@ -187,14 +190,14 @@ def check(md: Any, path: CkptPath) -> None:
         if not isinstance(key, str):
             raise _invalid(path, f"the key {key!r} is not a string")
         if isinstance(entry, BytesStorageMetadata):
-            if MetadataIndex(key) not in storage:
+            if (key, None) not in recorded:
                 raise _invalid(path, f"no data is recorded for {key!r}")
             continue
         if not isinstance(entry, TensorStorageMetadata) or not isinstance(
             entry.properties, TensorProperties
         ):
             raise _invalid(path, f"{key!r} is described by a {type(entry).__name__}")
-        _check_tensor(path, key, entry, storage, ChunkStorageMetadata, MetadataIndex)
+        _check_tensor(path, key, entry, recorded, ChunkStorageMetadata)
     if md.planner_data is not None and not isinstance(md.planner_data, dict):
         return  # a custom planner's data: kept as it is; no stamp can go there
     for key, where in (md.planner_data or {}).items():
@@ -208,6 +211,22 @@ def check(md: Any, path: CkptPath) -> None:
                 raise _invalid(path, "its list of replaced data files is not a list of names")
         elif not isinstance(where, tuple) or not all(isinstance(p, (str, int)) for p in where):
             raise _invalid(path, f"planner_data holds {where!r} as the path of {key!r}")
+
+
+def chunk_keys(storage: Mapping[Any, Any]) -> dict[tuple[str, tuple[int, ...] | None], Any]:
+    """``storage_data`` keyed by ``(fqn, offsets)``: the lookups DCP's readers make, as tuples.
+
+    A ``MetadataIndex`` hashes and compares through Python-level dataclass
+    methods (and converts its offsets on construction); a plain tuple does
+    neither, for every chunk of every entry. The index's ``index`` hint takes
+    no part in a lookup, so none is lost.
+    """
+    keyed: dict[tuple[str, tuple[int, ...] | None], Any] = {}
+    for index, info in storage.items():
+        fqn: Any = getattr(index, "fqn", None)
+        offset = getattr(index, "offset", None)
+        keyed[(fqn, None if offset is None else tuple(offset))] = info
+    return keyed
 
 
 def _check_info(path: CkptPath, key: str, info: Any, files: set[str]) -> None:
@@ -250,9 +269,8 @@ def _check_tensor(
     path: CkptPath,
     key: str,
     entry: Any,
-    storage: Mapping[Any, Any],
+    recorded: Mapping[tuple[str, tuple[int, ...] | None], Any],
     chunk_cls: Any,
-    index_cls: Any,
 ) -> None:
     import torch
 
@@ -264,8 +282,8 @@ def _check_tensor(
     chunks = entry.chunks
     if not isinstance(chunks, list) or (not chunks and _numel(size)):
         raise _invalid(path, f"{key!r} has no chunks")
-    if len(chunks) == 1 and _whole(chunks[0], size, chunk_cls):  # as one process saves it
-        if index_cls(key, chunks[0].offsets) not in storage:
+    if len(chunks) == 1 and _whole(chunks[0], size, chunk_cls, torch.Size):  # as one process saves
+        if (key, tuple(chunks[0].offsets)) not in recorded:
             raise _invalid(path, f"no data is recorded for a chunk of {key!r}")
         return
     covered = 0
@@ -281,7 +299,7 @@ def _check_tensor(
             raise _invalid(path, f"a chunk of {key!r} has the wrong number of dims")
         if any(o + s > d for o, s, d in zip(offsets, sizes, size)):
             raise _invalid(path, f"a chunk of {key!r} lies outside its size {list(size)}")
-        if index_cls(key, offsets) not in storage:
+        if (key, tuple(offsets)) not in recorded:
             raise _invalid(path, f"no data is recorded for a chunk of {key!r}")
         boxes.append((offsets, sizes))
         covered += _numel(sizes)
@@ -292,16 +310,15 @@ def _check_tensor(
         raise _invalid(path, f"the chunks of {key!r} do not cover its size {list(size)}")
 
 
-def _whole(chunk: Any, size: Any, chunk_cls: Any) -> bool:
+def _whole(chunk: Any, size: Any, chunk_cls: Any, size_cls: Any) -> bool:
     """A chunk that is the whole tensor: at offset 0 in every dim, of its (valid) size."""
-    import torch
-
     if type(chunk) is not chunk_cls:
         return False
-    offsets, sizes = getattr(chunk, "offsets", None), getattr(chunk, "sizes", None)
+    offsets: Any = getattr(chunk, "offsets", None)
+    sizes: Any = getattr(chunk, "sizes", None)
     return (
-        type(offsets) is torch.Size
-        and type(sizes) is torch.Size
+        type(offsets) is size_cls
+        and type(sizes) is size_cls
         and sizes == size
         and len(offsets) == len(size)
         and not any(offsets)

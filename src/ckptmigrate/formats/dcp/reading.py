@@ -67,6 +67,8 @@ class DCPCheckpoint(Checkpoint):
     store: ChunkStore
     #: objects read so far (hyper-parameters, names: small), by flat key
     objects: dict[str, Any] = field(default_factory=dict)
+    #: ``storage_data`` by ``(fqn, offsets)`` (see :func:`~.metadata.chunk_keys`), made once
+    chunks: dict[tuple[str, tuple[int, ...] | None], Any] = field(default_factory=dict)
 
     def read_entry(self, key: str) -> Any:
         """The value of the entry with flat key ``key`` (a tensor or an object)."""
@@ -89,9 +91,9 @@ class DCPCheckpoint(Checkpoint):
 
         entry, name = self.entries[key], key if under is None else under
         if entry.spec is None:
-            return [(MetadataIndex(name), self.md.storage_data[MetadataIndex(key)])]
+            return [(MetadataIndex(name), self.chunks[(key, None)])]
         return [
-            (MetadataIndex(name, c.offsets, i), self.md.storage_data[MetadataIndex(key, c.offsets)])
+            (MetadataIndex(name, c.offsets, i), self.chunks[(key, tuple(c.offsets))])
             for i, c in enumerate(entry.md.chunks)
         ]
 
@@ -153,10 +155,14 @@ def _entries(md: Any) -> dict[str, Entry]:
     return out
 
 
-def _check_files(folder: CkptPath, md: Any, entries: dict[str, Entry], metadata: CkptPath) -> None:
+def _check_files(
+    folder: CkptPath,
+    md: Any,
+    entries: dict[str, Entry],
+    metadata: CkptPath,
+    chunks: dict[tuple[str, tuple[int, ...] | None], Any],
+) -> None:
     """Every data file is present, and holds ``torch.save`` blobs (from the metadata alone)."""
-    from torch.distributed.checkpoint.metadata import MetadataIndex
-
     sizes: dict[str, int] = {}
     for name in {i.relative_path for i in md.storage_data.values()}:
         if name != dcp_metadata.METADATA_NAME and not (folder / name).is_file():
@@ -182,7 +188,7 @@ def _check_files(folder: CkptPath, md: Any, entries: dict[str, Entry], metadata:
             raw = itemsize
             for d in chunk.sizes:
                 raw *= d
-            if raw and md.storage_data[MetadataIndex(key, chunk.offsets)].length == raw:
+            if raw and chunks[(key, tuple(chunk.offsets))].length == raw:
                 raise CheckpointError(
                     f"{folder} was saved with FileSystemWriter(serialization_format="
                     "SerializationFormat.SAFETENSORS): its data files hold safetensors, "
@@ -208,7 +214,8 @@ def read_dcp(
     md = dcp_metadata.load(path, trust_pickle=trust_pickle)
     read_version = version(path)  # of the bytes just read: a switch replaces only that one
     entries = _entries(md)
-    _check_files(folder, md, entries, path)
+    chunks = dcp_metadata.chunk_keys(md.storage_data)
+    _check_files(folder, md, entries, path, chunks)
     state_path, flat_of = _lineage(folder, entries, state_dict_key)
     prefix = keyspace.normal(flat_key(state_path))
     planner = md.planner_data if isinstance(md.planner_data, dict) else {}
@@ -233,6 +240,7 @@ def read_dcp(
         flat_of=flat_of,
         state_path=state_path,
         store=store,
+        chunks=chunks,
     )
     if state_path:
         ckpt.training = TrainingContainer(_container(ckpt), state_path, lazy=True)
