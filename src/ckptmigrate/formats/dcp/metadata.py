@@ -45,6 +45,9 @@ METADATA_NAME = ".metadata"
 STAMP_KEY = "__ckptmigrate__"
 #: The data files a write replaced, removed after its switch (or by the next writer).
 REPLACED_KEY = "__ckptmigrate_replaced__"
+#: ``storage_data`` keyed by ``(fqn, offsets)`` tuples (``None`` for an object): see
+#: :func:`chunk_keys`.
+ChunkTable = dict[tuple[str, tuple[int, ...] | None], Any]
 #: The version DCP's FileSystemWriter records.
 DCP_VERSION = "1.0.0"
 
@@ -119,8 +122,9 @@ def _invalid(path: CkptPath, what: str) -> CheckpointError:
     )
 
 
-def load(path: CkptPath, *, trust_pickle: bool = False) -> Any:
-    """The ``Metadata`` in ``path``, unpickled under the allow-list and checked."""
+def load(path: CkptPath, *, trust_pickle: bool = False) -> tuple[Any, ChunkTable]:
+    """The ``Metadata`` in ``path``, unpickled under the allow-list and checked, and its
+    :func:`chunk table <chunk_keys>`."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -147,8 +151,7 @@ def load(path: CkptPath, *, trust_pickle: bool = False) -> Any:
     except Exception as exc:  # EOFError, RecursionError, ValueError ... from damaged bytes
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise _invalid(path, f"its pickle is damaged ({type(exc).__name__}: {first})") from None
-    check(md, path)
-    return md
+    return md, check(md, path)
 
 
 def lists_replaced(data: bytes) -> bool:
@@ -160,8 +163,9 @@ def lists_replaced(data: bytes) -> bool:
     return REPLACED_KEY.encode() in data
 
 
-def check(md: Any, path: CkptPath) -> None:
-    """Every field DCP's readers (and ours) rely on, before anything trusts it."""
+def check(md: Any, path: CkptPath) -> ChunkTable:
+    """Every field DCP's readers (and ours) rely on, before anything trusts it; the chunk
+    table the check looked chunks up in."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (
         BytesStorageMetadata,
@@ -199,7 +203,7 @@ def check(md: Any, path: CkptPath) -> None:
             raise _invalid(path, f"{key!r} is described by a {type(entry).__name__}")
         _check_tensor(path, key, entry, recorded, ChunkStorageMetadata)
     if md.planner_data is not None and not isinstance(md.planner_data, dict):
-        return  # a custom planner's data: kept as it is; no stamp can go there
+        return recorded  # a custom planner's data: kept as it is; no stamp can go there
     for key, where in (md.planner_data or {}).items():
         if key == STAMP_KEY:
             if not isinstance(where, dict) or not all(
@@ -211,9 +215,10 @@ def check(md: Any, path: CkptPath) -> None:
                 raise _invalid(path, "its list of replaced data files is not a list of names")
         elif not isinstance(where, tuple) or not all(isinstance(p, (str, int)) for p in where):
             raise _invalid(path, f"planner_data holds {where!r} as the path of {key!r}")
+    return recorded
 
 
-def chunk_keys(storage: Mapping[Any, Any]) -> dict[tuple[str, tuple[int, ...] | None], Any]:
+def chunk_keys(storage: Mapping[Any, Any]) -> ChunkTable:
     """``storage_data`` keyed by ``(fqn, offsets)``: the lookups DCP's readers make, as tuples.
 
     A ``MetadataIndex`` hashes and compares through Python-level dataclass
@@ -221,7 +226,7 @@ def chunk_keys(storage: Mapping[Any, Any]) -> dict[tuple[str, tuple[int, ...] | 
     neither, for every chunk of every entry. The index's ``index`` hint takes
     no part in a lookup, so none is lost.
     """
-    keyed: dict[tuple[str, tuple[int, ...] | None], Any] = {}
+    keyed: ChunkTable = {}
     for index, info in storage.items():
         fqn: Any = getattr(index, "fqn", None)
         offset = getattr(index, "offset", None)
@@ -269,7 +274,7 @@ def _check_tensor(
     path: CkptPath,
     key: str,
     entry: Any,
-    recorded: Mapping[tuple[str, tuple[int, ...] | None], Any],
+    recorded: ChunkTable,
     chunk_cls: Any,
 ) -> None:
     import torch

@@ -67,8 +67,8 @@ class DCPCheckpoint(Checkpoint):
     store: ChunkStore
     #: objects read so far (hyper-parameters, names: small), by flat key
     objects: dict[str, Any] = field(default_factory=dict)
-    #: ``storage_data`` by ``(fqn, offsets)`` (see :func:`~.metadata.chunk_keys`), made once
-    chunks: dict[tuple[str, tuple[int, ...] | None], Any] = field(default_factory=dict)
+    #: ``storage_data`` by ``(fqn, offsets)``, made by the check of ``md``
+    chunk_table: dcp_metadata.ChunkTable
 
     def read_entry(self, key: str) -> Any:
         """The value of the entry with flat key ``key`` (a tensor or an object)."""
@@ -91,9 +91,9 @@ class DCPCheckpoint(Checkpoint):
 
         entry, name = self.entries[key], key if under is None else under
         if entry.spec is None:
-            return [(MetadataIndex(name), self.chunks[(key, None)])]
+            return [(MetadataIndex(name), self.chunk_table[(key, None)])]
         return [
-            (MetadataIndex(name, c.offsets, i), self.chunks[(key, tuple(c.offsets))])
+            (MetadataIndex(name, c.offsets, i), self.chunk_table[(key, tuple(c.offsets))])
             for i, c in enumerate(entry.md.chunks)
         ]
 
@@ -160,7 +160,7 @@ def _check_files(
     md: Any,
     entries: dict[str, Entry],
     metadata: CkptPath,
-    chunks: dict[tuple[str, tuple[int, ...] | None], Any],
+    chunks: dcp_metadata.ChunkTable,
 ) -> None:
     """Every data file is present, and holds ``torch.save`` blobs (from the metadata alone)."""
     sizes: dict[str, int] = {}
@@ -211,10 +211,9 @@ def read_dcp(
     from . import FORMAT
 
     path = metadata_file or folder / dcp_metadata.METADATA_NAME
-    md = dcp_metadata.load(path, trust_pickle=trust_pickle)
+    md, chunks = dcp_metadata.load(path, trust_pickle=trust_pickle)
     read_version = version(path)  # of the bytes just read: a switch replaces only that one
     entries = _entries(md)
-    chunks = dcp_metadata.chunk_keys(md.storage_data)
     _check_files(folder, md, entries, path, chunks)
     state_path, flat_of = _lineage(folder, entries, state_dict_key)
     prefix = keyspace.normal(flat_key(state_path))
@@ -240,7 +239,7 @@ def read_dcp(
         flat_of=flat_of,
         state_path=state_path,
         store=store,
-        chunks=chunks,
+        chunk_table=chunks,
     )
     if state_path:
         ckpt.training = TrainingContainer(_container(ckpt), state_path, lazy=True)

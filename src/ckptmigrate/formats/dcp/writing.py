@@ -184,7 +184,7 @@ def remove_leftovers(folder: CkptPath, md: Any = None) -> list[str]:
         try:
             if not ours and not dcp_metadata.lists_replaced(path.read_bytes()):
                 return []
-            md = dcp_metadata.load(path)
+            md, _ = dcp_metadata.load(path)
         except (CkptMigrateError, OSError):
             return []  # reading the checkpoint says what is wrong with it
     if md is not None:
