@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tests.conftest import REVISION_TEMPLATE
 from tests.harness.common import same
 
@@ -240,6 +243,37 @@ def test_rename_regex_can_swap_names() -> None:
     assert list(out) == ["b.w", "a.w"]
     assert out["b.w"] is sd["a.w"]
     assert out["a.w"] is sd["b.w"]
+
+
+_PATTERN_PARTS = [*"ab._-:^$\\()[]*+?{}|/ #é~=", "\\.", "\\d", "\\\\", "\\-", "{1}", "\\b"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    pattern=st.lists(st.sampled_from(_PATTERN_PARTS), max_size=5).map("".join),
+    repl=st.lists(st.sampled_from([*"ab._-", "\\1", "\\\\"]), max_size=3).map("".join),
+    keys=st.lists(st.text("ab._-:\\é# ", min_size=1, max_size=8), max_size=6, unique=True),
+)
+def test_rename_regex_renames_each_key_as_re_sub_does(
+    pattern: str, repl: str, keys: list[str]
+) -> None:
+    # plain-text patterns take a faster path than the regular expression engine: same result
+    try:
+        rx = re.compile(pattern)
+        want = {k: rx.sub(repl, k) for k in keys}
+    except (re.error, IndexError):
+        return
+    if sorted(set(want.values())) != sorted(want.values()) or "" in want.values():
+        return  # two keys meet, or one becomes empty: refused (tested above)
+    if all(k == v for k, v in want.items()):
+        return  # renamed no key: refused (tested above)
+    sd = {k: torch.full((1,), float(i)) for i, k in enumerate(keys)}
+    if any(v in sd and want[v] == v for k, v in want.items() if k != v):
+        return  # onto a key that stays: refused (tested above)
+    out, _ = migrate(sd, lambda: op.rename_regex(pattern, repl))
+    assert list(out) == [want[k] for k in keys]
+    for k in keys:
+        assert out[want[k]] is sd[k]
 
 
 # --------------------------------------------------------------------- drops

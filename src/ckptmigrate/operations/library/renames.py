@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 
 from ..checks import OpContext
 from ..registry import OpCall, Operation, SpecOf, register
@@ -87,7 +88,7 @@ class RenameRegex(Operation):
         except re.error as exc:
             raise ctx.fail(call, f"bad regular expression: {exc}") from None
         try:
-            mapping = {k: new for k in ctx.state.entries if (new := rx.sub(repl, k)) != k}
+            mapping = _substituted(ctx.state.entries, rx, repl)
         except (re.error, IndexError) as exc:
             raise ctx.fail(call, f"bad replacement: {exc}") from None
         if not mapping:
@@ -95,3 +96,30 @@ class RenameRegex(Operation):
         _rename_many(ctx, call, mapping)
         ctx.state.rename_metadata(lambda p: rx.sub(repl, p))
         ctx.done(self, call, mapping.values(), mapping.keys())
+
+
+#: A pattern that is plain text (optionally anchored at the start): letters, digits,
+#: ``_`` and punctuation with no meaning in a regular expression, or any escaped symbol.
+_PLAIN = re.compile(r"(\^?)((?:[A-Za-z0-9_\-/:,;=@!%&~<>'\" ]|\\[^A-Za-z0-9])+)")
+
+
+def _substituted(
+    keys: Iterable[str], rx: re.Pattern[str], repl: str | Callable[[re.Match[str]], str]
+) -> dict[str, str]:
+    """Each key ``rx.sub(repl, key)`` changes, to what it becomes.
+
+    Most renames are plain text (the pattern ``\\.attn\\.``, the replacement
+    ``.attention.``), and a history applies dozens of them to every key; for
+    those, string methods give ``re.sub``'s result (every non-overlapping
+    occurrence, left to right) without running the regular expression engine
+    on each key.
+    """
+    plain = _PLAIN.fullmatch(rx.pattern) if not rx.flags & ~re.UNICODE else None
+    if plain is None or not isinstance(repl, str) or "\\" in repl:
+        return {k: new for k in keys if (new := rx.sub(repl, k)) != k}
+    text = re.sub(r"\\(.)", r"\1", plain[2], flags=re.DOTALL)
+    if text == repl:
+        return {}
+    if plain[1]:
+        return {k: repl + k[len(text) :] for k in keys if k.startswith(text)}
+    return {k: k.replace(text, repl) for k in keys if text in k}
