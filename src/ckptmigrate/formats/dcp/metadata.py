@@ -45,8 +45,10 @@ METADATA_NAME = ".metadata"
 STAMP_KEY = "__ckptmigrate__"
 #: The data files a write replaced, removed after its switch (or by the next writer).
 REPLACED_KEY = "__ckptmigrate_replaced__"
-#: ``storage_data`` keyed by ``(fqn, offsets)`` tuples (``None`` for an object): see
-#: :func:`chunk_keys`.
+#: ``storage_data`` keyed by ``(fqn, offsets)`` tuples (``None`` for an object), made by
+#: :func:`check`: the lookups DCP's readers make, without a ``MetadataIndex`` (which
+#: hashes and compares through Python-level dataclass methods) built for every chunk.
+#: An index's ``index`` hint takes no part in a lookup, so none is lost.
 ChunkTable = dict[tuple[str, tuple[int, ...] | None], Any]
 #: The version DCP's FileSystemWriter records.
 DCP_VERSION = "1.0.0"
@@ -124,7 +126,7 @@ def _invalid(path: CkptPath, what: str) -> CheckpointError:
 
 def load(path: CkptPath, *, trust_pickle: bool = False) -> tuple[Any, ChunkTable]:
     """The ``Metadata`` in ``path``, unpickled under the allow-list and checked, and its
-    :func:`chunk table <chunk_keys>`."""
+    :data:`chunk table <ChunkTable>`."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -165,7 +167,24 @@ def lists_replaced(data: bytes) -> bool:
 
 def check(md: Any, path: CkptPath) -> ChunkTable:
     """Every field DCP's readers (and ours) rely on, before anything trusts it; the chunk
-    table the check looked chunks up in."""
+    table the check looked chunks up in.
+
+    A folder holds few files for many chunks, and most tensors are one chunk
+    (what one process saves): each such entry passes on a short path of
+    type checks; anything else gets the full check, which says what is wrong.
+    A lie no check foresaw (an attribute missing, a value of an odd type) is
+    still an error about the file, never a crash.
+    """
+    try:
+        return _check(md, path)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # AttributeError, TypeError ... from objects built by a lying pickle
+        raise _invalid(path, f"its contents are malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _check(md: Any, path: CkptPath) -> ChunkTable:
+    import torch
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (
         BytesStorageMetadata,
@@ -184,13 +203,44 @@ def check(md: Any, path: CkptPath) -> ChunkTable:
     storage = md.storage_data
     if not isinstance(storage, dict):
         raise _invalid(path, f"storage_data is a {type(storage).__name__}, not a dict")
-    files: set[str] = set()  # the names found valid: a folder has few files, for many entries
-    recorded = chunk_keys(storage)  # what each chunk's lookup finds, without building indexes
+    files: set[str] = set()  # the names found valid
+    recorded: ChunkTable = {}  # what each chunk's lookup finds, without building indexes
     for index, info in storage.items():
         if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
             raise _invalid(path, "storage_data maps something other than chunks to file ranges")
-        _check_info(path, index.fqn, info, files)
+        fqn: Any = getattr(index, "fqn", None)
+        offset = getattr(index, "offset", None)
+        recorded[(fqn, None if offset is None else tuple(offset))] = info
+        name = getattr(info, "relative_path", None)
+        start, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not (
+            type(name) is str
+            and name in files
+            and type(start) is int
+            and type(length) is int
+            and start >= 0
+            and length > 0
+        ):
+            _check_info(path, fqn, info, files)
+    size_cls, dtype_cls = torch.Size, torch.dtype
     for key, entry in entries.items():
+        if type(entry) is TensorStorageMetadata and type(key) is str:
+            size, chunks = entry.size, entry.chunks
+            if type(size) is size_cls and type(chunks) is list and len(chunks) == 1:
+                chunk = chunks[0]
+                if (
+                    type(chunk) is ChunkStorageMetadata
+                    and type(chunk.offsets) is size_cls
+                    and chunk.sizes == size
+                    and type(chunk.sizes) is size_cls
+                    and len(chunk.offsets) == len(size)
+                    and not any(chunk.offsets)
+                    and min(size, default=0) >= 0
+                    and type(entry.properties) is TensorProperties
+                    and isinstance(entry.properties.dtype, dtype_cls)
+                    and (key, tuple(chunk.offsets)) in recorded
+                ):
+                    continue  # one chunk, the whole tensor: as one process saves
         if not isinstance(key, str):
             raise _invalid(path, f"the key {key!r} is not a string")
         if isinstance(entry, BytesStorageMetadata):
@@ -205,6 +255,8 @@ def check(md: Any, path: CkptPath) -> ChunkTable:
     if md.planner_data is not None and not isinstance(md.planner_data, dict):
         return recorded  # a custom planner's data: kept as it is; no stamp can go there
     for key, where in (md.planner_data or {}).items():
+        if type(where) is tuple and all(type(p) is str for p in where):
+            continue
         if key == STAMP_KEY:
             if not isinstance(where, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in where.items()
@@ -216,22 +268,6 @@ def check(md: Any, path: CkptPath) -> ChunkTable:
         elif not isinstance(where, tuple) or not all(isinstance(p, (str, int)) for p in where):
             raise _invalid(path, f"planner_data holds {where!r} as the path of {key!r}")
     return recorded
-
-
-def chunk_keys(storage: Mapping[Any, Any]) -> ChunkTable:
-    """``storage_data`` keyed by ``(fqn, offsets)``: the lookups DCP's readers make, as tuples.
-
-    A ``MetadataIndex`` hashes and compares through Python-level dataclass
-    methods (and converts its offsets on construction); a plain tuple does
-    neither, for every chunk of every entry. The index's ``index`` hint takes
-    no part in a lookup, so none is lost.
-    """
-    keyed: ChunkTable = {}
-    for index, info in storage.items():
-        fqn: Any = getattr(index, "fqn", None)
-        offset = getattr(index, "offset", None)
-        keyed[(fqn, None if offset is None else tuple(offset))] = info
-    return keyed
 
 
 def _check_info(path: CkptPath, key: str, info: Any, files: set[str]) -> None:

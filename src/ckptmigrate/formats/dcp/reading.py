@@ -138,20 +138,19 @@ class _Bytes:
     """A bytes entry in the skeleton the state dict is looked for in."""
 
 
-def _spec(md: Any) -> TensorSpec | None:
+def _entries(md: Any) -> dict[str, Entry]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    if isinstance(md, TensorStorageMetadata):
-        return TensorSpec(tuple(md.size), md.properties.dtype)  # a torch.Size holds ints
-    return None
-
-
-def _entries(md: Any) -> dict[str, Entry]:
     planner = md.planner_data if isinstance(md.planner_data, dict) else {}
     out: dict[str, Entry] = {}
     for key, entry in md.state_dict_metadata.items():
-        path = planner.get(key, (key,))
-        out[key] = Entry(key, tuple(path), entry, _spec(entry))
+        path = planner.get(key)
+        spec = (  # a torch.Size holds ints
+            TensorSpec(tuple(entry.size), entry.properties.dtype)
+            if isinstance(entry, TensorStorageMetadata)
+            else None
+        )
+        out[key] = Entry(key, (key,) if path is None else tuple(path), entry, spec)
     return out
 
 
@@ -164,7 +163,12 @@ def _check_files(
 ) -> None:
     """Every data file is present, and holds ``torch.save`` blobs (from the metadata alone)."""
     sizes: dict[str, int] = {}
-    for name in {i.relative_path for i in md.storage_data.values()}:
+    ends: dict[str, int] = {}  # the end of the last byte range in each file
+    for info in md.storage_data.values():
+        end = info.offset + info.length
+        if end > ends.get(info.relative_path, -1):
+            ends[info.relative_path] = end
+    for name in ends:
         if name != dcp_metadata.METADATA_NAME and not (folder / name).is_file():
             raise CheckpointError(
                 f"{folder} is an incomplete DCP checkpoint: its data file {name} is missing",
@@ -172,14 +176,19 @@ def _check_files(
             )
         file = metadata if name == dcp_metadata.METADATA_NAME else folder / name
         sizes[name] = file.stat().st_size
-    for index, info in md.storage_data.items():
-        if info.offset + info.length > sizes[info.relative_path]:
-            raise CheckpointError(
-                f"{folder / info.relative_path} is shorter than its .metadata says "
-                f"(a blob of {index.fqn} at {info.offset}+{info.length})",
-                hint="the file was truncated, or .metadata belongs to another save; "
-                "restore the checkpoint from a complete copy",
-            )
+    if any(ends[name] > sizes[name] for name in ends):  # a file is short: name a blob it cuts
+        index, info = next(
+            (index, info)
+            for index, info in md.storage_data.items()
+            if info.offset + info.length > sizes[info.relative_path]
+        )
+        raise CheckpointError(
+            f"{folder / info.relative_path} is shorter than its .metadata says "
+            f"(a blob of {index.fqn} at {info.offset}+{info.length})",
+            hint="the file was truncated, or .metadata belongs to another save; "
+            "restore the checkpoint from a complete copy",
+        )
+    # one writer wrote every blob, in one serialization: the first one that holds data tells
     for key, entry in entries.items():
         if entry.spec is None:
             continue
@@ -188,7 +197,9 @@ def _check_files(
             raw = itemsize
             for d in chunk.sizes:
                 raw *= d
-            if raw and chunks[(key, tuple(chunk.offsets))].length == raw:
+            if not raw:
+                continue
+            if chunks[(key, tuple(chunk.offsets))].length == raw:
                 raise CheckpointError(
                     f"{folder} was saved with FileSystemWriter(serialization_format="
                     "SerializationFormat.SAFETENSORS): its data files hold safetensors, "
@@ -197,6 +208,7 @@ def _check_files(
                     hint="save with the default serialization, or with HuggingFaceStorageWriter "
                     "(ckptmigrate migrates its folders as sharded safetensors checkpoints)",
                 )
+            return
 
 
 def read_dcp(
@@ -208,11 +220,26 @@ def read_dcp(
 ) -> DCPCheckpoint:
     """Open the folder lazily (``metadata_file``: read another .metadata, e.g. one just written)."""
     from ..storage import version
-    from . import FORMAT
 
     path = metadata_file or folder / dcp_metadata.METADATA_NAME
     md, chunks = dcp_metadata.load(path, trust_pickle=trust_pickle)
-    read_version = version(path)  # of the bytes just read: a switch replaces only that one
+    # the version of the bytes just read: a switch replaces only that one
+    return described(folder, md, chunks, path, version(path), trust_pickle, state_dict_key)
+
+
+def described(
+    folder: CkptPath,
+    md: Any,
+    chunks: dcp_metadata.ChunkTable,
+    path: CkptPath,
+    read_version: str | None,
+    trust_pickle: bool = False,
+    state_dict_key: str | None = None,
+) -> DCPCheckpoint:
+    """The checkpoint ``md`` (checked, its chunk table ``chunks``) describes, read from
+    ``path``: what reading a ``.metadata`` that holds ``md``'s pickle opens."""
+    from . import FORMAT
+
     entries = _entries(md)
     _check_files(folder, md, entries, path, chunks)
     state_path, flat_of = _lineage(folder, entries, state_dict_key)
@@ -256,8 +283,16 @@ def _lineage(
     flat_at: dict[tuple[PathItem, ...], str] = {}
     for key, entry in entries.items():
         value = InertTensor(None, entry.spec.shape) if entry.spec is not None else _Bytes()
-        set_element(skeleton, entry.path, value)
-        flat_at[entry.path] = key
+        path = entry.path
+        if len(path) == 2 and type(path[1]) is str:  # a value in a dict at the top: most of them
+            parent = skeleton.setdefault(path[0], {})  # type: ignore[arg-type]
+            if type(parent) is dict:
+                parent[path[1]] = value
+            else:
+                set_element(skeleton, path, value)
+        else:
+            set_element(skeleton, path, value)
+        flat_at[path] = key
     state_path, sd = locate_state_dict(skeleton, state_dict_key, str(folder))
     return state_path, {k: flat_at[(*state_path, k)] for k in sd}
 

@@ -53,7 +53,7 @@ from ..verify import verify_written
 from . import DATA_SUFFIX, OWN_PREFIX
 from . import metadata as dcp_metadata
 from .output import Box, Leaf, computing, plan_output, region
-from .reading import DCPCheckpoint, flat_key, read_dcp
+from .reading import DCPCheckpoint, described, flat_key, read_dcp
 from .reading import referenced as files_of
 
 if TYPE_CHECKING:
@@ -105,7 +105,8 @@ def write_dcp(
 
         def check(tmp: Path) -> None:
             if options.verify:
-                _verify(folder, tmp, source, full, metadata, leaves)
+                assert data is not None
+                _verify(folder, tmp, data, md, source, full, metadata, leaves)
 
         if isinstance(folder, Path):
             if options.durable:
@@ -474,15 +475,30 @@ def _copy_info(info: Any, name: str | None = None) -> Any:
 def _verify(
     folder: CkptPath,
     tmp: Path,
+    data: bytes,
+    md: Any,
     source: Checkpoint,
     full: PlanState,
     metadata: Mapping[str, Mapping[str, Any]],
     leaves: Sequence[Leaf],
 ) -> None:
-    """The ``.metadata`` just written describes exactly the planned entries, and the stamp."""
+    """The ``.metadata`` just written describes exactly the planned entries, and the stamp.
+
+    The file must read back as the very bytes ``md`` was encoded to, and ``md``
+    must pass every check a reader makes and describe the plan. That is what
+    unpickling the file again would check, without building each entry a
+    second time (``md`` holds only DCP's own classes and plain values, which
+    pickle restores as they were).
+    """
+    if tmp.read_bytes() != data:
+        raise WriteError(
+            f"{folder}: the new .metadata does not read back as it was written",
+            hint="check the disk (or the file system's free space); the input is unchanged",
+        )
     dcp = source if isinstance(source, DCPCheckpoint) else None
     key = "/".join(source.training.state_path) if source.training is not None else None
-    written = read_dcp(folder, state_dict_key=key, metadata_file=tmp)
+    chunks = dcp_metadata.check(md, tmp)
+    written = described(folder, md, chunks, tmp, None, state_dict_key=key)
     got = {k: e.spec for k, e in written.entries.items()}
     want: dict[str, Any] = {}
     for leaf in leaves:
