@@ -22,6 +22,7 @@ from tests.harness import dcp_models as tiny
 from tests.harness.common import (
     REV_A,
     REV_B,
+    TMP_SUFFIX,
     digest,
     fork_cli,
     standard_project,
@@ -344,6 +345,52 @@ def test_damaged_or_foreign_metadata_is_refused(
         assert [line for line in err.splitlines() if line.startswith("Error:")] == [err.strip()]
     assert not Path("pwned").exists()  # the payload never ran
     assert {p.name: digest(p) for p in project.iterdir()} == before
+
+
+def _drop_an_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptmigrate.formats.dcp import writing
+
+    real = writing._metadata
+
+    def metadata(*args: Any) -> Any:
+        md, blobs = real(*args)
+        del md.state_dict_metadata["renamed0"]  # a writer that loses an entry
+        return md, blobs
+
+    monkeypatch.setattr(writing, "_metadata", metadata)
+
+
+def _lose_the_last_byte(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = Path.write_bytes
+
+    def write_bytes(self: Path, data: Any) -> int:
+        if self.name.startswith("..metadata.") and self.name.endswith(TMP_SUFFIX):  # the new one
+            data = data[:-1]  # a disk that keeps less than it was given
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+
+
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        (_drop_an_entry, "does not match the migration plan after writing (missing ['renamed0']"),
+        (_lose_the_last_byte, "the new .metadata does not read back as it was written"),
+    ],
+    ids=["entry lost", "bytes lost"],
+)
+def test_a_bad_metadata_write_is_stopped_and_no_verify_skips_the_check(
+    project: Path, run: Run, monkeypatch: pytest.MonkeyPatch, fault: Any, message: str
+) -> None:
+    before = {p.name: digest(p) for p in project.iterdir()}
+    fault(monkeypatch)
+    err = run("upgrade", str(project), "--from", REV_A, code=1).stderr
+    (error,) = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert message in error and "the input is unchanged" in error, err
+    assert {p.name: digest(p) for p in project.iterdir()} == before  # no new file left either
+    # --no-verify lets the same bad write through: the check is what kept the folder
+    run("upgrade", str(project), "--from", REV_A, "--no-verify")
+    assert {p.name: digest(p) for p in project.iterdir()} != before
 
 
 def test_a_missing_or_truncated_data_file_is_refused(project: Path, run: Run) -> None:
