@@ -389,6 +389,56 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
+class Shared:
+    """Equal sizes, offsets and tensor properties as one object each, which a pickle stores once.
+
+    DCP's writer gives every chunk its own ``torch.Size`` objects and every
+    entry its own ``TensorProperties``. Shared, the pickle refers back to the
+    first of each, so ``.metadata`` is smaller, and both pickling it and
+    unpickling it (by any reader, DCP's own included) take about half the
+    time at a few hundred entries. Both kinds are plain values no reader
+    changes; the objects passed in get equal, shared parts.
+    """
+
+    def __init__(self) -> None:
+        import torch
+
+        self._size_cls = torch.Size
+        self._sizes: dict[Any, Any] = {}
+        self._properties: dict[tuple[Any, ...], Any] = {}
+
+    def size(self, size: Any) -> Any:
+        """The one object of ``size``'s value (anything but a ``torch.Size`` as it is)."""
+        if type(size) is not self._size_cls:
+            return size
+        return self._sizes.setdefault(size, size)
+
+    def entry(self, entry: Any) -> Any:
+        """``entry`` (a ``TensorStorageMetadata``; anything else as it is), its parts shared."""
+        properties = getattr(entry, "properties", None)
+        if properties is None:
+            return entry
+        key = (
+            properties.dtype,
+            properties.layout,
+            properties.requires_grad,
+            properties.memory_format,
+            properties.pin_memory,
+        )
+        entry.properties = self._properties.setdefault(key, properties)
+        entry.size = self.size(entry.size)
+        for chunk in entry.chunks:
+            chunk.offsets = self.size(chunk.offsets)
+            chunk.sizes = self.size(chunk.sizes)
+        return entry
+
+    def index(self, index: Any) -> Any:
+        """``index`` (a ``MetadataIndex``), its offset shared."""
+        if index.offset is not None:
+            object.__setattr__(index, "offset", self.size(index.offset))  # a frozen dataclass
+        return index
+
+
 @dataclass
 class Blob:
     """Bytes to store after the pickle, and the ``storage_data`` entry that points at them."""

@@ -284,12 +284,13 @@ def _lineage(
     for key, entry in entries.items():
         value = InertTensor(None, entry.spec.shape) if entry.spec is not None else _Bytes()
         path = entry.path
-        if len(path) == 2 and type(path[1]) is str:  # a value in a dict at the top: most of them
-            parent = skeleton.setdefault(path[0], {})  # type: ignore[arg-type]
-            if type(parent) is dict:
-                parent[path[1]] = value
-            else:
-                set_element(skeleton, path, value)
+        # most paths are one key, or two (in a dict at the top); lists, deeper nesting and
+        # anything odd follow DCP's own rules
+        top: Any = path[0]
+        if len(path) == 1 and type(top) is str:
+            skeleton[top] = value
+        elif len(path) == 2 and type(path[1]) is str and type(skeleton.get(top, {})) is dict:
+            skeleton.setdefault(top, {})[path[1]] = value
         else:
             set_element(skeleton, path, value)
         flat_at[path] = key

@@ -91,11 +91,10 @@ def write_dcp(
     remove_leftovers(folder, previous.md if previous is not None else None)
     leaves = plan_output(source, full.entries, options.container)
     stamps = _stamps(source, metadata)
-    tag = _tag(leaves, stamps)
     written: list[CkptPath] = []
     data: bytes | None = None
     try:
-        infos = _write_data(folder, tag, source, leaves, options, written)
+        infos = _write_data(folder, stamps, source, leaves, options, written)
         names = _carry_files(folder, dcp, leaves, same, referenced, options, written)
         md, blobs = _metadata(source, dcp, leaves, infos, names, stamps)
         replaced = sorted(referenced - files_of(md))
@@ -223,7 +222,9 @@ def _file_name(folder: CkptPath, tag: str, n: int) -> str:
     return name
 
 
-def _buckets(folder: CkptPath, tag: str, leaves: Sequence[Leaf], jobs: int) -> list[_DataFile]:
+def _buckets(
+    folder: CkptPath, stamps: Mapping[str, str], leaves: Sequence[Leaf], jobs: int
+) -> list[_DataFile]:
     """The tensors to write, in at most ``jobs`` files; tensors with a common input share one."""
     todo = [leaf for leaf in leaves if leaf.node is not None and leaf.node.spec is not None]
     groups: dict[str, list[Leaf]] = {}
@@ -241,6 +242,7 @@ def _buckets(folder: CkptPath, tag: str, leaves: Sequence[Leaf], jobs: int) -> l
         target.leaves.extend(group)
         target.nbytes += sum(_nbytes(x) for x in group)
     used = [f for f in files if f.leaves]
+    tag = _tag(leaves, stamps) if used else ""
     for n, f in enumerate(used):
         f.name = _file_name(folder, tag, n)
     return used
@@ -269,13 +271,14 @@ def _new_file(path: CkptPath, durable: bool) -> Iterator[IO[bytes]]:
 
 def _write_data(
     folder: CkptPath,
-    tag: str,
+    stamps: Mapping[str, str],
     source: Checkpoint,
     leaves: Sequence[Leaf],
     options: WriteOptions,
     written: list[CkptPath],
 ) -> dict[tuple[str, tuple[int, ...]], Any]:
-    """Write every computed tensor's chunks; ``_StorageInfo`` by (flat key, chunk offsets)."""
+    """Write every computed tensor's chunks, into files named after the plan and ``stamps``;
+    their ``_StorageInfo`` by (flat key, chunk offsets)."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
     lock = threading.Lock()
@@ -300,7 +303,7 @@ def _write_data(
                     options.progress(_nbytes(leaf))
                 del value
 
-    files = _buckets(folder, tag, leaves, options.jobs)
+    files = _buckets(folder, stamps, leaves, options.jobs)
     with ThreadPoolExecutor(max_workers=max(1, len(files))) as pool:
         futures = [pool.submit(write_one, f) for f in files]
         for future in futures:
@@ -404,12 +407,14 @@ def _metadata(
     storage: dict[Any, Any] = {}
     planner: dict[str, Any] = {}
     blobs: list[dcp_metadata.Blob] = []
+    shared = dcp_metadata.Shared()
     for leaf in leaves:
         planner[leaf.key] = leaf.path
         if leaf.ref is not None:
             assert dcp is not None
-            entries[leaf.key] = dcp.entries[leaf.ref].md
+            entries[leaf.key] = shared.entry(dcp.entries[leaf.ref].md)
             for index, info in dcp.storage_of(leaf.ref, leaf.key):
+                index = shared.index(index)
                 if info.relative_path == dcp_metadata.METADATA_NAME:
                     blob = dcp_metadata.Blob(dcp.store.raw(info), _copy_info(info))
                     blobs.append(blob)
@@ -424,11 +429,13 @@ def _metadata(
             chunk_list = [
                 ChunkStorageMetadata(torch.Size(off), torch.Size(size)) for off, size in leaf.boxes
             ]
-            entries[leaf.key] = TensorStorageMetadata(
-                TensorProperties(dtype=spec.dtype), torch.Size(spec.shape), chunk_list
+            entries[leaf.key] = shared.entry(
+                TensorStorageMetadata(
+                    TensorProperties(dtype=spec.dtype), torch.Size(spec.shape), chunk_list
+                )
             )
             for i, (off, _size) in enumerate(leaf.boxes):
-                storage[MetadataIndex(leaf.key, off, i)] = infos[(leaf.key, off)]
+                storage[shared.index(MetadataIndex(leaf.key, off, i))] = infos[(leaf.key, off)]
         else:
             value = leaf.value
             if leaf.node is not None:  # an object computed from the input
