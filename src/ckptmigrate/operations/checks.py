@@ -276,11 +276,12 @@ class OpContext:
     ) -> None:
         """Record that ``op`` ran: the keys it produced (with their specs) and removed."""
         as_called = self._calling if self._calling and self._calling.name == op.name else None
+        entries = self.state.entries
         self.records.append(
             OpRecord(
                 op.name,
                 call,
-                [(k, self.state.entries[k].spec) for k in results],
+                [(k, entries[k].spec) for k in results],
                 list(removed),
                 as_called,
                 self.seed_revision,

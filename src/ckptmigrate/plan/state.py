@@ -53,7 +53,8 @@ class PlanState:
 
     def replace_keys(self, mapping: Mapping[str, str]) -> None:
         """Rename several keys at once, keeping every key in its place."""
-        self.entries = {mapping.get(k, k): v for k, v in self.entries.items()}
+        entries = self.entries  # built without a Python step per key: a history renames often
+        self.entries = dict(zip(map(mapping.get, entries, entries), entries.values()))
 
     def rename_metadata(self, rename: Callable[[str], str | None]) -> None:
         """Move per-module metadata along with a rename (None drops it).

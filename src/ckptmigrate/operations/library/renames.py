@@ -37,7 +37,12 @@ class RenameKey(_Swappable):
 
 def _rename_many(ctx: OpContext, call: str, mapping: dict[str, str]) -> None:
     """Rename several keys at once; no two may meet, nor land on a key that stays."""
-    targets: dict[str, str] = {}
+    new_keys = set(mapping.values())
+    met = len(new_keys) != len(mapping)
+    taken = (new_keys & ctx.state.entries.keys()) - mapping.keys()
+    if not met and not taken and "" not in new_keys:
+        return ctx.state.replace_keys(mapping)  # checked in bulk: the usual case
+    targets: dict[str, str] = {}  # else find the first key at fault, to name it
     for old, new in mapping.items():
         if not new:
             raise ctx.fail(call, f"{old!r} would be renamed to an empty key")
