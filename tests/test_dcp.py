@@ -140,6 +140,26 @@ def test_renames_and_drops_rewrite_only_the_metadata(renames: Path, run: Run) ->
     assert step == 2
 
 
+def test_the_written_metadata_stores_equal_sizes_and_properties_once(
+    renames: Path, run: Run
+) -> None:
+    ckpt = renames / "ckpt"
+    save_v1(ckpt)
+    before = (ckpt / ".metadata").stat().st_size
+    run("upgrade", str(ckpt), "--from", V1)
+    with open(ckpt / ".metadata", "rb") as fh:
+        md = pickle.load(fh)  # as DCP's own reader does
+    tensors = [e for e in md.state_dict_metadata.values() if hasattr(e, "properties")]
+    by_value: dict[Any, set[int]] = {}
+    for e in tensors:
+        for size in (e.size, *(c.offsets for c in e.chunks), *(c.sizes for c in e.chunks)):
+            by_value.setdefault(("size", tuple(size)), set()).add(id(size))
+        by_value.setdefault(("properties", e.properties.dtype), set()).add(id(e.properties))
+    assert len(by_value) < len(tensors)  # values repeat, as in any model ...
+    assert all(len(ids) == 1 for ids in by_value.values())  # ... and each is one object
+    assert (ckpt / ".metadata").stat().st_size < before
+
+
 def test_tensor_changing_ops_write_only_what_they_change(restructure: Path, run: Run) -> None:
     ckpt = restructure / "ckpt"
     model, opt = save_v1(ckpt)
