@@ -47,7 +47,7 @@ def verify_written(
 
 
 def _same(target: CkptPath, got: Mapping[str, object], want: Mapping[str, object]) -> None:
-    if list(got) != list(want) or any(got[k] != want[k] for k in want):
+    if list(got) != list(want) or got != want:  # equal keys in order, then equal specs
         missing = [k for k in want if k not in got]
         extra = [k for k in got if k not in want]
         changed = [k for k in want if k in got and got[k] != want[k]]

@@ -40,6 +40,23 @@ class TensorSpec:
         return f"[{', '.join(map(str, self.shape))}] {dtype_name(self.dtype)}"
 
 
+#: One spec object per (shape, dtype) that readers saw: a model has few distinct ones, and
+#: comparing two schemas finds each pair of entries identical without comparing fields.
+_INTERNED: dict[tuple[tuple[int, ...], torch.dtype], TensorSpec] = {}
+_INTERNED_MAX = 1 << 14  # then start again: a bound, not an expectation
+
+
+def interned(shape: tuple[int, ...], dtype: torch.dtype) -> TensorSpec:
+    """The spec of ``shape`` and ``dtype``, the same object for equal ones."""
+    key = (shape, dtype)
+    spec = _INTERNED.get(key)
+    if spec is None:
+        if len(_INTERNED) >= _INTERNED_MAX:
+            _INTERNED.clear()
+        spec = _INTERNED[key] = TensorSpec(shape, dtype)
+    return spec
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -426,17 +426,24 @@ class Shared:
             properties.pin_memory,
         )
         entry.properties = self._properties.setdefault(key, properties)
-        entry.size = self.size(entry.size)
+        sizes, size_cls = self._sizes, self._size_cls
+        if type(entry.size) is size_cls:
+            entry.size = sizes.setdefault(entry.size, entry.size)
         for chunk in entry.chunks:
-            chunk.offsets = self.size(chunk.offsets)
-            chunk.sizes = self.size(chunk.sizes)
+            if type(chunk.offsets) is size_cls and type(chunk.sizes) is size_cls:
+                chunk.offsets = sizes.setdefault(chunk.offsets, chunk.offsets)
+                chunk.sizes = sizes.setdefault(chunk.sizes, chunk.sizes)
         return entry
 
-    def index(self, index: Any) -> Any:
-        """``index`` (a ``MetadataIndex``), its offset shared."""
-        if index.offset is not None:
-            object.__setattr__(index, "offset", self.size(index.offset))  # a frozen dataclass
-        return index
+    def index(self, fqn: str, offset: Any = None, index: int | None = None) -> Any:
+        """``MetadataIndex(fqn, offset, index)``, its offset shared."""
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        made = MetadataIndex(fqn, None, index)
+        if offset is not None:  # what MetadataIndex makes of it, but one object for equal ones
+            offset = self.size(offset if type(offset) is self._size_cls else self._size_cls(offset))
+            object.__setattr__(made, "offset", offset)  # a frozen dataclass
+        return made
 
 
 @dataclass

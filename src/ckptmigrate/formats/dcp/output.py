@@ -72,7 +72,9 @@ def flatten(tree: Any) -> list[tuple[tuple[PathItem, ...], Any]]:
     out: list[tuple[tuple[PathItem, ...], Any]] = []
 
     def visit(path: tuple[PathItem, ...], value: Any) -> None:
-        if isinstance(value, Mapping):
+        if _is_leaf_value(value):  # most of them: asked first, as it is cheaper to ask
+            out.append((path, value))
+        elif isinstance(value, Mapping):
             for k, v in value.items():
                 visit((*path, str(k)), v)
         elif _terminal(value):

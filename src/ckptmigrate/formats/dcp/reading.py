@@ -16,12 +16,13 @@ byte of them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ...errors import CheckpointError
 from ...plan.nodes import Node, Source, TensorSpec
+from ...plan.spec import interned
 from .. import keyspace
 from ..checkpoint import Checkpoint, TrainingContainer
 from ..container import locate_state_dict
@@ -81,19 +82,23 @@ class DCPCheckpoint(Checkpoint):
             self.objects[key] = self.store.load(self.md.storage_data[MetadataIndex(key)], key)
         return self.objects[key]
 
-    def storage_of(self, key: str, under: str | None = None) -> list[tuple[Any, Any]]:
+    def storage_of(
+        self, key: str, under: str | None = None, index: Callable[..., Any] | None = None
+    ) -> list[tuple[Any, Any]]:
         """The storage entries (one per chunk, or one for an object) of entry ``key``.
 
         Each as ``(index, info)``, the index naming ``under`` (default: ``key``):
-        a renamed entry is the same chunks under its new key.
+        a renamed entry is the same chunks under its new key. ``index`` makes
+        the indexes (default: ``MetadataIndex`` itself).
         """
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
+        make = MetadataIndex if index is None else index
         entry, name = self.entries[key], key if under is None else under
         if entry.spec is None:
-            return [(MetadataIndex(name), self.chunk_table[(key, None)])]
+            return [(make(name), self.chunk_table[(key, None)])]
         return [
-            (MetadataIndex(name, c.offsets, i), self.chunk_table[(key, tuple(c.offsets))])
+            (make(name, c.offsets, i), self.chunk_table[(key, tuple(c.offsets))])
             for i, c in enumerate(entry.md.chunks)
         ]
 
@@ -146,7 +151,7 @@ def _entries(md: Any) -> dict[str, Entry]:
     for key, entry in md.state_dict_metadata.items():
         path = planner.get(key)
         spec = (  # a torch.Size holds ints
-            TensorSpec(tuple(entry.size), entry.properties.dtype)
+            interned(tuple(entry.size), entry.properties.dtype)
             if isinstance(entry, TensorStorageMetadata)
             else None
         )

@@ -413,8 +413,7 @@ def _metadata(
         if leaf.ref is not None:
             assert dcp is not None
             entries[leaf.key] = shared.entry(dcp.entries[leaf.ref].md)
-            for index, info in dcp.storage_of(leaf.ref, leaf.key):
-                index = shared.index(index)
+            for index, info in dcp.storage_of(leaf.ref, leaf.key, shared.index):
                 if info.relative_path == dcp_metadata.METADATA_NAME:
                     blob = dcp_metadata.Blob(dcp.store.raw(info), _copy_info(info))
                     blobs.append(blob)
@@ -435,7 +434,7 @@ def _metadata(
                 )
             )
             for i, (off, _size) in enumerate(leaf.boxes):
-                storage[shared.index(MetadataIndex(leaf.key, off, i))] = infos[(leaf.key, off)]
+                storage[shared.index(leaf.key, off, i)] = infos[(leaf.key, off)]
         else:
             value = leaf.value
             if leaf.node is not None:  # an object computed from the input
