@@ -21,7 +21,6 @@ from .formats.checkpoint import Checkpoint
 from .identify import Fit, Observed, fit_at, matches
 from .paths import display_path
 from .plan.state import PlanState
-from .schema import base_schema_path
 from .script.directory import ScriptDirectory
 from .script.revision import format_ids
 
@@ -39,8 +38,6 @@ def check_start(
     force: bool = False,
 ) -> None:
     """The checkpoint is at ``heads``, as ``claimed_by`` (FROM, STAMP or STAMPED) says."""
-    if not base_schema_path(script_dir.dir).is_file():
-        return  # nothing to check against, and nothing asked for one
     where = display_path(ckpt.path)
     ids = format_ids(heads) or "base"
     have = Observed(ckpt.schema, ckpt.metadata)
@@ -72,8 +69,6 @@ def check_result(
     force: bool = False,
 ) -> None:
     """What a migration is about to write fits the schema at ``heads``, the stamp it gets."""
-    if not base_schema_path(script_dir.dir).is_file():
-        return  # nothing to check against
     fit = fit_at(script_dir, Observed(state.schema(), state.metadata), heads)
     if fit is None or fit.exact:
         return

@@ -18,6 +18,7 @@ lineage's stamp belong to that lineage and are left out of the comparison.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -94,7 +95,8 @@ def _without(schema: Schema, prefixes: Sequence[str]) -> Schema:
 
 
 class Observed:
-    """A checkpoint's schema as matching sees it."""
+    """A checkpoint's schema as matching sees it (made when first asked for: without a
+    base schema there is nothing to match, and nothing is built)."""
 
     def __init__(
         self,
@@ -102,10 +104,21 @@ class Observed:
         metadata: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self.nested = nested_prefixes(metadata)
-        self.schema = _without(Schema.from_specs(specs), self.nested)
+        self._specs = specs
+
+    @functools.cached_property
+    def schema(self) -> Schema:
+        return _without(Schema.from_specs(self._specs), self.nested)
+
+    @functools.cached_property
+    def dtype(self) -> torch.dtype | None:
+        """The floating dtype most tensors have."""
         counts = self.schema.floating_dtypes()
-        self.dtype = max(counts, key=lambda d: counts[d]) if counts else None
-        self.uniform = self.schema.uniform_floating_dtype()
+        return max(counts, key=lambda d: counts[d]) if counts else None
+
+    @functools.cached_property
+    def uniform(self) -> torch.dtype | None:
+        return self.schema.uniform_floating_dtype()
 
     def replay_base(self, base: Schema) -> Schema | None:
         """The base schema in this checkpoint's floating dtype, if that differs."""

@@ -426,13 +426,10 @@ class Shared:
             properties.pin_memory,
         )
         entry.properties = self._properties.setdefault(key, properties)
-        sizes, size_cls = self._sizes, self._size_cls
-        if type(entry.size) is size_cls:
-            entry.size = sizes.setdefault(entry.size, entry.size)
+        entry.size = self.size(entry.size)
         for chunk in entry.chunks:
-            if type(chunk.offsets) is size_cls and type(chunk.sizes) is size_cls:
-                chunk.offsets = sizes.setdefault(chunk.offsets, chunk.offsets)
-                chunk.sizes = sizes.setdefault(chunk.sizes, chunk.sizes)
+            chunk.offsets = self.size(chunk.offsets)
+            chunk.sizes = self.size(chunk.sizes)
         return entry
 
     def index(self, fqn: str, offset: Any = None, index: int | None = None) -> Any:
