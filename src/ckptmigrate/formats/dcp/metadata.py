@@ -402,8 +402,11 @@ class Shared:
 
     def __init__(self) -> None:
         import torch
+        from torch.distributed.checkpoint.metadata import MetadataIndex
 
         self._size_cls = torch.Size
+        self._index_cls = MetadataIndex
+        self._new_index = object.__new__
         self._sizes: dict[Any, Any] = {}
         self._properties: dict[tuple[Any, ...], Any] = {}
 
@@ -433,13 +436,20 @@ class Shared:
         return entry
 
     def index(self, fqn: str, offset: Any = None, index: int | None = None) -> Any:
-        """``MetadataIndex(fqn, offset, index)``, its offset shared."""
-        from torch.distributed.checkpoint.metadata import MetadataIndex
+        """``MetadataIndex(fqn, offset, index)``, its offset shared.
 
-        made = MetadataIndex(fqn, None, index)
-        if offset is not None:  # what MetadataIndex makes of it, but one object for equal ones
-            offset = self.size(offset if type(offset) is self._size_cls else self._size_cls(offset))
-            object.__setattr__(made, "offset", offset)  # a frozen dataclass
+        Its fields are set as its ``__init__`` sets them (in the frozen
+        dataclass's ``__dict__``), without the ``torch.Size`` it would make of
+        an offset that is one already: a rename chain makes one index per chunk.
+        """
+        made = self._new_index(self._index_cls)
+        fields = made.__dict__
+        fields["fqn"] = fqn
+        fields["index"] = index
+        if offset is not None:  # one object for equal offsets
+            fields["offset"] = self.size(
+                offset if type(offset) is self._size_cls else self._size_cls(offset)
+            )
         return made
 
 

@@ -21,6 +21,7 @@ computes them while ``dcp.load`` reads the references.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -84,7 +85,10 @@ def flatten(tree: Any) -> list[tuple[tuple[PathItem, ...], Any]]:
                 visit((*path, i), v)
 
     for key, value in tree.items():
-        visit((str(key),), value)
+        if _is_leaf_value(value):  # a state dict's entries: no step down
+            out.append(((str(key),), value))
+        else:
+            visit((str(key),), value)
     return out
 
 
@@ -113,7 +117,7 @@ def plan_output(source: Checkpoint, entries: Mapping[str, Node], container: Any)
 
 
 def _leaf(path: tuple[PathItem, ...], value: Any, dcp: DCPCheckpoint | None) -> Leaf:
-    key = flat_key(path)
+    key = path[0] if len(path) == 1 and type(path[0]) is str else flat_key(path)
     if dcp is not None:
         if isinstance(value, Stored) and dcp.owns(value):
             return Leaf(path, key, ref=value.key)
@@ -140,8 +144,12 @@ class Layout:
 
     def __init__(self, dcp: DCPCheckpoint | None) -> None:
         self.dcp = dcp
-        counts = [e.chunks for e in dcp.entries.values()] if dcp is not None else []
-        self.default = max(counts, default=1) or 1
+
+    @functools.cached_property
+    def default(self) -> int:
+        """How many chunks a tensor with no source is cut into: as many as the most any has."""
+        counts = [e.chunks for e in self.dcp.entries.values()] if self.dcp is not None else []
+        return max(counts, default=1) or 1
 
     def _primary(self, node: Node) -> Any | None:
         """The first input entry the tensor is made of, as ``.metadata`` describes it."""

@@ -91,14 +91,16 @@ class DCPCheckpoint(Checkpoint):
         a renamed entry is the same chunks under its new key. ``index`` makes
         the indexes (default: ``MetadataIndex`` itself).
         """
-        from torch.distributed.checkpoint.metadata import MetadataIndex
-
-        make = MetadataIndex if index is None else index
-        entry, name = self.entries[key], key if under is None else under
+        make: Callable[..., Any]
+        if index is None:
+            from torch.distributed.checkpoint.metadata import MetadataIndex as make
+        else:
+            make = index
+        entry, name, table = self.entries[key], key if under is None else under, self.chunk_table
         if entry.spec is None:
-            return [(make(name), self.chunk_table[(key, None)])]
+            return [(make(name), table[(key, None)])]
         return [
-            (make(name, c.offsets, i), self.chunk_table[(key, tuple(c.offsets))])
+            (make(name, c.offsets, i), table[(key, tuple(c.offsets))])
             for i, c in enumerate(entry.md.chunks)
         ]
 
@@ -286,8 +288,10 @@ def _lineage(
 
     skeleton: dict[str, Any] = {}
     flat_at: dict[tuple[PathItem, ...], str] = {}
+    # only where the tensors sit matters to the lookup, not what they are: one stands for all
+    tensor, data = InertTensor(None, ()), _Bytes()
     for key, entry in entries.items():
-        value = InertTensor(None, entry.spec.shape) if entry.spec is not None else _Bytes()
+        value = tensor if entry.spec is not None else data
         path = entry.path
         # most paths are one key, or two (in a dict at the top); lists, deeper nesting and
         # anything odd follow DCP's own rules
