@@ -406,7 +406,6 @@ class Shared:
 
         self._size_cls = torch.Size
         self._index_cls = MetadataIndex
-        self._new_index = object.__new__
         self._sizes: dict[Any, Any] = {}
         self._properties: dict[tuple[Any, ...], Any] = {}
 
@@ -442,7 +441,7 @@ class Shared:
         dataclass's ``__dict__``), without the ``torch.Size`` it would make of
         an offset that is one already: a rename chain makes one index per chunk.
         """
-        made = self._new_index(self._index_cls)
+        made = object.__new__(self._index_cls)
         fields = made.__dict__
         fields["fqn"] = fqn
         fields["index"] = index

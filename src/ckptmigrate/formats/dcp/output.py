@@ -117,7 +117,7 @@ def plan_output(source: Checkpoint, entries: Mapping[str, Node], container: Any)
 
 
 def _leaf(path: tuple[PathItem, ...], value: Any, dcp: DCPCheckpoint | None) -> Leaf:
-    key = path[0] if len(path) == 1 and type(path[0]) is str else flat_key(path)
+    key = flat_key(path)
     if dcp is not None:
         if isinstance(value, Stored) and dcp.owns(value):
             return Leaf(path, key, ref=value.key)

@@ -53,6 +53,8 @@ class Entry:
 
 def flat_key(path: Sequence[PathItem]) -> str:
     """The key DCP's planner gives the value at ``path`` (its parts joined by dots)."""
+    if len(path) == 1 and type(path[0]) is str:  # a flat state dict's entries: most of them
+        return path[0]
     return ".".join(map(str, path))
 
 
